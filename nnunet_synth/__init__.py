@@ -1,0 +1,1 @@
+"""nnunet_synth: synthetic-tumour augmentation for nnU-Net v2."""
