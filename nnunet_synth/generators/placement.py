@@ -1,0 +1,119 @@
+"""Where a lesion may go: inside the organ, away from real tumours, centred in the central window.
+
+All checks are local to the lesion's bounding box, so placing costs about as much as the lesion itself
+and nothing scales with the (enlarged) patch beyond one boolean pass over the central window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.ndimage import distance_transform_edt
+
+from nnunet_synth.generators.base import Lesion
+
+
+@dataclass(frozen=True)
+class PlacementRules:
+    """Constraints on where a lesion may be placed.
+
+    Attributes:
+        margin_mm: the lesion centre lies at least this far inside the organ.
+        gap_mm: no lesion voxel within this distance of an existing tumour voxel.
+        min_inside: share of the lesion that must fall inside the allowed region before it is clipped to it.
+    """
+
+    margin_mm: float = 2.0
+    gap_mm: float = 2.0
+    min_inside: float = 0.8
+
+    def relaxed(self) -> PlacementRules:
+        """The one relaxation tried when nothing fits: no margin, touching allowed, half inside."""
+        return PlacementRules(margin_mm=0.0, gap_mm=0.0, min_inside=0.5)
+
+
+def central_window(shape: tuple[int, ...], window: tuple[int, ...] | None) -> tuple[slice, ...]:
+    """Slices of the centred ``window`` (nnU-Net's final patch size) inside an enlarged patch of ``shape``."""
+    if window is None:
+        return tuple(slice(0, n) for n in shape)
+    starts = [max(0, (n - w) // 2) for n, w in zip(shape, window)]
+    return tuple(slice(s, min(n, s + w)) for s, n, w in zip(starts, shape, window))
+
+
+def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumour: np.ndarray,
+                 spacing: tuple[float, ...], rng: np.random.Generator, rules: PlacementRules,
+                 window: tuple[slice, ...], attempts: int = 20) -> Lesion | None:
+    """Places a lesion mask in a patch, trying the rules, then their relaxation once.
+
+    Args:
+        mask: bool lesion mask cropped to its bounding box.
+        allowed: bool, voxels a lesion may occupy (organ, minus tumour, minus -1/ignore voxels).
+        organ: bool, the organ (placement region) of the patch.
+        tumour: bool, existing tumour voxels.
+        spacing: voxel spacing in mm.
+        rng: random generator.
+        rules: placement constraints.
+        window: slices of the central window the lesion centre must lie in.
+        attempts: candidate centres tried per rule set.
+
+    Returns:
+        The placed lesion, clipped to ``allowed``, or None when nothing fits.
+    """
+    candidates = np.flatnonzero(allowed[window])
+    if candidates.size == 0:
+        return None
+    window_shape = tuple(s.stop - s.start for s in window)
+    sp = np.asarray(spacing, dtype=float)
+    for rule in (rules, rules.relaxed()):
+        halo = _halo(mask, sp, rule.gap_mm)
+        for centre_flat in rng.choice(candidates, size=min(attempts, candidates.size), replace=False):
+            centre = np.array(np.unravel_index(centre_flat, window_shape)) + [s.start for s in window]
+            lesion = _try(mask, halo, centre, allowed, organ, tumour, sp, rule)
+            if lesion is not None:
+                return lesion
+    return None
+
+
+def _halo(mask: np.ndarray, spacing: np.ndarray, gap_mm: float) -> np.ndarray:
+    """The lesion dilated by ``gap_mm`` (padded so the dilation fits)."""
+    pad = np.ceil(gap_mm / spacing).astype(int)
+    padded = np.pad(mask, [(p, p) for p in pad])
+    if gap_mm <= 0:
+        return padded
+    return distance_transform_edt(~padded, sampling=spacing) <= gap_mm
+
+
+def _crop(array: np.ndarray, start: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[slice, ...],
+                                                                               tuple[slice, ...]]:
+    """Crop of ``array`` at ``start`` with ``shape``, clipped to the array; also the matching slices of the crop."""
+    src, dst = [], []
+    for s, n, size in zip(start, array.shape, shape):
+        lo, hi = max(s, 0), min(s + size, n)
+        src.append(slice(lo, max(lo, hi)))
+        dst.append(slice(lo - s, lo - s + max(0, hi - lo)))
+    return array[tuple(src)], tuple(src), tuple(dst)
+
+
+def _try(mask: np.ndarray, halo: np.ndarray, centre: np.ndarray, allowed: np.ndarray, organ: np.ndarray,
+         tumour: np.ndarray, spacing: np.ndarray, rule: PlacementRules) -> Lesion | None:
+    if rule.margin_mm > 0:
+        r = np.ceil(rule.margin_mm / spacing).astype(int)
+        local, _, _ = _crop(organ, centre - r, tuple(2 * r + 1))
+        if local.shape != tuple(2 * r + 1):
+            return None
+        ball = sum(((np.indices(local.shape).T - r) * spacing).T ** 2) <= rule.margin_mm ** 2
+        if not local[ball].all():
+            return None
+    if rule.gap_mm > 0:
+        start = centre - np.array(halo.shape) // 2
+        local, _, dst = _crop(tumour, start, halo.shape)
+        if (local & halo[dst]).any():
+            return None
+    start = centre - np.array(mask.shape) // 2
+    local_allowed, src, dst = _crop(allowed, start, mask.shape)
+    placed = mask[dst] & local_allowed
+    total = int(mask.sum())
+    if total == 0 or placed.sum() < rule.min_inside * total:
+        return None
+    return Lesion(bbox=src, mask=placed)

@@ -1,0 +1,129 @@
+"""The transform that puts synthetic tumours into nnU-Net's training samples.
+
+:class:`SynthTumourTransform` is inserted at index 0 of nnU-Net's training transforms: after the data
+loader's crop of the enlarged patch and before spatial and intensity augmentation, so synthetic lesions are
+rotated, scaled, noised and mirrored like real ones. It is a top-level, picklable class that holds no
+reference to the trainer; it draws from its own numpy Generator, seeded per data-loader worker.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import numpy as np
+import torch
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+
+from nnunet_synth.generators import get_backend
+from nnunet_synth.generators.placement import PlacementRules, central_window, place_lesion
+from nnunet_synth.generators.shapes import choose_radius_mm, lesion_mask
+
+# counters per worker row: samples seen, samples with a synthetic tumour, samples where nothing fitted
+SEEN, SYNTHETIC, SKIPPED = 0, 1, 2
+MAX_WORKER_ROWS = 64
+
+
+def worker_index() -> int:
+    """0 in the main process, k for the k-th child process a parent started (batchgenerators' workers).
+
+    multiprocessing numbers children in start order, so the index is the same from run to run.
+    """
+    identity = multiprocessing.current_process()._identity  # noqa: SLF001 - the only stable worker number
+    return identity[-1] if identity else 0
+
+
+def new_counters() -> torch.Tensor:
+    """Counters in shared memory: data-loader workers (fork or spawn) add to the tensor the trainer reads."""
+    return torch.zeros((MAX_WORKER_ROWS, 3), dtype=torch.int64).share_memory_()
+
+
+class SynthTumourTransform(BasicTransform):
+    """With probability ``p`` per sample, inserts one synthetic tumour into the central window.
+
+    The lesion is placed inside the organ label, away from real tumours, never on voxels labelled -1
+    (outside the image) or the ignore label. Only segmentation channel 0 gets the tumour label; the image
+    changes only inside the lesion.
+
+    Args:
+        synth_plan: flat synth plan (see :func:`nnunet_synth.planning.load_synth_plan`).
+        probability: chance that a sample carries a synthetic tumour.
+        final_patch_size: nnU-Net's patch size; the lesion centre lies in this central window.
+        seed: base seed; each worker draws from ``default_rng([seed, worker_index()])``.
+        counters: shared (rows, 3) int64 tensor of seen/synthetic/skipped counts, see :func:`new_counters`.
+    """
+
+    def __init__(self, synth_plan: dict, probability: float, final_patch_size: tuple[int, ...] | None, seed: int,
+                 counters: torch.Tensor | None = None):
+        super().__init__()
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"synthetic-tumour probability must be in [0, 1], got {probability}")
+        self.plan = synth_plan
+        self.probability = probability
+        self.final_patch_size = None if final_patch_size is None else tuple(int(s) for s in final_patch_size)
+        self.seed = seed
+        self.counters = counters if counters is not None else new_counters()
+        self.generator = get_backend(synth_plan["backend"])(synth_plan)
+        self.rules = PlacementRules(**synth_plan["placement"])
+        self._rng: np.random.Generator | None = None
+        self._rng_pid: int | None = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        # A forked worker inherits the parent's generator state: reseed once per process, by worker number.
+        if self._rng is None or self._rng_pid != os.getpid():
+            self._rng = np.random.default_rng([self.seed, worker_index()])
+            self._rng_pid = os.getpid()
+        return self._rng
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_rng"] = state["_rng_pid"] = None
+        return state
+
+    def __call__(self, **data_dict) -> dict:
+        rng = self.rng
+        row = self.counters[worker_index() % MAX_WORKER_ROWS]
+        row[SEEN] += 1
+        if rng.uniform() >= self.probability:
+            return data_dict
+        image, seg = self.insert(data_dict["image"], data_dict["segmentation"], rng)
+        if image is None:
+            row[SKIPPED] += 1
+            return data_dict
+        row[SYNTHETIC] += 1
+        data_dict["image"], data_dict["segmentation"] = image, seg
+        return data_dict
+
+    def insert(self, image: torch.Tensor, segmentation: torch.Tensor, rng: np.random.Generator
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Inserts one lesion unconditionally; returns new tensors, or (None, None) when nothing fits.
+
+        The inputs are never written to: the loader's crop may be a view of nnU-Net's preprocessed arrays.
+        """
+        seg0 = segmentation[0].numpy()
+        spatial = seg0.shape
+        spacing = tuple(self.plan["spacing"][-len(spatial):])
+        organ = seg0 == self.plan["organ_label"]
+        if not organ.any():
+            return None, None
+        tumour = seg0 == self.plan["tumour_label"]
+        # lesions go on organ voxels only, which by their label are never -1 (outside the image) or ignore
+        allowed = organ
+        _, radius = choose_radius_mm(self.plan, rng)
+        mask = lesion_mask(radius, spacing, rng, self.plan["shapes"]["deformation"])
+        window = central_window(spatial, self.final_patch_size[-len(spatial):] if self.final_patch_size else None)
+        lesion = place_lesion(mask, allowed, organ, tumour, spacing, rng, self.rules, window)
+        if lesion is None:
+            return None, None
+        image_np = image.numpy().copy()
+        self.generator.synthesize(image_np, lesion, spacing, rng)
+        seg_out = segmentation.clone()
+        seg_out[0][lesion.bbox][torch.from_numpy(lesion.mask)] = self.plan["tumour_label"]
+        return torch.from_numpy(image_np), seg_out
+
+
+def achieved_rates(counters: torch.Tensor) -> dict[str, int]:
+    """Totals over all workers."""
+    total = counters.sum(0)
+    return {"seen": int(total[SEEN]), "synthetic": int(total[SYNTHETIC]), "skipped": int(total[SKIPPED])}

@@ -1,0 +1,35 @@
+"""Short training schedules for tests, the demo and benchmarks on CPU.
+
+nnU-Net's own ``nnUNetTrainer_1epoch`` still runs 250 iterations per epoch, minutes on a CPU; these keep
+nnU-Net's training loop whole with a handful of iterations.
+"""
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+# (epochs, training iterations per epoch, validation iterations per epoch)
+DEBUG_SCHEDULE = (1, 2, 1)
+DEMO_SCHEDULE = (8, 10, 2)
+
+
+def set_schedule(trainer: nnUNetTrainer, schedule: tuple[int, int, int]) -> None:
+    """Applies an (epochs, iterations, validation iterations) schedule to a trainer after its __init__."""
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = schedule
+
+
+class nnUNetTrainer_Debug(nnUNetTrainer):
+    """Vanilla nnU-Net, one epoch of two training and one validation iteration."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        set_schedule(self, DEBUG_SCHEDULE)
+
+
+class nnUNetTrainer_Demo(nnUNetTrainer):
+    """Vanilla nnU-Net on the demo's short schedule (the baseline to compare the Synth demo with)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        set_schedule(self, DEMO_SCHEDULE)

@@ -1,0 +1,79 @@
+"""``nnUNetTrainerSynth``: nnU-Net's trainer with synthetic tumours injected into its training loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_synth.injection import SynthTumourTransform, achieved_rates, new_counters
+from nnunet_synth.planning import SYNTH_PLANS_FILE, format_plan, load_synth_plan, write_json_atomic
+
+
+class nnUNetTrainerSynth(nnUNetTrainer):
+    """nnU-Net training where each training sample carries a synthetic tumour with probability
+    ``synth_probability``, made by the generator backend ``synth_backend`` (default: analytic).
+
+    Validation data, transforms and metrics are nnU-Net's own: only the training transforms change.
+    """
+
+    synth_probability: float = 0.2
+    synth_backend: str = "analytic"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.synth_plan: dict | None = None
+        self.synth_counters = new_counters()
+        self._synth_counted = achieved_rates(self.synth_counters)
+
+    def initialize(self) -> None:
+        if not self.was_initialized:
+            self.synth_plan = self.load_synth_plan()
+        super().initialize()
+
+    def load_synth_plan(self) -> dict:
+        """The dataset's synth plan for this configuration (created with defaults if absent), logged and
+        copied into the output folder so the training records what it used."""
+        plan = load_synth_plan(self.plans_manager.dataset_name, self.configuration_name,
+                               self.plans_manager.plans_name)
+        if plan["backend"] != self.synth_backend:
+            self.print_to_log_file(f"synth plan names backend {plan['backend']!r}; {self.__class__.__name__} "
+                                   f"uses {self.synth_backend!r}")
+            plan["backend"] = self.synth_backend
+        plan["seed"] = int(plan["seed"]) + 1000 * (self.fold if isinstance(self.fold, int) else 0)
+        if self.local_rank == 0:
+            write_json_atomic(plan, Path(self.output_folder) / SYNTH_PLANS_FILE)
+        self.print_to_log_file(f"synthetic tumours: probability {self.synth_probability} per training sample, "
+                               f"backend {self.synth_backend}\n" + format_plan(plan))
+        return plan
+
+    def get_training_transforms(self, patch_size, *args, **kwargs) -> ComposeTransforms:
+        # nnU-Net declares this a staticmethod; overriding it as a method gives the transform our plan.
+        transforms = super().get_training_transforms(patch_size, *args, **kwargs)
+        assert isinstance(transforms, ComposeTransforms), type(transforms)
+        transforms.transforms.insert(0, SynthTumourTransform(self.synth_plan, self.synth_probability, patch_size,
+                                                             self.synth_plan["seed"], self.synth_counters))
+        return transforms
+
+    def on_epoch_end(self) -> None:
+        now = achieved_rates(self.synth_counters)
+        delta = {k: now[k] - self._synth_counted[k] for k in now}
+        self._synth_counted = now
+        rate = delta["synthetic"] / max(1, delta["seen"])
+        self.print_to_log_file(f"synthetic tumours this epoch: {delta['synthetic']}/{delta['seen']} samples "
+                               f"({rate:.1%}; target {self.synth_probability:.0%}), {delta['skipped']} skipped "
+                               f"(no room in the organ)")
+        if self.local_rank == 0:
+            self._append_synth_stats(dict(epoch=self.current_epoch, rate=rate, **delta))
+        super().on_epoch_end()
+
+    def _append_synth_stats(self, entry: dict) -> None:
+        # one entry per epoch; a resumed training overwrites the epochs it repeats
+        path = Path(self.output_folder) / "synth_stats.json"
+        stats = json.loads(path.read_text()) if path.is_file() else []
+        stats = [s for s in stats if s["epoch"] < entry["epoch"]] + [entry]
+        write_json_atomic(stats, path)
