@@ -1,0 +1,129 @@
+"""The phantom demo: phantom -> nnU-Net plan/preprocess -> synth plan -> Synth training -> prediction on
+held-out phantoms -> Dice -> preview PNGs, with nnU-Net's real commands, in a folder of its own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnunet_synth.ext_path import EXT_TRAINER_DIR
+
+DEMO_DATASET_ID = 990
+
+
+def demo_environment(root: Path) -> dict[str, str]:
+    """Environment for nnU-Net commands run by the demo: its own nnU-Net folders and our trainers."""
+    env = dict(os.environ)
+    env.update(nnUNet_raw=str(root / "nnUNet_raw"), nnUNet_preprocessed=str(root / "nnUNet_preprocessed"),
+               nnUNet_results=str(root / "nnUNet_results"))
+    ext = env.get("nnUNet_extTrainer")
+    env["nnUNet_extTrainer"] = str(EXT_TRAINER_DIR) if not ext else f"{ext}{os.pathsep}{EXT_TRAINER_DIR}"
+    return env
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks (NaN when both are empty, as in nnU-Net's evaluation)."""
+    denominator = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / denominator) if denominator else float("nan")
+
+
+def score_predictions(labels_dir: Path, predictions_dir: Path, labels: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Per-case Dice of each foreground label."""
+    scores = {}
+    for ref in sorted(labels_dir.glob("*.nii.gz")):
+        pred_file = predictions_dir / ref.name
+        if not pred_file.is_file():
+            raise FileNotFoundError(f"prediction {pred_file} is missing for reference {ref}")
+        r = sitk.GetArrayFromImage(sitk.ReadImage(str(ref)))
+        p = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_file)))
+        scores[ref.name.removesuffix(".nii.gz")] = {name: dice(r == v, p == v) for name, v in labels.items() if v}
+    return scores
+
+
+def _run(step: str, command: list[str], env: dict[str, str], log: Path) -> None:
+    print(f"\n=== {step}\n$ {' '.join(command)}  (full output: {log})", flush=True)
+    start = time.time()
+    with open(log, "w") as f:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:
+            f.write(line)
+            # show nnU-Net's own progress (epochs, Dice, case counts), not its configuration dumps
+            if any(key in line for key in ("Epoch ", "train_loss", "Pseudo dice", "synthetic tumours", "Mean Valid",
+                                           "Preprocessing", "Predicting", "Error", "error")) and len(line) < 300:
+                print("   " + line.rstrip(), flush=True)
+        if process.wait():
+            raise RuntimeError(f"{step} failed (exit code {process.returncode}); see {log}")
+    print(f"    done in {time.time() - start:.0f} s", flush=True)
+
+
+def run_demo(output_dir: str | os.PathLike = "nnunet_synth_demo", trainer: str = "nnUNetTrainerSynth20_Demo",
+             num_train: int = 10, num_test: int = 3, modality: str = "CT", num_previews: int = 4) -> dict:
+    """Runs the whole demo; returns the per-case Dice scores.
+
+    Args:
+        output_dir: folder for the demo's nnU-Net folders, predictions and previews.
+        trainer: the Synth trainer to train with.
+        num_train: phantom training cases.
+        num_test: held-out phantom cases to predict and score.
+        modality: 'CT' or 'MRI' phantom.
+        num_previews: preview PNGs to write.
+    """
+    from nnunet_synth.phantom import write_phantom_dataset
+
+    root = Path(output_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    env = demo_environment(root)
+    logs = root / "logs"
+    logs.mkdir(exist_ok=True)
+    start = time.time()
+    print(f"nnunet_synth demo in {root}", flush=True)
+
+    print("\n=== 1/6 phantom dataset", flush=True)
+    raw = write_phantom_dataset(DEMO_DATASET_ID, num_train, num_test, modality, raw_dir=env["nnUNet_raw"],
+                                overwrite=True)
+    did = str(DEMO_DATASET_ID)
+    _run("2/6 nnU-Net planning and preprocessing",
+         ["nnUNetv2_plan_and_preprocess", "-d", did, "-c", "3d_fullres", "-np", "2", "--verify_dataset_integrity"],
+         env, logs / "plan_and_preprocess.log")
+    _run("3/6 synth plan", ["nnUNetv2_synth_plan", "-d", did, "-c", "3d_fullres"], env, logs / "synth_plan.log")
+    print((logs / "synth_plan.log").read_text(), flush=True)
+    train_env = dict(env, nnUNet_n_proc_DA="1")  # one loader worker: the second core trains
+    _run(f"4/6 training {trainer}", ["nnUNetv2_train", did, "3d_fullres", "0", "-tr", trainer, "-device", "cpu"],
+         train_env, logs / "train.log")
+    predictions = root / "predictions"
+    _run("5/6 prediction on held-out phantoms",
+         ["nnUNetv2_predict", "-d", did, "-c", "3d_fullres", "-f", "0", "-tr", trainer, "-i", str(raw / "imagesTs"),
+          "-o", str(predictions), "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+         env, logs / "predict.log")
+    labels = {"organ": 1, "tumour": 2}
+    scores = score_predictions(raw / "labelsTs", predictions, labels)
+    print("\nDice on held-out phantoms:")
+    for case, s in scores.items():
+        print(f"   {case}: " + ", ".join(f"{k} {v:.3f}" for k, v in s.items()))
+    means = {k: float(np.nanmean([s[k] for s in scores.values()])) for k in labels}
+    print("   mean: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
+
+    print("\n=== 6/6 preview PNGs", flush=True)
+    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+    from nnunet_synth.preview import write_previews
+
+    previews = write_previews(DEMO_DATASET_ID, "3d_fullres", num_previews, root / "previews")
+    results = Path(env["nnUNet_results"]) / raw.name / f"{trainer}__nnUNetPlans__3d_fullres"
+    print(f"\nFinished in {time.time() - start:.0f} s. Where everything went:\n"
+          f"   raw phantom dataset:     {raw}\n"
+          f"   preprocessed + plans:    {Path(env['nnUNet_preprocessed']) / raw.name} (nnUNetSynthPlans.json)\n"
+          f"   trained model and logs:  {results}\n"
+          f"   predictions:             {predictions}\n"
+          f"   preview PNGs:            {previews[0].parent if previews else '-'}\n"
+          f"   command logs:            {logs}", flush=True)
+    return {"scores": scores, "mean": means, "previews": [str(p) for p in previews]}
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo())

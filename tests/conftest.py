@@ -1,0 +1,74 @@
+"""Shared fixtures: nnU-Net folders in a temporary directory and preprocessed phantom datasets.
+
+nnU-Net 2.8 reads its folder variables from the environment at call time, so setting os.environ here
+serves in-process calls and the subprocesses the tests start alike.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nnunet_synth.phantom import PhantomConfig, write_phantom_dataset
+
+TINY = PhantomConfig(shape=(24, 40, 40), spacing=(3.0, 1.5, 1.5), tumour_radii_mm=(4.0, 6.0, 8.0))
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BRATS_DIR = Path(os.environ.get("NNUNET_SYNTH_BRATS_DIR", SHARED_DATA / "brats2013_sample"))
+
+
+def ext_trainer_dir() -> str:
+    """What the README tells users: export nnUNet_extTrainer=$(python -m nnunet_synth.ext_path)."""
+    return subprocess.run([sys.executable, "-m", "nnunet_synth.ext_path"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def run(command: list[str], env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Runs a command, failing the test with its output when it fails."""
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode:
+        pytest.fail(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def plan_and_preprocess(dataset_id: int) -> None:
+    # planning must run without nnUNet_n_proc_DA=0 (nnU-Net 2.8.1 calls torch.set_num_threads(0) otherwise)
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_n_proc_DA"}
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "2",
+         "--verify_dataset_integrity"], env=env)
+
+
+@pytest.fixture(scope="session")
+def nnunet_dirs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("nnunet")
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (root / name).mkdir()
+        os.environ[name] = str(root / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def phantom_ct(nnunet_dirs) -> int:
+    """Preprocessed CT phantom with tumours (ID 901)."""
+    write_phantom_dataset(901, num_train=6, num_test=2, modality="CT", seed=1, config=TINY)
+    plan_and_preprocess(901)
+    return 901
+
+
+@pytest.fixture(scope="session")
+def phantom_healthy(nnunet_dirs) -> int:
+    """Preprocessed CT phantom whose training cases have no tumours (ID 902): the label-free setting."""
+    write_phantom_dataset(902, num_train=6, num_test=0, modality="CT", healthy=True, seed=2, config=TINY)
+    plan_and_preprocess(902)
+    return 902
+
+
+@pytest.fixture(scope="session")
+def phantom_mri(nnunet_dirs) -> int:
+    """Preprocessed two-channel MRI phantom with tumours (ID 903)."""
+    write_phantom_dataset(903, num_train=5, num_test=0, modality="MRI", seed=3, config=TINY)
+    plan_and_preprocess(903)
+    return 903
