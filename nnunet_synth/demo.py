@@ -76,6 +76,9 @@ def run_demo(output_dir: str | os.PathLike = "nnunet_synth_demo", trainer: str =
     """
     from nnunet_synth.phantom import write_phantom_dataset
 
+    if num_train < 5 or num_test < 1:
+        raise ValueError(f"the demo needs at least 5 training cases (nnU-Net's 5-fold split) and 1 test case, "
+                         f"got {num_train} and {num_test}")
     root = Path(output_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     env = demo_environment(root)

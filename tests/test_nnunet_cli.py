@@ -98,7 +98,7 @@ def test_export_of_missing_training_is_a_clear_error(phantom_ct, tmp_path):
 
 def test_demo_command_runs_the_pipeline(nnunet_dirs, tmp_path):
     out = tmp_path / "demo"
-    result = run(["nnUNetv2_synth_demo", "-o", str(out), "-tr", TRAINER, "--num-train", "4", "--num-test", "1"],
+    result = run(["nnUNetv2_synth_demo", "-o", str(out), "-tr", TRAINER, "--num-train", "5", "--num-test", "1"],
                  env=_env())
     assert "Dice on held-out phantoms" in result.stdout and "Where everything went" in result.stdout
     assert len(list((out / "predictions").glob("*.nii.gz"))) == 1
