@@ -33,6 +33,9 @@ CT_DEFAULT_CONTRAST_HU = (-63.0, -27.0)
 # MRI has no absolute scale: default contrast in units of the organ's standard deviation (hypointense).
 MRI_DEFAULT_CONTRAST_ORGAN_STD = (-2.0, -1.0)
 MAX_CASES_FOR_STATISTICS = 100
+# Label fragments are not tumours: components below this size stay out of the size statistics.
+MIN_TUMOUR_VOXELS = 8
+MIN_TUMOUR_DIAMETER_MM = 3.0
 
 
 class SynthPlanError(ValueError):
@@ -160,7 +163,8 @@ def configuration_statistics(dataset: str | int, configuration: str, organ_label
         components, n = connected_components(tumour)
         if n:
             sizes = np.bincount(components.ravel())[1:]
-            diameters += [equivalent_diameter_mm(int(v), case_spacing) for v in sizes]
+            diameters += [d for d in (equivalent_diameter_mm(int(v), case_spacing) for v in sizes
+                                      if v >= MIN_TUMOUR_VOXELS) if d >= MIN_TUMOUR_DIAMETER_MM]
         stats.append({
             "organ_mean": [float(ch[organ].mean()) for ch in data],
             "organ_std": [float(ch[organ].std()) for ch in data],

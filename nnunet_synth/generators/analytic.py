@@ -35,7 +35,8 @@ def texture(shape: tuple[int, ...], spacing: np.ndarray, params: dict, rng: np.r
     a = rng.uniform(*params["texture_scale"]) * (a - a.min()) / (span if span > 0 else 1.0) \
         + rng.uniform(*params["texture_base"])
     b = (a > rng.uniform(0, 1, size=shape)).astype(np.float32)
-    b = gaussian_filter(b, rng.uniform(*params["grain_sigma_mm"]) / spacing)
+    # at least one voxel: on coarse grids a sub-voxel filter would leave isolated speckles of zero change
+    b = gaussian_filter(b, np.maximum(rng.uniform(*params["grain_sigma_mm"]) / spacing, 1.0))
     u0 = rng.uniform(*params["target_mean"])
     bright = b > 0.12
     mean = b[bright].mean() if bright.any() else max(float(b.mean()), 1e-3)
