@@ -17,7 +17,9 @@ from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 
 from nnunet_synth.generators import get_backend
 from nnunet_synth.generators.placement import PlacementRules, central_window, place_lesion
-from nnunet_synth.generators.shapes import choose_radius_mm, lesion_mask
+from nnunet_synth.generators.shapes import lesion_mask
+from nnunet_synth.generators.sizes import lesion_requests
+from nnunet_synth.generators.templates import draw_template
 
 # counters per worker row: samples seen, samples with a synthetic tumour, samples where nothing fitted
 SEEN, SYNTHETIC, SKIPPED = 0, 1, 2
@@ -54,12 +56,16 @@ class SynthTumourTransform(BasicTransform):
     """
 
     def __init__(self, synth_plan: dict, probability: float, final_patch_size: tuple[int, ...] | None, seed: int,
-                 counters: torch.Tensor | None = None):
+                 counters: torch.Tensor | None = None, templates: list[np.ndarray] | None = None):
         super().__init__()
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"synthetic-tumour probability must be in [0, 1], got {probability}")
+        if synth_plan["shapes"]["deformation"] == "template" and not templates:
+            raise ValueError("deformation 'template' needs the training fold's template masks (none given)")
         self.plan = synth_plan
-        self.probability = probability
+        # in shared memory so a trainer can change it mid-training (real-only fine-tuning) in every worker
+        self.probability = torch.full((1,), float(probability), dtype=torch.float64).share_memory_()
+        self.templates = templates
         self.final_patch_size = None if final_patch_size is None else tuple(int(s) for s in final_patch_size)
         self.seed = seed
         self.counters = counters if counters is not None else new_counters()
@@ -85,7 +91,7 @@ class SynthTumourTransform(BasicTransform):
         rng = self.rng
         row = self.counters[worker_index() % MAX_WORKER_ROWS]
         row[SEEN] += 1
-        if rng.uniform() >= self.probability:
+        if rng.uniform() >= float(self.probability[0]):
             return data_dict
         image, seg = self.insert(data_dict["image"], data_dict["segmentation"], rng)
         if image is None:
@@ -97,30 +103,45 @@ class SynthTumourTransform(BasicTransform):
 
     def insert(self, image: torch.Tensor, segmentation: torch.Tensor, rng: np.random.Generator
                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Inserts one lesion unconditionally; returns new tensors, or (None, None) when nothing fits.
+        """Inserts the lesions of one synthetic sample (one, or several where the size class says so).
 
-        The inputs are never written to: the loader's crop may be a view of nnU-Net's preprocessed arrays.
+        Returns new tensors, or (None, None) when no lesion fits. The inputs are never written to: the
+        loader's crop may be a view of nnU-Net's preprocessed arrays.
         """
         seg0 = segmentation[0].numpy()
         spatial = seg0.shape
         spacing = tuple(self.plan["spacing"][-len(spatial):])
         organ = seg0 == self.plan["organ_label"]
-        if not organ.any():
+        window = central_window(spatial, self.final_patch_size[-len(spatial):] if self.final_patch_size else None)
+        room = int(organ[window].sum())
+        if room == 0:
             return None, None
         tumour = seg0 == self.plan["tumour_label"]
         # lesions go on organ voxels only, which by their label are never -1 (outside the image) or ignore
-        allowed = organ
-        _, radius = choose_radius_mm(self.plan, rng)
-        mask = lesion_mask(radius, spacing, rng, self.plan["shapes"]["deformation"])
-        window = central_window(spatial, self.final_patch_size[-len(spatial):] if self.final_patch_size else None)
-        lesion = place_lesion(mask, allowed, organ, tumour, spacing, rng, self.rules, window)
-        if lesion is None:
+        allowed = organ.copy()
+        image_np = seg_np = None
+        for request in lesion_requests(self.plan, spacing, rng, room * float(np.prod(spacing))):
+            mask = self.lesion_mask(request.radii_mm, spacing, rng)
+            lesion = place_lesion(mask, allowed, organ, tumour, spacing, rng, self.rules, window)
+            if lesion is None:
+                continue
+            if image_np is None:
+                image_np, seg_np = image.numpy().copy(), segmentation.numpy().copy()
+            self.generator.synthesize(image_np, lesion, spacing, rng)
+            seg_np[0][lesion.bbox][lesion.mask] = self.plan["tumour_label"]
+            # later lesions keep their gap to this one and never overlap it
+            tumour[lesion.bbox] |= lesion.mask
+            allowed[lesion.bbox] &= ~lesion.mask
+        if image_np is None:
             return None, None
-        image_np = image.numpy().copy()
-        self.generator.synthesize(image_np, lesion, spacing, rng)
-        seg_out = segmentation.clone()
-        seg_out[0][lesion.bbox][torch.from_numpy(lesion.mask)] = self.plan["tumour_label"]
-        return torch.from_numpy(image_np), seg_out
+        return torch.from_numpy(image_np), torch.from_numpy(seg_np)
+
+    def lesion_mask(self, radii_mm: np.ndarray, spacing: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
+        """A lesion mask of the requested semi-axes, by the plan's deformation (or from the template bank)."""
+        deformation = self.plan["shapes"]["deformation"]
+        if deformation == "template":
+            return draw_template(self.templates, radii_mm, spacing, rng)
+        return lesion_mask(radii_mm, spacing, rng, deformation)
 
 
 def achieved_rates(counters: torch.Tensor) -> dict[str, int]:

@@ -13,7 +13,6 @@ _BACKENDS: dict[str, type[TumourGenerator]] = {}
 
 # Learned backends described in DESIGN.md that this version does not ship yet, with what they need.
 _NOT_BUILT = {
-    "ddpm": "the 3D DDPM inpainting backend (model, generator training, bank generation) is not implemented yet",
     "ldm": "the VQ-VAE + latent-diffusion backend (two-stage autoencoder, latent DDIM sampling) is not implemented yet",
     "sd_inversion": "the Stable Diffusion + LoRA + DDPM-inversion backend is not implemented yet",
 }
@@ -54,5 +53,6 @@ def get_backend(name: str) -> type[TumourGenerator]:
 
 # Importing the modules registers the backends they define.
 from nnunet_synth.generators import analytic  # noqa: E402,F401
+from nnunet_synth.generators import ddpm  # noqa: E402,F401
 
 __all__ = ["Lesion", "TumourGenerator", "available_backends", "get_backend", "register_backend"]

@@ -6,7 +6,7 @@ Sizes are always physical (mm) and converted with the patch spacing, so anisotro
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import gaussian_filter, zoom
+from scipy.ndimage import gaussian_filter, map_coordinates, zoom
 from scipy.stats import special_ortho_group
 
 SIZE_CLASSES = ("tiny", "small", "medium", "large")
@@ -15,10 +15,15 @@ SIZE_CLASSES = ("tiny", "small", "medium", "large")
 LABELFREE_RADIUS_MM = {"tiny": 4.0, "small": 8.0, "medium": 16.0, "large": 32.0}
 RADIUS_SPREAD = 0.25
 
-# Elastic deformation: displacement amplitude and smoothing as fractions of the lesion radius, so the
-# boundary wobble scales with the lesion (the paper's per-class sigma table serves the same purpose).
-ELASTIC_AMPLITUDE = 0.15
-ELASTIC_SMOOTHING = 0.5
+# Boundary deformation, as fractions of the lesion radius so the wobble scales with the lesion (the
+# label-free paper's per-class sigma table serves the same purpose). Elastic fields are Gaussian-smoothed
+# white noise (liver-MRI paper, appendix A.1) with a short coherence length; simplex fields (A.2) are
+# smooth at the scale of their features, which is why they survive larger displacements in one piece.
+DEFORMATIONS = ("elastic", "simplex", "none")
+DEFAULT_AMPLITUDE = 0.15
+ELASTIC_SMOOTHING = 0.35
+SIMPLEX_FEATURE = 1.2
+MIN_SMOOTHING_MM = 1.5
 
 
 def class_radii_mm(synth_plan: dict) -> dict[str, float]:
@@ -50,20 +55,20 @@ def sample_axis_radii(radius_mm: float, ndim: int, rng: np.random.Generator,
 
 
 def ellipsoid(radii_mm: np.ndarray, spacing: tuple[float, ...], rng: np.random.Generator,
-              displacement_mm: float = 0.0, smoothing_mm: float = 1.0) -> np.ndarray:
-    """A randomly rotated solid ellipsoid on a voxel grid, optionally elastically deformed.
+              displacement_mm: float = 0.0, smoothing_mm: float = 1.0, deformation: str = "elastic") -> np.ndarray:
+    """A randomly rotated solid ellipsoid on a voxel grid, optionally deformed.
 
-    The deformation displaces the sampling grid by a field of Gaussian-smoothed N(0, 1) noise per axis
-    (rescaled to unit standard deviation, so ``displacement_mm`` is the typical displacement) and
-    evaluates the ellipsoid's implicit equation there: the same as warping the mask with
-    nearest-neighbour resampling, without resampling a mask.
+    The deformation displaces the sampling grid by a random field per axis whose standard deviation is
+    ``displacement_mm`` and evaluates the ellipsoid's implicit equation there: the same as warping the
+    mask with nearest-neighbour resampling, without resampling a mask.
 
     Args:
         radii_mm: semi-axes in mm, one per spatial axis.
         spacing: voxel spacing in mm.
         rng: random generator for orientation and deformation.
-        displacement_mm: typical displacement of the deformation field (0 = no deformation).
-        smoothing_mm: Gaussian smoothing of the displacement field.
+        displacement_mm: standard deviation of the displacement (0 = no deformation).
+        smoothing_mm: coherence length of the field: Gaussian sigma (elastic) or feature size (simplex).
+        deformation: 'elastic' or 'simplex'.
 
     Returns:
         bool array with odd side lengths around the ellipsoid's centre.
@@ -76,13 +81,56 @@ def ellipsoid(radii_mm: np.ndarray, spacing: tuple[float, ...], rng: np.random.G
     half = np.ceil(extent / sp).astype(int)
     shape = tuple(2 * h + 1 for h in half)
     coords = list(np.meshgrid(*[np.arange(-h, h + 1, dtype=np.float32) * s for h, s in zip(half, sp)],
-                         indexing="ij", sparse=displacement_mm == 0))
+                              indexing="ij", sparse=displacement_mm == 0))
     if displacement_mm > 0:
-        for axis in range(ndim):
-            field = smooth_field(shape, smoothing_mm / sp, rng)
-            coords[axis] += field * (displacement_mm / (field.std() + 1e-8))
+        for axis, field in enumerate(displacement_fields(deformation, shape, sp, smoothing_mm, rng)):
+            coords[axis] = coords[axis] + field * (displacement_mm / (field.std() + 1e-8))
     quad = sum(((sum(coords[i] * rotation[i, j] for i in range(ndim))) / radii_mm[j]) ** 2 for j in range(ndim))
     return quad <= 1.0
+
+
+def displacement_fields(deformation: str, shape: tuple[int, ...], spacing: np.ndarray, scale_mm: float,
+                        rng: np.random.Generator) -> list[np.ndarray]:
+    """One random field per axis on a grid of ``shape`` (unnormalised; callers rescale to their amplitude)."""
+    if deformation == "elastic":
+        return [smooth_field(shape, scale_mm / spacing, rng) for _ in shape]
+    if deformation == "simplex":
+        return [simplex_field(shape, spacing, scale_mm, rng) for _ in shape]
+    raise ValueError(f"unknown deformation {deformation!r}; expected one of {DEFORMATIONS}")
+
+
+_SIMPLEX_LATTICE: dict[int, np.ndarray] = {}
+SIMPLEX_STEP = 0.25  # lattice spacing in noise units: four samples per simplex feature
+
+
+def simplex_field(shape: tuple[int, ...], spacing: np.ndarray, feature_mm: float, rng: np.random.Generator
+                  ) -> np.ndarray:
+    """OpenSimplex noise with features of about ``feature_mm``, on a grid of ``shape``.
+
+    opensimplex evaluates ~30 us per point in pure Python, so three fields per lesion would cost a second:
+    a 3D lattice of noise is evaluated once per process and lesion-sized windows are read from it at a
+    random offset, orientation and scale by trilinear interpolation (simplex noise is smooth at the lattice
+    step, so this is the same noise).
+    """
+    import opensimplex
+
+    lattice = _SIMPLEX_LATTICE.get(0)
+    if lattice is None:
+        n = 40
+        axis = np.arange(n) * SIMPLEX_STEP
+        lattice = opensimplex.OpenSimplex(seed=1234).noise3array(axis, axis, axis).astype(np.float32)
+        _SIMPLEX_LATTICE[0] = lattice
+    ndim = len(shape)
+    # grid position in lattice samples: mm / feature size = noise units; / step = samples
+    steps = [np.arange(n, dtype=np.float32) * s / feature_mm / SIMPLEX_STEP for n, s in zip(shape, spacing)]
+    span = np.array([st[-1] if len(st) else 0 for st in steps])
+    room = np.maximum(lattice.shape[0] - 1 - span[:3] if ndim == 3 else lattice.shape[0] - 1 - span, 0)
+    offsets = rng.uniform(0, room)
+    grid = np.meshgrid(*[st + o for st, o in zip(steps, offsets)], indexing="ij")
+    if ndim == 2:  # a random plane of the 3D lattice
+        grid.append(np.full_like(grid[0], rng.uniform(0, lattice.shape[0] - 1)))
+    order = rng.permutation(3)  # random orientation of the lattice axes
+    return map_coordinates(lattice, [grid[i] for i in order], order=1, mode="mirror")
 
 
 def smooth_field(shape: tuple[int, ...], sigma_vox: np.ndarray, rng: np.random.Generator,
@@ -103,23 +151,26 @@ def smooth_field(shape: tuple[int, ...], sigma_vox: np.ndarray, rng: np.random.G
     return noise
 
 
-def lesion_mask(radius_mm: float, spacing: tuple[float, ...], rng: np.random.Generator,
-                deformation: str = "elastic") -> np.ndarray:
-    """One lesion mask of the given class radius, cropped to its bounding box.
+def lesion_mask(radius_mm: float | np.ndarray, spacing: tuple[float, ...], rng: np.random.Generator,
+                deformation: str = "elastic", amplitude: float = DEFAULT_AMPLITUDE) -> np.ndarray:
+    """One lesion mask, cropped to its bounding box.
 
     Args:
-        radius_mm: class radius; axis radii are drawn around it.
+        radius_mm: a class radius (axis radii are drawn around it) or the semi-axes themselves.
         spacing: voxel spacing of the target patch in mm.
         rng: random generator.
-        deformation: 'elastic' or 'none'.
+        deformation: 'elastic', 'simplex' or 'none'.
+        amplitude: displacement as a fraction of the mean radius.
     """
-    radii = sample_axis_radii(radius_mm, len(spacing), rng)
+    radii = np.asarray(radius_mm, dtype=float)
+    if radii.ndim == 0:
+        radii = sample_axis_radii(float(radii), len(spacing), rng)
+    mean_r = float(radii.mean())
     if deformation == "none":
         mask = ellipsoid(radii, spacing, rng)
-    elif deformation == "elastic":
-        mask = ellipsoid(radii, spacing, rng, ELASTIC_AMPLITUDE * radius_mm, ELASTIC_SMOOTHING * radius_mm)
     else:
-        raise ValueError(f"unknown deformation {deformation!r}; expected 'elastic' or 'none'")
+        scale = (ELASTIC_SMOOTHING if deformation == "elastic" else SIMPLEX_FEATURE) * mean_r
+        mask = ellipsoid(radii, spacing, rng, amplitude * mean_r, max(scale, MIN_SMOOTHING_MM), deformation)
     if not mask.any():  # a sub-voxel lesion at coarse spacing: keep the centre voxel
         mask[tuple(n // 2 for n in mask.shape)] = True
     return crop_to_mask(mask)

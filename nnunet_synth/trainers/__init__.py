@@ -13,6 +13,22 @@ from nnunet_synth.trainers.ratios import (
     nnUNetTrainerSynth60,
 )
 from nnunet_synth.trainers.schedules import nnUNetTrainer_Debug, nnUNetTrainer_Demo
+from nnunet_synth.trainers.studies import (
+    nnUNetTrainerNoisyLabels,
+    nnUNetTrainerNoisyLabelsExtreme,
+    nnUNetTrainerNoisyLabelsHigh,
+    nnUNetTrainerNoisyLabelsLow,
+    nnUNetTrainerNoisyLabelsModerate,
+    nnUNetTrainerSynth20Elastic,
+    nnUNetTrainerSynth20Large,
+    nnUNetTrainerSynth20Medium,
+    nnUNetTrainerSynth20Mixed,
+    nnUNetTrainerSynth20RealFinetune,
+    nnUNetTrainerSynth20Simplex,
+    nnUNetTrainerSynth20Small,
+    nnUNetTrainerSynth20Template,
+    nnUNetTrainerSynth20Tiny,
+)
 from nnunet_synth.trainers.synth import nnUNetTrainerSynth
 
 __all__ = [
@@ -27,6 +43,20 @@ __all__ = [
     "nnUNetTrainerSynth60",
     "nnUNetTrainerSynth20_Debug",
     "nnUNetTrainerSynth20_Demo",
+    "nnUNetTrainerSynth20Tiny",
+    "nnUNetTrainerSynth20Small",
+    "nnUNetTrainerSynth20Medium",
+    "nnUNetTrainerSynth20Large",
+    "nnUNetTrainerSynth20Mixed",
+    "nnUNetTrainerSynth20Elastic",
+    "nnUNetTrainerSynth20Simplex",
+    "nnUNetTrainerSynth20Template",
+    "nnUNetTrainerSynth20RealFinetune",
+    "nnUNetTrainerNoisyLabels",
+    "nnUNetTrainerNoisyLabelsLow",
+    "nnUNetTrainerNoisyLabelsModerate",
+    "nnUNetTrainerNoisyLabelsHigh",
+    "nnUNetTrainerNoisyLabelsExtreme",
     "nnUNetTrainer_Debug",
     "nnUNetTrainer_Demo",
 ]

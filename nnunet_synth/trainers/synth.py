@@ -9,8 +9,10 @@ import torch
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_synth.generators.templates import build_template_bank, load_templates, template_file
 from nnunet_synth.injection import SynthTumourTransform, achieved_rates, new_counters
 from nnunet_synth.planning import SYNTH_PLANS_FILE, format_plan, load_synth_plan, write_json_atomic
+from nnunet_synth.trainers.schedules import apply_schedule_override
 
 
 class nnUNetTrainerSynth(nnUNetTrainer):
@@ -22,13 +24,18 @@ class nnUNetTrainerSynth(nnUNetTrainer):
 
     synth_probability: float = 0.2
     synth_backend: str = "analytic"
+    # overrides of the plan's "shapes" (size_class, deformation, size_preset) that a named variant fixes
+    synth_shapes: dict = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule_override(self)
         self.synth_plan: dict | None = None
         self.synth_counters = new_counters()
         self._synth_counted = achieved_rates(self.synth_counters)
+        self.synth_transform: SynthTumourTransform | None = None
+        self.synth_template_cases: list[str] = []
 
     def initialize(self) -> None:
         if not self.was_initialized:
@@ -44,6 +51,8 @@ class nnUNetTrainerSynth(nnUNetTrainer):
             self.print_to_log_file(f"synth plan names backend {plan['backend']!r}; {self.__class__.__name__} "
                                    f"uses {self.synth_backend!r}")
             plan["backend"] = self.synth_backend
+        if self.synth_shapes:
+            plan["shapes"] = {**plan["shapes"], **self.synth_shapes}
         plan["seed"] = int(plan["seed"]) + 1000 * (self.fold if isinstance(self.fold, int) else 0)
         if self.local_rank == 0:
             write_json_atomic(plan, Path(self.output_folder) / SYNTH_PLANS_FILE)
@@ -55,9 +64,29 @@ class nnUNetTrainerSynth(nnUNetTrainer):
         # nnU-Net declares this a staticmethod; overriding it as a method gives the transform our plan.
         transforms = super().get_training_transforms(patch_size, *args, **kwargs)
         assert isinstance(transforms, ComposeTransforms), type(transforms)
-        transforms.transforms.insert(0, SynthTumourTransform(self.synth_plan, self.synth_probability, patch_size,
-                                                             self.synth_plan["seed"], self.synth_counters))
+        self.synth_transform = SynthTumourTransform(self.synth_plan, self.synth_probability, patch_size,
+                                                    self.synth_plan["seed"], self.synth_counters,
+                                                    self.training_fold_templates())
+        transforms.transforms.insert(0, self.synth_transform)
         return transforms
+
+    def training_fold_templates(self) -> list | None:
+        """Real tumour masks of the training fold's cases, where the plan asks for template shapes."""
+        if self.synth_plan["shapes"]["deformation"] != "template":
+            return None
+        base = Path(self.preprocessed_dataset_folder_base)
+        path = template_file(base, self.configuration_name)
+        if not path.is_file():
+            build_template_bank(base, self.configuration_name, self.configuration_manager.data_identifier,
+                                self.synth_plan["tumour_label"])
+        train_cases, _ = self.do_split()
+        templates, self.synth_template_cases = load_templates(path, set(train_cases))
+        self.print_to_log_file(f"template bank: {len(templates)} real tumour masks from "
+                               f"{len(self.synth_template_cases)} training-fold cases")
+        if not templates:
+            raise RuntimeError(f"{self.__class__.__name__}: the training fold of {base.name} has no real tumour "
+                               f"to use as a template; use an elastic or simplex trainer")
+        return templates
 
     def on_epoch_end(self) -> None:
         now = achieved_rates(self.synth_counters)

@@ -1,0 +1,349 @@
+"""Training of the 3D DDPM inpainting model on nnU-Net's preprocessed data (liver-MRI paper, section 2.3).
+
+Patches of the preset's size are cropped around real tumours (connected components of the tumour label,
+with random shifts that keep a tumour that fits wholly inside, and random flips); the tumour voxels are the
+inpainting mask. Noise goes only inside the mask and the loss is computed only there (eqs. 1 and 3). A few
+of the training-fold cases are held out of the generator's training for a validation loss on fixed noise
+and timesteps; the best checkpoint by that loss is kept. ``torchrun`` runs one process per GPU with
+DistributedDataParallel: every rank draws its own patches, rank 0 validates and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.ndimage import find_objects
+from scipy.ndimage import label as connected_components
+from tqdm import tqdm
+
+from nnunet_synth.generators.checkpoints import GeneratorCheckpointError, load_checkpoint, save_checkpoint
+from nnunet_synth.generators.ddpm.model import (
+    BETA_SCHEDULE,
+    NUM_TRAIN_TIMESTEPS,
+    PRESETS,
+    build_model,
+    build_training_scheduler,
+    get_preset,
+)
+from nnunet_synth.generators.ddpm.sampling import masked_noise_loss, masked_noisy_sample
+
+__all__ = ["PRESETS", "PatchSource", "TumourSite", "find_tumours", "train"]
+
+BACKEND = "ddpm"
+MIN_TUMOUR_VOXELS = 8
+VAL_CASE_SHARE = 0.1  # of the training-fold cases with tumours, held out of the generator's training
+MAX_VAL_CROPS = 32
+VAL_TIMESTEPS_PER_CROP = 4
+MAX_INTENSITY_CROPS = 64
+GRAD_CLIP_NORM = 1.0
+# config entries a resumed run must share with its checkpoint
+RESUME_KEYS = ("dataset_name", "configuration", "fold", "num_channels", "preset", "patch_size", "tumour_label")
+
+
+@dataclass(frozen=True)
+class TumourSite:
+    """One real tumour (connected component): its case, centre and bounding-box size in voxels."""
+
+    case: str
+    centre: tuple[int, ...]
+    size: tuple[int, ...]
+
+
+def find_tumours(dataset, cases: list[str], tumour_label: int, min_voxels: int = MIN_TUMOUR_VOXELS
+                 ) -> list[TumourSite]:
+    """Connected components of the tumour label with at least ``min_voxels`` voxels, per case."""
+    sites = []
+    for case in tqdm(cases, desc="finding tumours", unit="case", disable=_rank() != 0):
+        seg = np.asarray(dataset.load_case(case)[1][0])
+        components, n = connected_components(seg == tumour_label)
+        if not n:
+            continue
+        sizes = np.bincount(components.ravel())
+        for index, box in enumerate(find_objects(components), start=1):
+            if box is None or sizes[index] < min_voxels:
+                continue
+            sites.append(TumourSite(case, tuple((s.start + s.stop) // 2 for s in box),
+                                    tuple(s.stop - s.start for s in box)))
+    return sites
+
+
+class PatchSource:
+    """Crops (image, mask) training patches around tumour sites from nnU-Net's preprocessed cases.
+
+    Args:
+        dataset: nnU-Net dataset object of the configuration (``load_case``).
+        patch_size: spatial patch size (z, y, x).
+        tumour_label: label value of the tumour; its voxels in the patch form the mask.
+    """
+
+    def __init__(self, dataset, patch_size: tuple[int, ...], tumour_label: int):
+        self.dataset = dataset
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.tumour_label = tumour_label
+
+    def crop(self, site: TumourSite, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+        """Patch around ``site``; with ``rng`` randomly shifted (the tumour stays inside if it fits) and flipped.
+
+        Returns:
+            float32 image (C, *patch) and float32 mask (1, *patch) in {0, 1}.
+        """
+        from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+
+        data, seg, _, _ = self.dataset.load_case(site.case)
+        centre = np.array(site.centre)
+        if rng is not None:
+            slack = np.maximum(np.array(self.patch_size) - np.array(site.size), 0) // 2
+            centre = centre + rng.integers(-slack, slack + 1)
+        lower = centre - np.array(self.patch_size) // 2
+        bbox = [[0, data.shape[0]]] + [[int(lo), int(lo) + p] for lo, p in zip(lower, self.patch_size)]
+        image = np.asarray(crop_and_pad_nd(data, bbox, 0), dtype=np.float32)
+        seg_bbox = [[0, 1]] + bbox[1:]
+        mask = (np.asarray(crop_and_pad_nd(seg, seg_bbox, -1)) == self.tumour_label).astype(np.float32)
+        if rng is not None:
+            flips = tuple(a + 1 for a in range(len(self.patch_size)) if rng.uniform() < 0.5)
+            if flips:
+                image, mask = np.flip(image, flips), np.flip(mask, flips)
+        return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) under torchrun; (0, 1, device) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(device)
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if device == "cuda" else "cpu")
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _split_generator_cases(sites: list[TumourSite], seed: int) -> tuple[list[str], list[str]]:
+    """Holds out about 10% (at least one) of the cases with tumours for the generator's validation loss."""
+    cases = sorted({s.case for s in sites})
+    if len(cases) < 2:
+        raise RuntimeError(f"the ddpm generator needs real tumours in at least two training cases (one is held out "
+                           f"for its validation loss); found tumours in {len(cases)}")
+    n_val = max(1, int(round(VAL_CASE_SHARE * len(cases))))
+    val = sorted(np.random.default_rng(seed).choice(cases, n_val, replace=False).tolist())
+    return [c for c in cases if c not in val], val
+
+
+def _intensity_range(source: PatchSource, sites: list[TumourSite], seed: int) -> list[list[float]]:
+    """Per-channel 0.05/99.95 percentiles over training crops: generated values are clipped to it."""
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(sites), min(len(sites), MAX_INTENSITY_CROPS), replace=False)
+    images = np.stack([source.crop(sites[i], None)[0] for i in picks])
+    flat = images.transpose(1, 0, 2, 3, 4).reshape(images.shape[1], -1)
+    return [[float(v) for v in np.percentile(ch, [0.05, 99.95])] for ch in flat]
+
+
+class _Validation:
+    """Fixed held-out crops, noise and timesteps: a validation loss comparable across the whole training."""
+
+    def __init__(self, source: PatchSource, sites: list[TumourSite], seed: int, device: torch.device):
+        rng = np.random.default_rng([seed, 7])
+        if len(sites) > MAX_VAL_CROPS:
+            sites = [sites[i] for i in sorted(rng.choice(len(sites), MAX_VAL_CROPS, replace=False))]
+        crops = [source.crop(s, None) for s in sites]
+        self.images = torch.from_numpy(np.stack([c[0] for c in crops]))
+        self.masks = torch.from_numpy(np.stack([c[1] for c in crops]))
+        generator = torch.Generator().manual_seed(seed)
+        self.noise = [torch.randn(self.images.shape, generator=generator) for _ in range(VAL_TIMESTEPS_PER_CROP)]
+        # timesteps spread over the whole chain, one set per noise draw
+        spread = np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, VAL_TIMESTEPS_PER_CROP * len(crops)).round().astype(np.int64)
+        self.timesteps = torch.from_numpy(rng.permutation(spread).reshape(VAL_TIMESTEPS_PER_CROP, len(crops)))
+        self.device = device
+
+    @torch.no_grad()
+    def loss(self, model: torch.nn.Module, scheduler, batch_size: int) -> float:
+        model.eval()
+        total, weight = 0.0, 0.0
+        for noise, timesteps in zip(self.noise, self.timesteps):
+            for start in range(0, len(self.images), batch_size):
+                sl = slice(start, start + batch_size)
+                x0, m = self.images[sl].to(self.device), self.masks[sl].to(self.device)
+                eps, t = noise[sl].to(self.device), timesteps[sl].to(self.device)
+                pred = model(torch.cat([masked_noisy_sample(scheduler, x0, m, eps, t), m], 1), timesteps=t)
+                w = float(m.sum()) * x0.shape[1]
+                total += float(masked_noise_loss(pred, eps, m)) * w
+                weight += w
+        model.train()
+        return total / max(weight, 1.0)
+
+
+def _plot(path: Path, train_loss: list[float], history: list[dict]) -> None:
+    """Loss plot: training loss (moving average) and validation loss against iterations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    losses = np.asarray(train_loss)
+    window = max(1, len(losses) // 50)
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid") if len(losses) >= window else losses
+    ax.plot(np.arange(window, window + len(smooth)), smooth, label=f"training loss (mean of {window})")
+    if history:
+        ax.plot([h["iteration"] for h in history], [h["val_loss"] for h in history], "o-", label="validation loss")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("masked noise MSE")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _log(output_dir: Path, message: str) -> None:
+    with open(output_dir / "training_log.txt", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {message}\n")
+
+
+def train(job) -> Path:
+    """Trains the DDPM of ``job`` (a :class:`nnunet_synth.generator_training.GeneratorJob`).
+
+    Returns:
+        Path of the final checkpoint.
+    """
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_synth.planning import load_synth_plan, preprocessed_dir, write_json_atomic
+
+    preset = get_preset(job.preset)
+    iterations = int(job.iterations if job.iterations is not None else preset.iterations)
+    rank, world, device = _setup_distributed(job.device)
+    out = Path(job.output_dir)
+    synth_plan = load_synth_plan(job.dataset_name, job.configuration, job.plans_identifier)
+    plans = PlansManager(load_json(preprocessed_dir(job.dataset_name) / f"{job.plans_identifier}.json"))
+    conf = plans.get_configuration(job.configuration)
+    if len(conf.patch_size) != 3:
+        raise ValueError(f"the ddpm generator is 3D; configuration {job.configuration} is 2D")
+    dataset = infer_dataset_class(str(job.preprocessed_folder))(str(job.preprocessed_folder), list(job.cases))
+    source = PatchSource(dataset, preset.patch_size, synth_plan["tumour_label"])
+    sites = find_tumours(dataset, list(job.cases), synth_plan["tumour_label"])
+    train_cases, val_cases = _split_generator_cases(sites, job.seed)
+    train_sites = [s for s in sites if s.case in train_cases]
+    val_sites = [s for s in sites if s.case in val_cases]
+    num_channels = int(dataset.load_case(job.cases[0])[0].shape[0])
+    config = {
+        "backend": BACKEND, "preset": job.preset, "preset_params": preset.to_dict(),
+        "dataset_name": job.dataset_name, "configuration": job.configuration,
+        "plans_identifier": job.plans_identifier, "fold": job.fold, "num_channels": num_channels,
+        "spacing": [float(s) for s in conf.spacing], "patch_size": list(preset.patch_size),
+        "normalization_schemes": list(conf.normalization_schemes), "tumour_label": synth_plan["tumour_label"],
+        "intensity_range": _intensity_range(source, train_sites, job.seed),
+        "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_schedule": dict(BETA_SCHEDULE),
+        "train_cases": train_cases, "val_cases": val_cases, "segmenter_val_excluded": True,
+        "iterations": iterations, "world_size": world, "seed": job.seed,
+    }
+
+    model = build_model(preset, num_channels).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=preset.learning_rate, weight_decay=preset.weight_decay)
+    scheduler = build_training_scheduler()
+    rng = np.random.default_rng([job.seed, rank])
+    noise_gen = torch.Generator(device=device).manual_seed(job.seed * 1000 + rank)
+    iteration, best, train_loss, history = 0, math.inf, [], []
+
+    latest = out / "checkpoint_latest.pth"
+    if job.resume:
+        if not latest.is_file():
+            raise GeneratorCheckpointError(f"--c given but {latest} does not exist; start without --c")
+        state = load_checkpoint(latest, BACKEND, {k: config[k] for k in RESUME_KEYS})
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        iteration, best = int(state["iteration"]), float(state["best_val_loss"])
+        train_loss, history = list(state["train_loss"]), list(state["history"])
+        if world == 1 and state["config"].get("world_size", 1) == 1:
+            rng.bit_generator.state = state["rng"]["numpy"]
+            noise_gen.set_state(state["rng"]["torch"].cpu())
+        else:  # per-rank generator states are not saved; reseed every rank at the resumed iteration
+            rng = np.random.default_rng([job.seed, rank, iteration])
+            noise_gen.manual_seed(job.seed * 1000 + rank + 7919 * iteration)
+        config["intensity_range"] = state["config"]["intensity_range"]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _log(out, f"{'resumed at iteration ' + str(iteration) if job.resume else 'started'}: preset {job.preset}, "
+                  f"{len(train_sites)} training tumours in {len(train_cases)} cases, {len(val_sites)} validation "
+                  f"tumours in {len(val_cases)} held-out cases, {world} process(es), device {device}")
+    validation = _Validation(source, val_sites, job.seed, device) if rank == 0 else None
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(name: str) -> None:
+        save_checkpoint({"backend": BACKEND, "config": config, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "iteration": iteration, "best_val_loss": best,
+                         "train_loss": train_loss, "history": history,
+                         "rng": {"numpy": rng.bit_generator.state, "torch": noise_gen.get_state()}}, out / name)
+
+    net.train()
+    bar = tqdm(total=iterations, initial=iteration, desc=f"ddpm {job.preset}", unit="it", disable=rank != 0)
+    while iteration < iterations:
+        picks = rng.integers(len(train_sites), size=preset.batch_size)
+        crops = [source.crop(train_sites[i], rng) for i in picks]
+        x0 = torch.from_numpy(np.stack([c[0] for c in crops])).to(device)
+        mask = torch.from_numpy(np.stack([c[1] for c in crops])).to(device)
+        noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=noise_gen, device=device)
+        prediction = net(torch.cat([masked_noisy_sample(scheduler, x0, mask, noise, timesteps), mask], 1),
+                         timesteps=timesteps)
+        loss = masked_noise_loss(prediction, noise, mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
+        optimizer.step()
+        iteration += 1
+        train_loss.append(round(float(loss), 6))
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(train_loss[-preset.val_every:]):.4f}")
+        if iteration % preset.val_every == 0 or iteration == iterations:
+            if rank == 0:
+                val_loss = validation.loss(model, scheduler, preset.batch_size)
+                recent = float(np.mean(train_loss[-preset.val_every:]))
+                improved = val_loss < best
+                best = min(best, val_loss)
+                history.append({"iteration": iteration, "train_loss": recent, "val_loss": val_loss})
+                _log(out, f"iteration {iteration}: training loss {recent:.5f}, validation loss {val_loss:.5f}"
+                          + (" (new best)" if improved else ""))
+                save("checkpoint_latest.pth")
+                if improved:
+                    save("checkpoint_best.pth")
+                write_json_atomic({"config": config, "history": history, "train_loss": train_loss},
+                                  out / "training_log.json")
+                _plot(out / "progress.png", train_loss, history)
+            _barrier(world)
+    bar.close()
+    if rank == 0:
+        save("checkpoint_final.pth")
+        _log(out, f"finished at iteration {iteration}; best validation loss {best:.5f}")
+        print(json.dumps({"output": str(out), "iteration": iteration, "best_val_loss": best}))
+    _barrier(world)
+    return out / "checkpoint_final.pth"

@@ -1,0 +1,137 @@
+"""Size presets, deformations, templates, multi-lesion samples and label noise (issue: shapes engine)."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import label
+
+from nnunet_synth.generators.shapes import LABELFREE_RADIUS_MM, equivalent_diameter_mm, lesion_mask
+from nnunet_synth.generators.sizes import LABELFREE_COUNTS, SLICE_AREA_BINS_PX, lesion_requests
+from nnunet_synth.generators.templates import draw_template
+from nnunet_synth.injection import SynthTumourTransform
+from nnunet_synth.label_noise import LABEL_NOISE_MM, NoisyTumourLabelTransform, displacement
+
+from .test_injection import ORGAN, TUMOUR, make_patch, make_plan
+
+
+def _plan(preset, size_class, radii=None):
+    plan = make_plan(size_class=size_class)
+    plan["shapes"]["size_preset"] = preset
+    if radii:
+        plan["tumour_sizes"] = {"count": 40, "class_radius_mm": radii}
+    return plan
+
+
+def _mean_radius(plan, spacing, n, seed=0):
+    """Mean equivalent radius of the first ``n`` lesions the plan requests (labelfree asks for several)."""
+    rng = np.random.default_rng(seed)
+    radii = []
+    while len(radii) < n:
+        for request in lesion_requests(plan, spacing, rng)[: n - len(radii)]:
+            mask = lesion_mask(request.radii_mm, spacing, rng, plan["shapes"]["deformation"])
+            radii.append(equivalent_diameter_mm(int(mask.sum()), spacing) / 2)
+    return float(np.mean(radii))
+
+
+@pytest.mark.parametrize("spacing", [(1.5, 1.5, 1.5), (3.0, 1.0, 1.0)])
+@pytest.mark.parametrize("preset, size_class, expected, n", [
+    ("labelfree", "tiny", 4.0, 200), ("labelfree", "small", 8.0, 200), ("labelfree", "medium", 16.0, 100),
+    ("labelfree", "large", 32.0, 40), ("quartile", "tiny", 3.5, 200), ("quartile", "large", 11.0, 100),
+    ("liver_mri", "any", 27.0, 40),
+])
+def test_equivalent_size_follows_the_preset(spacing, preset, size_class, expected, n):
+    plan = _plan(preset, size_class, {"tiny": 3.5, "small": 5.0, "medium": 7.5, "large": 11.0})
+    mean = _mean_radius(plan, spacing, n)
+    assert abs(mean - expected) / expected < 0.10, mean
+    if preset == "labelfree":
+        assert expected == LABELFREE_RADIUS_MM[size_class]
+
+
+@pytest.mark.parametrize("size_class", list(SLICE_AREA_BINS_PX))
+def test_slice_area_bins_in_pixels(size_class):
+    plan = _plan("slice_area", size_class)
+    rng = np.random.default_rng(0)
+    areas = []
+    for _ in range(150):
+        (request,) = lesion_requests(plan, (0.7, 0.7), rng)
+        areas.append(int(lesion_mask(request.radii_mm, (0.7, 0.7), rng).sum()))
+    lo, hi = SLICE_AREA_BINS_PX[size_class]
+    assert lo * 0.9 <= np.mean(areas) <= hi * 1.1, np.mean(areas)
+    with pytest.raises(ValueError, match="2d configurations"):
+        lesion_requests(plan, (1.0, 0.7, 0.7), rng)
+
+
+def test_labelfree_counts_and_scaling_to_the_room():
+    rng = np.random.default_rng(0)
+    plan = _plan("labelfree", "tiny")
+    counts = [len(lesion_requests(plan, (1, 1, 1), rng, room_mm3=1e9)) for _ in range(200)]
+    assert min(counts) == LABELFREE_COUNTS["tiny"][0] and max(counts) == LABELFREE_COUNTS["tiny"][1]
+    small_room = [len(lesion_requests(plan, (1, 1, 1), rng, room_mm3=2000.0)) for _ in range(50)]
+    assert max(small_room) < LABELFREE_COUNTS["tiny"][0] and min(small_room) >= 1
+    mixed = lesion_requests(_plan("labelfree", "mixed"), (1, 1, 1), rng, room_mm3=1e9)
+    assert {r.size_class for r in mixed} == {"tiny", "small", "medium", "large"}
+
+
+def test_unknown_preset_or_class_is_an_error():
+    with pytest.raises(ValueError, match="size_preset"):
+        lesion_requests(_plan("huge", "any"), (1, 1, 1), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="size_class 'gigantic'"):
+        lesion_requests(_plan("labelfree", "gigantic"), (1, 1, 1), np.random.default_rng(0))
+
+
+def test_simplex_keeps_one_piece_more_often_than_elastic_at_equal_displacement():
+    """The liver-MRI paper's claim, on our code: at the same mean displacement, simplex masks stay whole."""
+    rng = np.random.default_rng(0)
+    one_piece = {}
+    for deformation in ("elastic", "simplex"):
+        masks = [lesion_mask(12.0, (1.0, 1.0, 1.0), rng, deformation, amplitude=0.3) for _ in range(80)]
+        one_piece[deformation] = np.mean([label(m)[1] == 1 for m in masks])
+    assert one_piece["simplex"] > one_piece["elastic"] + 0.1, one_piece
+
+
+def test_template_draw_is_zoomed_to_the_size_and_keeps_the_shape_family():
+    rng = np.random.default_rng(0)
+    template = np.zeros((5, 12, 20), bool)
+    template[1:4, 2:10, 3:17] = True  # an elongated box
+    spacing = (1.0, 1.0, 1.0)
+    for radius in (4.0, 10.0):
+        volumes = [draw_template([template], np.full(3, radius), spacing, rng).sum() for _ in range(50)]
+        target = 4 / 3 * np.pi * radius ** 3
+        assert abs(np.mean(volumes) - target) / target < 0.15
+    with pytest.raises(ValueError, match="template bank holds no tumour"):
+        draw_template([], np.full(3, 4.0), spacing, rng)
+
+
+def test_mixed_sample_gets_several_lesions_in_the_organ_without_overlap():
+    image, seg = make_patch(shape=(32, 96, 96))
+    plan = _plan("labelfree", "tiny")
+    transform = SynthTumourTransform(plan, 1.0, None, seed=0)
+    new_image, new_seg = transform.insert(image, seg, np.random.default_rng(1))
+    synthetic = (new_seg[0] == TUMOUR) & (seg[0] != TUMOUR)
+    components = label(synthetic.numpy())[1]
+    assert components >= 2
+    assert (seg[0][synthetic] == ORGAN).all()
+    assert torch.equal(new_image[:, ~synthetic], image[:, ~synthetic])
+
+
+@pytest.mark.parametrize("level", list(LABEL_NOISE_MM))
+def test_label_noise_level_is_the_mean_displacement(level):
+    mm = LABEL_NOISE_MM[level]
+    fields = displacement((64, 64, 64), np.array([3.0, 3.0, 3.0]), mm, np.random.default_rng(0))
+    mean_length = np.sqrt(sum(f ** 2 for f in fields)).mean()
+    assert abs(mean_length - mm) / mm < 0.1
+
+
+def test_noisy_label_transform_moves_the_boundary_only():
+    image, seg = make_patch(shape=(24, 48, 48))
+    t = NoisyTumourLabelTransform(TUMOUR, ORGAN, 2.0, (1.0, 1.0, 1.0), seed=0)
+    out = t(image=image.clone(), segmentation=seg.clone())
+    assert torch.equal(out["image"], image)
+    changed = out["segmentation"][0] != seg[0]
+    assert changed.any()
+    assert (seg[0][out["segmentation"][0] == -1] == -1).all() and (out["segmentation"][0][seg[0] == -1] == -1).all()
+    # changes stay within a few displacements of the real tumour
+    from scipy.ndimage import distance_transform_edt
+
+    distance = distance_transform_edt(seg[0].numpy() != TUMOUR)
+    assert distance[changed.numpy()].max() <= 3 * 2.0 * 3 + 1
