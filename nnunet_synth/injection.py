@@ -20,6 +20,7 @@ from nnunet_synth.generators.placement import PlacementRules, central_window, pl
 from nnunet_synth.generators.shapes import lesion_mask
 from nnunet_synth.generators.sizes import lesion_requests
 from nnunet_synth.generators.templates import draw_template
+from nnunet_synth.planning import band_region
 
 # counters per worker row: samples seen, samples with a synthetic tumour, samples where nothing fitted
 SEEN, SYNTHETIC, SKIPPED = 0, 1, 2
@@ -111,13 +112,13 @@ class SynthTumourTransform(BasicTransform):
         seg0 = segmentation[0].numpy()
         spatial = seg0.shape
         spacing = tuple(self.plan["spacing"][-len(spatial):])
-        organ = seg0 == self.plan["organ_label"]
+        organ = self.placement_region(image, seg0)
         window = central_window(spatial, self.final_patch_size[-len(spatial):] if self.final_patch_size else None)
         room = int(organ[window].sum())
         if room == 0:
             return None, None
         tumour = seg0 == self.plan["tumour_label"]
-        # lesions go on organ voxels only, which by their label are never -1 (outside the image) or ignore
+        # lesions go on placement-region voxels only, which are never -1 (outside the image) or ignore
         allowed = organ.copy()
         image_np = seg_np = None
         for request in lesion_requests(self.plan, spacing, rng, room * float(np.prod(spacing))):
@@ -135,6 +136,13 @@ class SynthTumourTransform(BasicTransform):
         if image_np is None:
             return None, None
         return torch.from_numpy(image_np), torch.from_numpy(seg_np)
+
+    def placement_region(self, image: torch.Tensor, seg0: np.ndarray) -> np.ndarray:
+        """The organ label, or for datasets without one the plan's intensity band on unlabelled voxels."""
+        if self.plan["organ_label"] is not None:
+            return seg0 == self.plan["organ_label"]
+        band = self.plan["intensity_band"]
+        return band_region(image[band["channel"]].numpy(), seg0, band["range"])
 
     def lesion_mask(self, radii_mm: np.ndarray, spacing: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
         """A lesion mask of the requested semi-axes, by the plan's deformation (or from the template bank)."""

@@ -33,6 +33,10 @@ CT_DEFAULT_CONTRAST_HU = (-63.0, -27.0)
 # MRI has no absolute scale: default contrast in units of the organ's standard deviation (hypointense).
 MRI_DEFAULT_CONTRAST_ORGAN_STD = (-2.0, -1.0)
 MAX_CASES_FOR_STATISTICS = 100
+# Datasets without an organ label (breast DCE): lesions go where seg is background and channel 0 lies in the
+# band of intensities found within this distance of the real tumours (their surrounding tissue).
+BAND_SHELL_MM = 10.0
+BAND_PERCENTILES = (10, 90)
 # Label fragments are not tumours: components below this size stay out of the size statistics.
 MIN_TUMOUR_VOXELS = 8
 MIN_TUMOUR_DIAMETER_MM = 3.0
@@ -51,8 +55,11 @@ def preprocessed_dir(dataset: str | int) -> Path:
 
 
 def guess_labels(labels: dict[str, int | list], organ_label: int | None = None,
-                 tumour_label: int | None = None) -> tuple[int, int]:
+                 tumour_label: int | None = None) -> tuple[int | None, int]:
     """Organ and tumour label values, from the names in dataset.json unless given.
+
+    A dataset whose only foreground label is the tumour (breast DCE cohorts) gets organ None: placement
+    then uses an intensity band of the tissue around real tumours (see :func:`configuration_statistics`).
 
     Raises:
         SynthPlanError: when a label cannot be identified; the message lists the labels and the flag to pass.
@@ -77,6 +84,8 @@ def guess_labels(labels: dict[str, int | list], organ_label: int | None = None,
         return hits[0]
 
     tumour = pick(TUMOUR_WORDS, tumour_label, "tumour", "--tumour-label")
+    if organ_label is None and values - {tumour, labels.get("ignore")} == set():
+        return None, tumour
     organ = pick(ORGAN_WORDS, organ_label, "organ (placement region)", "--organ-label")
     if organ == tumour:
         raise SynthPlanError(f"organ and tumour label are both {organ}; pass --organ-label and --tumour-label")
@@ -132,7 +141,19 @@ def _channel_priors(plans: dict, configuration: dict, dataset_json: dict, stats:
     return channels
 
 
-def configuration_statistics(dataset: str | int, configuration: str, organ_label: int, tumour_label: int,
+def band_region(channel: np.ndarray, seg: np.ndarray, band: tuple[float, float]) -> np.ndarray:
+    """Placement region of a dataset without organ label: unlabelled voxels whose intensity is in the band."""
+    return (seg == 0) & (channel >= band[0]) & (channel <= band[1])
+
+
+def _tumour_shell(tumour: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+    """Unlabelled voxels within BAND_SHELL_MM of a tumour: the tissue tumours of this dataset sit in."""
+    from scipy.ndimage import distance_transform_edt
+
+    return (seg == 0) & (distance_transform_edt(~tumour, sampling=spacing) <= BAND_SHELL_MM)
+
+
+def configuration_statistics(dataset: str | int, configuration: str, organ_label: int | None, tumour_label: int,
                              plans_identifier: str = "nnUNetPlans", seed: int = 0) -> dict:
     """Spacing, tumour sizes and intensity priors from the configuration's preprocessed cases."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -152,14 +173,21 @@ def configuration_statistics(dataset: str | int, configuration: str, organ_label
     if len(identifiers) > MAX_CASES_FOR_STATISTICS:
         identifiers = sorted(rng.choice(identifiers, MAX_CASES_FOR_STATISTICS, replace=False))
     spacing = tuple(float(s) for s in conf.spacing)
-    stats, diameters = [], []
+    stats, diameters, bands = [], [], []
     for identifier in tqdm(identifiers, desc=f"synth plan: statistics of {configuration}", unit="case"):
         data, seg, _, _ = ds.load_case(identifier)
         data, seg = np.asarray(data), np.asarray(seg[0])
-        organ, tumour = seg == organ_label, seg == tumour_label
+        case_spacing = spacing[-seg.ndim:]
+        tumour = seg == tumour_label
+        if organ_label is None:  # the tissue around real tumours stands in for the organ
+            if not tumour.any():
+                continue
+            organ = _tumour_shell(tumour, seg, case_spacing)
+            bands.append(np.percentile(data[0][organ], BAND_PERCENTILES))
+        else:
+            organ = seg == organ_label
         if not organ.any():
             continue
-        case_spacing = spacing[-seg.ndim:]
         components, n = connected_components(tumour)
         if n:
             sizes = np.bincount(components.ravel())[1:]
@@ -171,13 +199,20 @@ def configuration_statistics(dataset: str | int, configuration: str, organ_label
             "tumour_mean": [float(ch[tumour].mean()) for ch in data] if tumour.any() else None,
         })
     if not stats:
-        raise SynthPlanError(f"no preprocessed case of {base.name} ({configuration}) contains the organ label "
-                             f"{organ_label}; pass the right --organ-label")
-    return {"spacing": list(spacing), "tumour_sizes": _tumour_sizes(diameters),
-            "intensity": {"channels": _channel_priors(plans, conf.configuration, dataset_json, stats)}}
+        what = f"the organ label {organ_label}" if organ_label is not None else "a real tumour (needed to " \
+            "find the intensity band of the tissue around tumours, as this dataset has no organ label)"
+        raise SynthPlanError(f"no preprocessed case of {base.name} ({configuration}) contains {what}; "
+                             f"pass the right --organ-label")
+    result = {"spacing": list(spacing), "tumour_sizes": _tumour_sizes(diameters),
+              "intensity": {"channels": _channel_priors(plans, conf.configuration, dataset_json, stats)}}
+    if organ_label is None:
+        result["intensity_band"] = {"channel": 0, "range": [float(v) for v in np.mean(bands, axis=0)],
+                                    "source": f"{BAND_PERCENTILES} percentiles of channel 0 within "
+                                              f"{BAND_SHELL_MM} mm of real tumours, unlabelled voxels"}
+    return result
 
 
-def default_plan(dataset_json: dict, dataset_name: str, plans_identifier: str, organ_label: int,
+def default_plan(dataset_json: dict, dataset_name: str, plans_identifier: str, organ_label: int | None,
                  tumour_label: int) -> dict:
     """Dataset-level settings with their defaults (edit the JSON to change them)."""
     return {
@@ -273,7 +308,9 @@ def main(argv: list[str] | None = None) -> None:
 def format_plan(plan: dict) -> str:
     """A short human-readable summary of a flat synth plan (for the console and the training log)."""
     sizes = plan["tumour_sizes"]
-    lines = [f"synth plan of {plan['dataset_name']} ({plan['configuration']}): organ label {plan['organ_label']}, "
+    region = f"organ label {plan['organ_label']}" if plan["organ_label"] is not None else \
+        f"no organ label: intensity band {plan['intensity_band']['range']} of channel 0"
+    lines = [f"synth plan of {plan['dataset_name']} ({plan['configuration']}): {region}, "
              f"tumour label {plan['tumour_label']}, backend {plan['backend']}",
              f"  shapes: {plan['shapes']}; placement: {plan['placement']}",
              f"  real tumours: {sizes['count']}" + (f", equivalent diameter mm {sizes['equivalent_diameter_mm']}"

@@ -135,3 +135,28 @@ def test_noisy_label_transform_moves_the_boundary_only():
 
     distance = distance_transform_edt(seg[0].numpy() != TUMOUR)
     assert distance[changed.numpy()].max() <= 3 * 2.0 * 3 + 1
+
+
+def test_dataset_without_organ_label_places_in_the_intensity_band():
+    from nnunet_synth.planning import _tumour_shell, guess_labels
+
+    assert guess_labels({"background": 0, "tumor": 1}) == (None, 1)
+    with pytest.raises(Exception, match="--organ-label"):
+        guess_labels({"background": 0, "vessel": 1, "tumor": 2})  # an unknown label still needs the flag
+    image, seg = make_patch(shape=(24, 48, 48))
+    seg[0][seg[0] == ORGAN] = 0  # breast-like: only background and tumour
+    image[0] = -3.0
+    image[0, 4:20, 8:40, 8:40] = 0.5  # the "tissue" the tumours sit in
+    shell = _tumour_shell(seg[0].numpy() == TUMOUR, seg[0].numpy(), (1.0, 1.0, 1.0))
+    assert shell.any() and not (shell & (seg[0].numpy() != 0)).any()
+    plan = make_plan(size_class="tiny")
+    plan["organ_label"] = None
+    plan["intensity_band"] = {"channel": 0, "range": [0.0, 1.0]}
+    transform = SynthTumourTransform(plan, 1.0, None, seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        new_image, new_seg = transform.insert(image, seg, rng)
+        assert new_image is not None
+        synthetic = (new_seg[0] == TUMOUR) & (seg[0] != TUMOUR)
+        assert synthetic.any()
+        assert (seg[0][synthetic] == 0).all() and (image[0][synthetic] == 0.5).all(), "lesion outside the band"

@@ -87,7 +87,7 @@ class nnUNetTrainerNoisyLabels(nnUNetTrainer):
         transforms = super().get_training_transforms(patch_size, *args, **kwargs)
         plan = self.synth_plan
         transforms.transforms.insert(0, NoisyTumourLabelTransform(
-            plan["tumour_label"], plan["organ_label"], self.label_noise_mm, tuple(plan["spacing"]),
+            plan["tumour_label"], plan["organ_label"] or 0, self.label_noise_mm, tuple(plan["spacing"]),
             int(plan["seed"]) + 1000 * (self.fold if isinstance(self.fold, int) else 0),
             self.label_manager.ignore_label))
         return transforms
