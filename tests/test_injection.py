@@ -39,8 +39,8 @@ def make_patch(channels=1, shape=(24, 48, 48), seg_channels=1):
 
 def test_registry_lists_analytic_and_names_what_is_missing():
     assert "analytic" in available_backends()
-    with pytest.raises(NotImplementedError, match="ddpm"):
-        get_backend("ddpm")
+    with pytest.raises(NotImplementedError, match="ldm"):
+        get_backend("ldm")
     with pytest.raises(KeyError, match="available: analytic"):
         get_backend("nonexistent")
 
