@@ -26,7 +26,7 @@ setup(
         "pydicom",
         "pynrrd",
     ],
-    extras_require={"test": ["pytest>=8", "ruff"]},
+    extras_require={"test": ["pytest>=8", "ruff==0.17.6"]},
     entry_points={
         "console_scripts": [
             "nnUNetv2_synth_plan=nnunet_synth.cli:plan_entry",

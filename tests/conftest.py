@@ -23,12 +23,12 @@ BRATS_DIR = Path(os.environ.get("NNUNET_SYNTH_BRATS_DIR", SHARED_DATA / "brats20
 def ext_trainer_dir() -> str:
     """What the README tells users: export nnUNet_extTrainer=$(python -m nnunet_synth.ext_path)."""
     return subprocess.run([sys.executable, "-m", "nnunet_synth.ext_path"], check=True, capture_output=True,
-                          text=True).stdout.strip()
+                          encoding="utf-8", errors="replace").stdout.strip()
 
 
 def run(command: list[str], env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """Runs a command, failing the test with its output when it fails."""
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
     if result.returncode:
         pytest.fail(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result

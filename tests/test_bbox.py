@@ -367,7 +367,7 @@ def test_pseudolabel_cli_needs_exactly_one_model_form(raw, capsys):
 
 def test_console_scripts_are_installed():
     for name in ("nnUNetv2_synth_bbox_dataset", "nnUNetv2_synth_bbox_pseudolabel"):
-        result = subprocess.run([name, "--help"], capture_output=True, text=True)
+        result = subprocess.run([name, "--help"], capture_output=True, encoding="utf-8", errors="replace")
         assert result.returncode == 0 and "--overwrite" in result.stdout
 
 
@@ -447,7 +447,7 @@ def test_bbox_pipeline_end_to_end_on_phantoms(nnunet_dirs, monkeypatch):
         assert 0 <= stats["fill_fraction"] <= 1 and "organ_voxels" in stats
     assert not list((out / "imagesTr").glob("*_0001.nii.gz")), "the box channel is not part of the output"
 
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert again.returncode == 1
     assert f"{out} already exists; pass --overwrite to replace it" in again.stderr
 

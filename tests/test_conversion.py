@@ -976,7 +976,7 @@ def test_console_script_reads_sys_argv(raw, tmp_path):
     src = build_msd(tmp_path / "in")
     result = subprocess.run([sys.executable, "-c", "import sys; from nnunet_synth.dataset_conversion.cli import main;"
                              " sys.exit(main())", "msd_pancreas", "-i", str(src), "-d", "501", "--quiet"],
-                            capture_output=True, text=True, env=os.environ.copy())
+                            capture_output=True, encoding="utf-8", errors="replace", env=os.environ.copy())
     assert result.returncode == 0, result.stderr
     assert (raw / "Dataset501_MSDPancreas" / "dataset.json").is_file()
 

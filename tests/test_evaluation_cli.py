@@ -103,7 +103,7 @@ def cli_run(dataset) -> tuple[str, dict, subprocess.CompletedProcess]:
         "-pred", os.path.join(dataset, "pred_base"), os.path.join(dataset, "pred_new"),
         "-l", "2", "--organ-label", "1", "--tolerance-mm", "5", "--bootstrap", "2000", "-np", "2", "-o", out,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr
     with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
         summary = json.loads(f.read(), parse_constant=_no_nan)

@@ -26,7 +26,7 @@ def _env(**extra) -> dict:
 def _predict(dataset: int, images: Path, out: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(["nnUNetv2_predict", "-d", str(dataset), "-c", "3d_fullres", "-f", "0", "-tr", TRAINER,
                            "-i", str(images), "-o", str(out), "-device", "cpu", "--disable_tta", "-npp", "1",
-                           "-nps", "1"], env=env, capture_output=True, text=True, timeout=900)
+                           "-nps", "1"], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=900)
 
 
 def _read(folder: Path) -> dict[str, np.ndarray]:
@@ -35,7 +35,7 @@ def _read(folder: Path) -> dict[str, np.ndarray]:
 
 def test_trainer_is_found_only_through_nnunet_exttrainer(phantom_ct):
     result = subprocess.run(["nnUNetv2_train", str(phantom_ct), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"],
-                            env=_env(), capture_output=True, text=True, timeout=600)
+                            env=_env(), capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert result.returncode != 0 and "Could not find requested nnunet trainer" in result.stderr + result.stdout
 
 
@@ -91,7 +91,7 @@ def test_train_predict_and_export_for_plain_nnunet(phantom_ct, tmp_path):
 
 def test_export_of_missing_training_is_a_clear_error(phantom_ct, tmp_path):
     result = subprocess.run(["nnUNetv2_synth_export", "-d", str(phantom_ct), "-tr", "nnUNetTrainerSynth50",
-                             "-o", str(tmp_path / "x")], capture_output=True, text=True)
+                             "-o", str(tmp_path / "x")], capture_output=True, encoding="utf-8", errors="replace")
     assert result.returncode != 0 and "no trained model in" in result.stderr
     assert not (tmp_path / "x").exists()
 

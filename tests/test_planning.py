@@ -78,7 +78,7 @@ def test_mri_plan_has_one_contrast_per_channel_with_the_right_sign(phantom_mri):
 
 def test_plan_command_error_names_labels_and_flag(phantom_ct):
     result = subprocess.run(["nnUNetv2_synth_plan", "-d", str(phantom_ct), "--organ-label", "5"],
-                            capture_output=True, text=True)
+                            capture_output=True, encoding="utf-8", errors="replace")
     assert result.returncode == 2
     assert "--organ-label 5 is not a foreground label" in result.stderr and "1='organ'" in result.stderr
 
