@@ -52,7 +52,6 @@ def get_backend(name: str) -> type[TumourGenerator]:
 
 
 # Importing the modules registers the backends they define.
-from nnunet_synth.generators import analytic  # noqa: E402,F401
-from nnunet_synth.generators import ddpm  # noqa: E402,F401
+from nnunet_synth.generators import analytic, ddpm  # noqa: E402,F401
 
 __all__ = ["Lesion", "TumourGenerator", "available_backends", "get_backend", "register_backend"]

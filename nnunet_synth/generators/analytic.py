@@ -59,10 +59,12 @@ class AnalyticGenerator(TumourGenerator):
                              f"{len(self.channels)}; re-run nnUNetv2_synth_plan for this dataset")
         sp = np.asarray(spacing, dtype=float)
         mask = lesion.mask
-        tex, u0 = texture(mask.shape, sp, self.params, rng)
+        tex, _ = texture(mask.shape, sp, self.params, rng)
         edge = gaussian_filter(mask.astype(np.float32), rng.uniform(*self.params["edge_sigma_mm"]) / sp)
-        # shape of the intensity change, mean ~1 inside the lesion; zero outside the mask by construction
-        profile = (tex / u0 * edge)[mask]
+        # shape of the intensity change, zero outside the mask by construction; scaled to mean 1 inside it so
+        # that the mean change over the lesion is the planned contrast (texture and blurred edge average < 1)
+        profile = (tex * edge)[mask]
+        profile /= max(float(profile.mean()), 1e-6)
         quantile = rng.uniform()  # one draw for all channels keeps multi-channel contrast coherent
         for c, channel in enumerate(self.channels):
             lo, hi = channel["contrast_range"]

@@ -1,5 +1,17 @@
 """nnU-Net trainer classes of nnunet_synth (re-exported for nnU-Net by ``nnunet_synth/nnunet_ext``)."""
 
+from nnunet_synth.trainers.bank import (
+    nnUNetTrainerSynth2DDPM,
+    nnUNetTrainerSynth5DDPM,
+    nnUNetTrainerSynth10DDPM,
+    nnUNetTrainerSynth20DDPM,
+    nnUNetTrainerSynth20DDPM_Debug,
+    nnUNetTrainerSynth30DDPM,
+    nnUNetTrainerSynth40DDPM,
+    nnUNetTrainerSynth50DDPM,
+    nnUNetTrainerSynth60DDPM,
+    nnUNetTrainerSynthBank,
+)
 from nnunet_synth.trainers.ratios import (
     nnUNetTrainerSynth2,
     nnUNetTrainerSynth5,
@@ -57,6 +69,16 @@ __all__ = [
     "nnUNetTrainerNoisyLabelsModerate",
     "nnUNetTrainerNoisyLabelsHigh",
     "nnUNetTrainerNoisyLabelsExtreme",
+    "nnUNetTrainerSynthBank",
+    "nnUNetTrainerSynth2DDPM",
+    "nnUNetTrainerSynth5DDPM",
+    "nnUNetTrainerSynth10DDPM",
+    "nnUNetTrainerSynth20DDPM",
+    "nnUNetTrainerSynth30DDPM",
+    "nnUNetTrainerSynth40DDPM",
+    "nnUNetTrainerSynth50DDPM",
+    "nnUNetTrainerSynth60DDPM",
+    "nnUNetTrainerSynth20DDPM_Debug",
     "nnUNetTrainer_Debug",
     "nnUNetTrainer_Demo",
 ]

@@ -253,7 +253,7 @@ def train(job) -> Path:
     num_channels = int(dataset.load_case(job.cases[0])[0].shape[0])
     config = {
         "backend": BACKEND, "preset": job.preset, "preset_params": preset.to_dict(),
-        "dataset_name": job.dataset_name, "configuration": job.configuration,
+        "dataset_name": str(job.dataset_name), "configuration": job.configuration,
         "plans_identifier": job.plans_identifier, "fold": job.fold, "num_channels": num_channels,
         "spacing": [float(s) for s in conf.spacing], "patch_size": list(preset.patch_size),
         "normalization_schemes": list(conf.normalization_schemes), "tumour_label": synth_plan["tumour_label"],
@@ -263,7 +263,9 @@ def train(job) -> Path:
         "iterations": iterations, "world_size": world, "seed": job.seed,
     }
 
-    model = build_model(preset, num_channels).to(device)
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights, the caller's global RNG untouched
+        torch.manual_seed(job.seed)
+        model = build_model(preset, num_channels).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=preset.learning_rate, weight_decay=preset.weight_decay)
     scheduler = build_training_scheduler()
     rng = np.random.default_rng([job.seed, rank])
@@ -321,7 +323,7 @@ def train(job) -> Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
         optimizer.step()
         iteration += 1
-        train_loss.append(round(float(loss), 6))
+        train_loss.append(round(float(loss.detach()), 6))
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(train_loss[-preset.val_every:]):.4f}")
         if iteration % preset.val_every == 0 or iteration == iterations:
@@ -345,5 +347,9 @@ def train(job) -> Path:
         save("checkpoint_final.pth")
         _log(out, f"finished at iteration {iteration}; best validation loss {best:.5f}")
         print(json.dumps({"output": str(out), "iteration": iteration, "best_val_loss": best}))
-    _barrier(world)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     return out / "checkpoint_final.pth"

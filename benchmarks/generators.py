@@ -1,0 +1,156 @@
+"""Tumours per second and peak memory of the generator backends, per device, at the preset's patch size.
+
+Every learned backend is timed with a randomly initialised model of its preset (sampling cost does not
+depend on the weights; pass --checkpoint to time a trained one) and the analytic backend on the same patch
+in the same run. Each measurement runs in a fresh process, so peak memory is its own: peak GPU memory
+allocated on cuda, peak resident memory of the process on cpu (with the resident memory after imports,
+before the backend is built, for reference).
+
+    python benchmarks/generators.py                                   # cpu, tiny preset, 250 DDIM steps
+    python benchmarks/generators.py --device cpu cuda --preset paper --sampling-steps 50 --num 5
+    python benchmarks/generators.py --threads 1     # on a shared CPU: avoids OpenMP stalls between threads
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ORGAN, TUMOUR = 1, 2
+SPACING = (3.0, 1.5, 1.5)  # the liver-MRI paper's 1.5 x 1.5 x 3 mm in nnU-Net's (z, y, x) order
+
+
+def make_plan(spacing: tuple[float, ...], num_channels: int) -> dict:
+    """A flat synth plan for a patch of the benchmark (CT-like hypodense contrast for analytic)."""
+    return {
+        "dataset_name": "Dataset999_Benchmark", "configuration": "3d_fullres", "organ_label": ORGAN,
+        "tumour_label": TUMOUR, "spacing": list(spacing), "backend": "analytic", "backend_params": {},
+        "shapes": {"size_preset": "labelfree", "size_class": "medium", "deformation": "elastic"},
+        "placement": {"margin_mm": 2.0, "gap_mm": 2.0, "min_inside": 0.8}, "tumour_sizes": {"count": 0},
+        "intensity": {"channels": [{"name": f"c{c}", "contrast_range": [-2.0, -1.0], "clip": None}
+                                   for c in range(num_channels)]},
+    }
+
+
+def random_checkpoint(preset_name: str, plan: dict, path: Path) -> Path:
+    """A valid ddpm checkpoint with randomly initialised weights of ``preset_name``."""
+    import torch
+
+    from nnunet_synth.generators.checkpoints import save_checkpoint
+    from nnunet_synth.generators.ddpm.model import build_model, get_preset
+
+    preset = get_preset(preset_name)
+    channels = len(plan["intensity"]["channels"])
+    torch.manual_seed(0)
+    model = build_model(preset, channels)
+    config = {"preset": preset_name, "preset_params": preset.to_dict(), "dataset_name": plan["dataset_name"],
+              "configuration": plan["configuration"], "num_channels": channels, "spacing": plan["spacing"],
+              "patch_size": list(preset.patch_size), "intensity_range": [[-10.0, 10.0]] * channels}
+    save_checkpoint({"backend": "ddpm", "config": config, "model": model.state_dict()}, path)
+    return path
+
+
+def lesion_in_patch(patch: tuple[int, ...], spacing: tuple[float, ...], limit: tuple[int, ...],
+                    rng: np.random.Generator):
+    """A deformed ellipsoid lesion, about half the largest size the backend allows, centred in the patch."""
+    from nnunet_synth.generators.base import Lesion
+    from nnunet_synth.generators.shapes import lesion_mask
+
+    radius = 0.25 * min(lim * s for lim, s in zip(limit, spacing))
+    for _ in range(100):
+        mask = lesion_mask(radius, spacing, rng)
+        if all(m <= lim for m, lim in zip(mask.shape, limit)):
+            start = [(p - m) // 2 for p, m in zip(patch, mask.shape)]
+            return Lesion(tuple(slice(s, s + m) for s, m in zip(start, mask.shape)), mask)
+        radius *= 0.9
+    raise RuntimeError(f"no lesion fits {limit}")
+
+
+def measure(backend: str, device: str, preset: str, steps: int, num: int, channels: int,
+            checkpoint: str | None, threads: int | None) -> dict:
+    """Runs in a fresh process: builds the backend, inserts ``num`` tumours after one warm-up, reports."""
+    import resource
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    from nnunet_synth.generators import get_backend
+    from nnunet_synth.generators.ddpm.model import get_preset
+
+    baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    patch = get_preset(preset).patch_size
+    plan = make_plan(SPACING, channels)
+    with tempfile.TemporaryDirectory() as tmp:
+        if backend == "ddpm":
+            path = checkpoint or str(random_checkpoint(preset, plan, Path(tmp) / "random.pth"))
+            plan.update(backend="ddpm", backend_params={"checkpoint": path, "sampling_steps": steps,
+                                                        "device": device})
+        generator = get_backend(backend)(plan)
+        # the ddpm backend's limit (an eighth of the patch as context per side) for both, so both get equal lesions
+        limit = tuple(p - 2 * max(1, p // 8) for p in patch)
+        rng = np.random.default_rng(0)
+        image = rng.normal(0, 1, (channels, *patch)).astype(np.float32)
+        lesions = [lesion_in_patch(patch, SPACING, limit, rng) for _ in range(num + 1)]
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        generator.synthesize(image.copy(), lesions[0], SPACING, rng)  # warm-up (kernels, caches)
+        start = time.perf_counter()
+        for lesion in lesions[1:]:
+            generator.synthesize(image.copy(), lesion, SPACING, rng)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" and backend == "ddpm" else None
+    return {"backend": backend, "device": device if backend == "ddpm" else "cpu", "preset": preset,
+            "patch": patch, "steps": steps if backend == "ddpm" else None, "tumours_per_s": num / elapsed,
+            "s_per_tumour": elapsed / num, "voxels": int(np.mean([les.num_voxels for les in lesions])),
+            "peak_gpu_mb": peak, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "baseline_rss_mb": baseline_mb}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", nargs="+", choices=["cpu", "cuda"], default=["cpu"])
+    parser.add_argument("--preset", default=None, help="ddpm preset (default: tiny on cpu, paper on cuda)")
+    parser.add_argument("--sampling-steps", type=int, default=250, help="DDIM steps (paper: 250)")
+    parser.add_argument("--num", type=int, default=3, help="tumours timed per backend and device")
+    parser.add_argument("--channels", type=int, default=1, help="image channels")
+    parser.add_argument("--checkpoint", default=None, help="trained ddpm checkpoint (default: random weights)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+
+    jobs = []
+    for device in args.device:
+        preset = args.preset or ("paper" if device == "cuda" else "tiny")
+        jobs.append(("ddpm", device, preset))
+        jobs.append(("analytic", "cpu", preset))  # same patch, same run
+    ctx = multiprocessing.get_context("spawn")
+    rows = []
+    for backend, device, preset in jobs:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            rows.append(pool.submit(measure, backend, device, preset, args.sampling_steps, args.num, args.channels,
+                                    args.checkpoint, args.threads).result())
+    import torch
+
+    print(f"torch {torch.__version__}, CPU threads {args.threads or torch.get_num_threads()}")
+    print(f"{'backend':9} {'device':6} {'preset':7} {'patch (z,y,x)':15} {'steps':>5} {'lesion vox':>10} "
+          f"{'tumours/s':>10} {'s/tumour':>9} {'peak memory':>32}")
+    for r in rows:
+        memory = (f"{r['peak_gpu_mb']:.0f} MiB GPU" if r["peak_gpu_mb"] is not None else
+                  f"{r['peak_rss_mb']:.0f} MiB RSS ({r['baseline_rss_mb']:.0f} after imports)")
+        print(f"{r['backend']:9} {r['device']:6} {r['preset']:7} {str(tuple(r['patch'])):15} "
+              f"{r['steps'] if r['steps'] else '-':>5} {r['voxels']:>10} {r['tumours_per_s']:>10.3f} "
+              f"{r['s_per_tumour']:>9.3f} {memory:>32}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Trainers that mix pre-generated bank cases into nnU-Net's training data (learned backends).
+
+``nnUNetTrainerSynthNDDPM`` trains on the real training cases of its fold plus the DDPM bank cases made for
+that fold from those cases; nnU-Net's loader draws a bank case with total probability N/100
+(``sampling_probabilities``). Validation is nnU-Net's own, on real cases only. No on-the-fly synthesis runs:
+these trainers derive from ``nnUNetTrainer``, not from the analytic ``nnUNetTrainerSynth``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+from nnunet_synth.bank import (
+    RealAndBankDataset,
+    bank_dir,
+    bank_identifiers,
+    generate_command,
+    is_bank_identifier,
+)
+from nnunet_synth.trainers.schedules import DEBUG_SCHEDULE, apply_schedule_override, set_schedule
+
+
+class nnUNetTrainerSynthBank(nnUNetTrainer):
+    """nnU-Net training on real + bank cases, the bank drawn with total probability ``synth_probability``.
+
+    Raises (at the start of training) a RuntimeError naming ``nnUNetv2_synth_generate`` when the bank of
+    ``synth_backend`` for this configuration and fold is missing or holds no case of this fold's training cases.
+    """
+
+    synth_probability: float = 0.2
+    synth_backend: str = "ddpm"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.bank_sampling_probabilities = None
+        self._bank_seen = [0, 0]  # (samples, bank samples) this epoch
+        apply_schedule_override(self)
+
+    @property
+    def bank_folder(self) -> Path:
+        return bank_dir(self.plans_manager.dataset_name, self.synth_backend, self.configuration_name)
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        folder = self.bank_folder
+        ids = bank_identifiers(folder, self.fold, dataset_tr.identifiers)
+        if not ids:
+            state = "does not exist" if not folder.is_dir() else "holds no case of this fold's training cases"
+            raise RuntimeError(f"{self.__class__.__name__} trains on the {self.synth_backend} bank {folder}, which "
+                               f"{state}. Make it with: {generate_command(self.plans_manager.dataset_name, self.synth_backend, self.configuration_name, self.fold)}")  # noqa: E501
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        bank = self.dataset_class(str(folder), ids)
+        mixed = RealAndBankDataset(dataset_tr, bank)
+        self.bank_sampling_probabilities = mixed.sampling_probabilities(self.synth_probability)
+        self.print_to_log_file(f"training on {len(dataset_tr.identifiers)} real and {len(ids)} bank cases "
+                               f"({folder}); bank sampling probability {self.synth_probability}")
+        return mixed, dataset_val
+
+    def get_dataloaders(self):
+        # nnUNetTrainer.get_dataloaders (2.8.1) with one change: the training loader gets
+        # sampling_probabilities (nnU-Net hard-codes None there); validation is unchanged.
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        patch_size = self.configuration_manager.patch_size
+        deep_supervision_scales = self._get_deep_supervision_scales()
+        rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        lm = self.label_manager
+        tr_transforms = self.get_training_transforms(
+            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
+            foreground_labels=lm.foreground_labels, regions=lm.foreground_regions if lm.has_regions else None,
+            ignore_label=lm.ignore_label)
+        val_transforms = self.get_validation_transforms(
+            deep_supervision_scales, is_cascaded=self.is_cascaded, foreground_labels=lm.foreground_labels,
+            regions=lm.foreground_regions if lm.has_regions else None, ignore_label=lm.ignore_label)
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        dl_tr = nnUNetDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, lm,
+                                 oversample_foreground_percent=self.oversample_foreground_percent,
+                                 sampling_probabilities=self.bank_sampling_probabilities, pad_sides=None,
+                                 transforms=tr_transforms, probabilistic_oversampling=self.probabilistic_oversampling)
+        dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, lm,
+                                  oversample_foreground_percent=self.oversample_foreground_percent,
+                                  sampling_probabilities=None, pad_sides=None, transforms=val_transforms,
+                                  probabilistic_oversampling=self.probabilistic_oversampling)
+        allowed_num_processes = get_allowed_n_proc_DA()
+        if allowed_num_processes == 0:
+            mt_gen_train = SingleThreadedAugmenter(dl_tr, None)
+            mt_gen_val = SingleThreadedAugmenter(dl_val, None)
+        else:
+            pin = self.device.type == "cuda"
+            mt_gen_train = NonDetMultiThreadedAugmenter(data_loader=dl_tr, transform=None,
+                                                        num_processes=allowed_num_processes,
+                                                        num_cached=max(6, allowed_num_processes // 2), seeds=None,
+                                                        pin_memory=pin, wait_time=0.002)
+            mt_gen_val = NonDetMultiThreadedAugmenter(data_loader=dl_val, transform=None,
+                                                      num_processes=max(1, allowed_num_processes // 2),
+                                                      num_cached=max(3, allowed_num_processes // 4), seeds=None,
+                                                      pin_memory=pin, wait_time=0.002)
+        _ = next(mt_gen_train)
+        _ = next(mt_gen_val)
+        return mt_gen_train, mt_gen_val
+
+    def train_step(self, batch: dict) -> dict:
+        keys = batch.get("keys", [])
+        self._bank_seen[0] += len(keys)
+        self._bank_seen[1] += sum(is_bank_identifier(k) for k in keys)
+        return super().train_step(batch)
+
+    def on_epoch_end(self) -> None:
+        seen, bank = self._bank_seen
+        self._bank_seen = [0, 0]
+        self.print_to_log_file(f"bank cases this epoch: {bank}/{seen} samples ({bank / max(1, seen):.1%}; target "
+                               f"{self.synth_probability:.0%})")
+        super().on_epoch_end()
+
+
+class nnUNetTrainerSynth2DDPM(nnUNetTrainerSynthBank):
+    synth_probability = 0.02
+
+
+class nnUNetTrainerSynth5DDPM(nnUNetTrainerSynthBank):
+    synth_probability = 0.05
+
+
+class nnUNetTrainerSynth10DDPM(nnUNetTrainerSynthBank):
+    synth_probability = 0.10
+
+
+class nnUNetTrainerSynth20DDPM(nnUNetTrainerSynthBank):
+    synth_probability = 0.20
+
+
+class nnUNetTrainerSynth30DDPM(nnUNetTrainerSynthBank):
+    synth_probability = 0.30
+
+
+class nnUNetTrainerSynth40DDPM(nnUNetTrainerSynthBank):
+    synth_probability = 0.40
+
+
+class nnUNetTrainerSynth50DDPM(nnUNetTrainerSynthBank):
+    synth_probability = 0.50
+
+
+class nnUNetTrainerSynth60DDPM(nnUNetTrainerSynthBank):
+    synth_probability = 0.60
+
+
+class nnUNetTrainerSynth20DDPM_Debug(nnUNetTrainerSynth20DDPM):
+    """nnUNetTrainerSynth20DDPM, one epoch of two training and one validation iteration (tests)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        set_schedule(self, DEBUG_SCHEDULE)
