@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -68,6 +69,66 @@ def render_preview(image: np.ndarray, seg: np.ndarray, new_image: np.ndarray, le
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class SyntheticPatch:
+    """One patch of a preprocessed case with a synthetic tumour inserted (see :func:`draw_synthetic_patch`).
+
+    Attributes:
+        bbox: the patch's box ``[[start, stop), ...]`` over the spatial axes of ``slice_index``'s volume, in voxel
+            coordinates of the case (it may reach outside the case; those voxels are padding).
+        slice_index: for a 2d configuration the index (first axis) of the case slice the patch was cut from,
+            else None.
+        image: (C, *patch) float32 patch before synthesis.
+        labels: (1, *patch) int16 segmentation before synthesis (-1 outside the case).
+        new_image: (C, *patch) patch after synthesis.
+        new_labels: (1, *patch) segmentation after synthesis.
+        lesion: (*patch) bool mask of the synthetic tumour.
+    """
+
+    bbox: list[list[int]]
+    slice_index: int | None
+    image: torch.Tensor
+    labels: torch.Tensor
+    new_image: torch.Tensor
+    new_labels: torch.Tensor
+    lesion: np.ndarray
+
+
+def draw_synthetic_patch(data: np.ndarray, seg: np.ndarray, plan: dict, transform: SynthTumourTransform,
+                         patch: tuple[int, ...], rng: np.random.Generator) -> SyntheticPatch | None:
+    """Cuts a patch around a random placement voxel (organ, or intensity band without organ label) of a
+    preprocessed case and inserts one synthetic tumour.
+
+    Args:
+        data: (C, *spatial) preprocessed image of the case.
+        seg: (1, *spatial) preprocessed segmentation of the case.
+        plan: flat synth plan (organ and tumour label).
+        transform: the transform whose ``insert`` places and synthesises the lesion.
+        patch: patch size; two axes for a 2d configuration (a slice of the 3D case).
+        rng: random generator (centre, placement and texture).
+
+    Returns:
+        The patch before and after synthesis, or None when the case has no placement voxel or nothing fits.
+    """
+    # the transform's own placement region: the organ label, or the intensity band where there is none
+    region = np.argwhere(transform.placement_region(torch.from_numpy(np.asarray(data)), np.asarray(seg[0])))
+    if len(region) == 0:
+        return None
+    centre = region[rng.integers(len(region))]
+    bbox = [[int(c) - p // 2, int(c) - p // 2 + p] for c, p in zip(centre[-len(patch):], patch)]
+    slice_index = None
+    if len(patch) == 2:  # 2d configuration: one slice of the 3D case
+        slice_index = int(centre[0])
+        data, seg = data[:, slice_index], seg[:, slice_index]
+    image = torch.from_numpy(crop_and_pad_nd(data, bbox, 0).astype(np.float32))
+    labels = torch.from_numpy(crop_and_pad_nd(seg, bbox, -1).astype(np.int16))
+    new_image, new_labels = transform.insert(image, labels, rng)
+    if new_image is None:
+        return None
+    lesion = (new_labels[0] == plan["tumour_label"]).numpy() & (labels[0] != plan["tumour_label"]).numpy()
+    return SyntheticPatch(bbox, slice_index, image, labels, new_image, new_labels, lesion)
+
+
 def write_previews(dataset: str | int, configuration: str = "3d_fullres", num: int = 8,
                    output_dir: str | Path = "synth_preview", plans_identifier: str = "nnUNetPlans",
                    seed: int = 0) -> list[Path]:
@@ -97,23 +158,15 @@ def write_previews(dataset: str | int, configuration: str = "3d_fullres", num: i
         for _ in range(20):  # a random organ voxel of a random case as patch centre; retry where nothing fits
             case = identifiers[rng.integers(len(identifiers))]
             data, seg, _, _ = ds.load_case(case)
-            data, seg = np.asarray(data), np.asarray(seg)
-            organ = np.argwhere(seg[0] == plan["organ_label"])
-            if len(organ) == 0:
-                continue
-            centre = organ[rng.integers(len(organ))]
-            bbox = [[int(c) - p // 2, int(c) - p // 2 + p] for c, p in zip(centre[-len(patch):], patch)]
-            if len(patch) == 2:  # 2d configuration: one slice of the 3D case
-                data, seg = data[:, centre[0]], seg[:, centre[0]]
-            image = torch.from_numpy(crop_and_pad_nd(data, bbox, 0).astype(np.float32))
-            labels = torch.from_numpy(crop_and_pad_nd(seg, bbox, -1).astype(np.int16))
-            new_image, new_labels = transform.insert(image, labels, rng)
-            if new_image is not None:
+            drawn = draw_synthetic_patch(np.asarray(data), np.asarray(seg), plan, transform, patch, rng)
+            if drawn is not None:
                 break
         else:
-            raise RuntimeError(f"no synthetic tumour could be placed in 20 patches of {base.name}: is organ label "
-                               f"{plan['organ_label']} right? (nnUNetv2_synth_plan --organ-label N)")
-        lesion = (new_labels[0] == plan["tumour_label"]).numpy() & (labels[0] != plan["tumour_label"]).numpy()
+            where = (f"organ label {plan['organ_label']}" if plan["organ_label"] is not None
+                     else f"intensity band {plan['intensity_band']}")
+            raise RuntimeError(f"no synthetic tumour could be placed in 20 patches of {base.name}: is the {where} "
+                               f"of nnUNetSynthPlans.json right? (nnUNetv2_synth_plan --organ-label N)")
+        image, labels, new_image, lesion = drawn.image, drawn.labels, drawn.new_image, drawn.lesion
         path = out / f"preview_{i:02d}_{case}.png"
         render_preview(image.numpy(), (labels[0] == plan["tumour_label"]).numpy(), new_image.numpy(), lesion,
                        tuple(plan["spacing"][-len(patch):]),

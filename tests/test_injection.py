@@ -59,9 +59,20 @@ def test_insertion_changes_only_the_lesion_and_labels_only_channel_0():
     assert torch.equal(out["segmentation"][1], before_seg[1]), "a segmentation channel other than 0 changed"
     assert torch.equal(out["segmentation"][0][outside], before_seg[0][outside])
     assert (before_seg[0][new_lesion] == ORGAN).all(), "lesion on voxels that are not organ (-1, tumour, bg)"
-    # contrast per channel as planned: channel 0 darker, channel 1 brighter, by about the planned range
+    # contrast per channel as planned: the mean change over the lesion lies in the planned range
     delta = (out["image"][:, new_lesion] - before_image[:, new_lesion]).mean(1)
-    assert -2.5 < delta[0] < -0.5 and 0.5 < delta[1] < 2.5, delta
+    assert -2.01 < delta[0] < -0.99 and 0.99 < delta[1] < 2.01, delta
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("size_class", ["tiny", "medium"])
+def test_mean_lesion_contrast_is_the_planned_contrast(seed, size_class):
+    image, seg = make_patch()
+    plan = make_plan(contrasts=((1.5, 1.5),), size_class=size_class)
+    out = SynthTumourTransform(plan, 1.0, None, seed=seed)(image=image, segmentation=seg)
+    lesion = (out["segmentation"][0] == TUMOUR) & (seg[0] != TUMOUR)
+    assert lesion.any()
+    assert float((out["image"][0][lesion] - image[0][lesion]).mean()) == pytest.approx(1.5, abs=0.01)
 
 
 def test_clip_bounds_are_respected():

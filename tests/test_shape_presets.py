@@ -160,3 +160,23 @@ def test_dataset_without_organ_label_places_in_the_intensity_band():
         synthetic = (new_seg[0] == TUMOUR) & (seg[0] != TUMOUR)
         assert synthetic.any()
         assert (seg[0][synthetic] == 0).all() and (image[0][synthetic] == 0.5).all(), "lesion outside the band"
+
+
+def test_preview_patch_centres_on_the_band_without_organ_label():
+    from nnunet_synth.preview import draw_synthetic_patch
+
+    image, seg = make_patch(shape=(24, 48, 48))
+    seg[0][seg[0] == ORGAN] = 0
+    image[0] = -3.0
+    image[0, 4:20, 8:40, 8:40] = 0.5
+    plan = make_plan(size_class="tiny")
+    plan["organ_label"] = None
+    plan["intensity_band"] = {"channel": 0, "range": [0.0, 1.0]}
+    transform = SynthTumourTransform(plan, 1.0, None, seed=0)
+    rng = np.random.default_rng(1)
+    drawn = [draw_synthetic_patch(image.numpy(), seg.numpy(), plan, transform, (16, 24, 24), rng) for _ in range(4)]
+    assert all(d is not None and d.lesion.any() for d in drawn)
+    for d in drawn:
+        centre = [(lo + hi) // 2 for lo, hi in d.bbox]
+        assert image[0][tuple(centre)] == 0.5 and seg[0][tuple(centre)] == 0, "patch not centred in the band"
+        assert (d.image[0][torch.from_numpy(d.lesion)] == 0.5).all()
