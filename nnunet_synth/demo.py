@@ -13,8 +13,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_synth.ext_path import EXT_TRAINER_DIR
+from nnunet_synth.phantom import PhantomConfig, write_phantom_dataset
 
 DEMO_DATASET_ID = 990
+# small enough for a CPU training of a few minutes: nnU-Net plans its patch as the whole 24x48x48 image
+DEMO_PHANTOM = PhantomConfig(shape=(24, 48, 48), spacing=(3.0, 1.5, 1.5), tumour_radii_mm=(5.0, 7.0, 9.0))
 
 
 def demo_environment(root: Path) -> dict[str, str]:
@@ -49,8 +52,10 @@ def score_predictions(labels_dir: Path, predictions_dir: Path, labels: dict[str,
 def _run(step: str, command: list[str], env: dict[str, str], log: Path) -> None:
     print(f"\n=== {step}\n$ {' '.join(command)}  (full output: {log})", flush=True)
     start = time.time()
-    with open(log, "w") as f:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log, "w", encoding="utf-8") as f:
+        # nnU-Net's progress bars are UTF-8 whatever the locale says
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   encoding="utf-8", errors="replace")
         for line in process.stdout:
             f.write(line)
             # show nnU-Net's own progress (epochs, Dice, case counts), not its configuration dumps
@@ -74,8 +79,6 @@ def run_demo(output_dir: str | os.PathLike = "nnunet_synth_demo", trainer: str =
         modality: 'CT' or 'MRI' phantom.
         num_previews: preview PNGs to write.
     """
-    from nnunet_synth.phantom import write_phantom_dataset
-
     if num_train < 5 or num_test < 1:
         raise ValueError(f"the demo needs at least 5 training cases (nnU-Net's 5-fold split) and 1 test case, "
                          f"got {num_train} and {num_test}")
@@ -85,18 +88,22 @@ def run_demo(output_dir: str | os.PathLike = "nnunet_synth_demo", trainer: str =
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
     start = time.time()
+    if hasattr(sys.stdout, "reconfigure"):  # echoed progress lines must not fail on an ASCII-only terminal
+        sys.stdout.reconfigure(errors="replace")
     print(f"nnunet_synth demo in {root}", flush=True)
 
     print("\n=== 1/6 phantom dataset", flush=True)
     raw = write_phantom_dataset(DEMO_DATASET_ID, num_train, num_test, modality, raw_dir=env["nnUNet_raw"],
-                                overwrite=True)
+                                overwrite=True, config=DEMO_PHANTOM)
     did = str(DEMO_DATASET_ID)
     _run("2/6 nnU-Net planning and preprocessing",
-         ["nnUNetv2_plan_and_preprocess", "-d", did, "-c", "3d_fullres", "-np", "2", "--verify_dataset_integrity"],
+         ["nnUNetv2_plan_and_preprocess", "-d", did, "-c", "3d_fullres", "-np", "2", "-npfp", "2",
+          "--verify_dataset_integrity"],
          env, logs / "plan_and_preprocess.log")
     _run("3/6 synth plan", ["nnUNetv2_synth_plan", "-d", did, "-c", "3d_fullres"], env, logs / "synth_plan.log")
     print((logs / "synth_plan.log").read_text(), flush=True)
-    train_env = dict(env, nnUNet_n_proc_DA="1")  # one loader worker: the second core trains
+    # one loader worker (the second core trains); one worker for the final validation's export
+    train_env = dict(env, nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1")
     _run(f"4/6 training {trainer}", ["nnUNetv2_train", did, "3d_fullres", "0", "-tr", trainer, "-device", "cpu"],
          train_env, logs / "train.log")
     predictions = root / "predictions"
