@@ -101,7 +101,7 @@ def run_demo(output_dir: str | os.PathLike = "nnunet_synth_demo", trainer: str =
           "--verify_dataset_integrity"],
          env, logs / "plan_and_preprocess.log")
     _run("3/6 synth plan", ["nnUNetv2_synth_plan", "-d", did, "-c", "3d_fullres"], env, logs / "synth_plan.log")
-    print((logs / "synth_plan.log").read_text(), flush=True)
+    print((logs / "synth_plan.log").read_text(encoding="utf-8"), flush=True)
     # one loader worker (the second core trains); one worker for the final validation's export
     train_env = dict(env, nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1")
     _run(f"4/6 training {trainer}", ["nnUNetv2_train", did, "3d_fullres", "0", "-tr", trainer, "-device", "cpu"],

@@ -118,7 +118,7 @@ def test_training_loss_falls_and_outputs_are_written(phantom_ct, generator):
     for name in ("checkpoint_best.pth", "checkpoint_final.pth", "checkpoint_latest.pth", "progress.png",
                  "training_log.txt"):
         assert (generator / name).is_file(), name
-    assert "validation loss" in (generator / "training_log.txt").read_text()
+    assert "validation loss" in (generator / "training_log.txt").read_text(encoding="utf-8")
     # the generator only saw training cases of the segmenter's fold, and held some out for its own validation
     train, val, _ = split_cases(phantom_ct, "3d_fullres", 0)
     config = log["config"]
@@ -151,7 +151,7 @@ def test_resumed_training_continues_from_its_checkpoint(phantom_ct, generator):
     for key, value in straight["model"].items():
         assert torch.allclose(resumed["model"][key], value, rtol=1e-5, atol=1e-7), key
     assert any(not torch.equal(value, halfway["model"][key]) for key, value in straight["model"].items())
-    assert "resumed at iteration 2" in (out / "training_log.txt").read_text()
+    assert "resumed at iteration 2" in (out / "training_log.txt").read_text(encoding="utf-8")
 
 
 def _plan_with(phantom_ct, **changes) -> dict:
@@ -309,7 +309,7 @@ def test_bank_trainer_through_nnunetv2_train(phantom_ct, bank):
     fold = next(Path(os.environ["nnUNet_results"]).glob(f"Dataset{phantom_ct}_*")) / \
         f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file()
-    log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    log = "".join(p.read_text(encoding="utf-8") for p in fold.glob("training_log_*.txt"))
     assert f"training on 4 real and {BANK_CASES} bank cases" in log and "bank cases this epoch" in log
     # validation is nnU-Net's own, on real validation cases only
     _, val, _ = split_cases(phantom_ct, "3d_fullres", 0)
@@ -326,4 +326,4 @@ def test_generator_training_runs_distributed_under_torchrun(phantom_ct, generato
     out = generator_output_dir(phantom_ct, "ddpm", "3d_fullres", 2)
     state = torch.load(out / "checkpoint_final.pth", weights_only=False)
     assert state["iteration"] == 2 and state["config"]["world_size"] == 2
-    assert "2 process(es)" in (out / "training_log.txt").read_text()
+    assert "2 process(es)" in (out / "training_log.txt").read_text(encoding="utf-8")

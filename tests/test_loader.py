@@ -74,5 +74,5 @@ def test_trainer_records_its_synth_plan(trainer):
     plan = json.loads(copied.read_text())
     assert plan["backend"] == "analytic" and plan["configuration"] == "3d_fullres"
     assert plan["organ_label"] == 1 and plan["tumour_label"] == 2
-    log = Path(trainer.log_file).read_text()
+    log = Path(trainer.log_file).read_text(encoding="utf-8")
     assert "probability 0.2 per training sample" in log and "CT default" in log

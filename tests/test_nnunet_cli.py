@@ -50,7 +50,7 @@ def test_train_predict_and_export_for_plain_nnunet(phantom_ct, tmp_path):
     assert json.loads((fold / "nnUNetSynthPlans.json").read_text())["backend"] == "analytic"
     stats = json.loads((fold / "synth_stats.json").read_text())
     assert len(stats) == 1 and stats[0]["seen"] > 0
-    log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    log = "".join(p.read_text(encoding="utf-8") for p in fold.glob("training_log_*.txt"))
     assert "synthetic tumours this epoch" in log and "synth plan of" in log
     # validation is nnU-Net's own, on the real validation cases of the split only
     split = json.loads((Path(os.environ["nnUNet_preprocessed"]) / model.parent.name / "splits_final.json").read_text())

@@ -151,7 +151,7 @@ def test_command_writes_report_and_scores_with_the_encoder_of_a_trained_model(ph
     assert summary["channels"] == ["CT"] and channel["name"] == "CT"
     assert channel["contrast"]["real"]["median"] < 0 and channel["contrast"]["real"]["n"] == counts["real"]
 
-    report = (out / "quality.md").read_text()
+    report = (out / "quality.md").read_text(encoding="utf-8")
     assert f"{summary['realism']['auc']:.3f}" in report and "One-class SVM" in report and "| CT |" in report
     for name in ("intensity_stats.png", "examples.png"):
         png = matplotlib.image.imread(out / name)

@@ -44,7 +44,7 @@ def test_named_trainer_runs_one_short_epoch(phantom_ct, trainer):
     results = Path(os.environ["nnUNet_results"])
     fold = next(results.glob(f"Dataset{phantom_ct}_*")) / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file()
-    log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    log = "".join(p.read_text(encoding="utf-8") for p in fold.glob("training_log_*.txt"))
     assert "schedule overridden by NNUNET_SYNTH_SCHEDULE" in log
     assert STUDY_TRAINERS[trainer] in log
 
@@ -88,7 +88,7 @@ def test_real_finetune_stops_synthesis_for_the_last_epochs(phantom_healthy, monk
         assert not (next(trainer.dataloader_train)["target"][0] == 2).any()
     after = achieved_rates(trainer.synth_counters)
     assert after["seen"] > before["seen"] and after["synthetic"] == before["synthetic"]
-    assert "real-only fine-tuning from epoch 8" in Path(trainer.log_file).read_text()
+    assert "real-only fine-tuning from epoch 8" in Path(trainer.log_file).read_text(encoding="utf-8")
 
 
 def test_masks_command_writes_nifti_with_spacing_and_png_grids(phantom_ct, tmp_path):

@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,7 @@ from nnunet_synth.dataset_conversion.common import (
     write_json,
 )
 from nnunet_synth.dataset_conversion.merge import canonical_label, dataset_cases
+from nnunet_synth.ext_path import synth_trainers_discoverable
 
 #: dataset.json channel name of the box channel: nnU-Net maps "noNorm" to NoNormalization, keeping the map binary.
 BOX_CHANNEL_NORMALIZATION = "noNorm"
@@ -414,28 +415,6 @@ def resolve_model(model_folder: str | os.PathLike | None = None, dataset: str | 
     return BoxModel(folder, fold_list, checkpoint, channels, labels, tumour, organs[0] if len(organs) == 1 else None)
 
 
-@contextlib.contextmanager
-def _plugin_trainers_visible() -> Iterator[None]:
-    """Make nnU-Net find this package's trainers (nnUNet_extTrainer) while a checkpoint is loaded.
-
-    nnU-Net rebuilds the network through the trainer class named in the checkpoint; a model trained with one of our
-    trainers would otherwise only load when the user exported nnUNet_extTrainer.
-    """
-    from nnunet_synth.ext_path import EXT_TRAINER_DIR
-
-    old = os.environ.get("nnUNet_extTrainer")
-    paths = [p for p in (old or "").split(os.pathsep) if p]
-    if str(EXT_TRAINER_DIR) not in paths:
-        os.environ["nnUNet_extTrainer"] = os.pathsep.join([*paths, str(EXT_TRAINER_DIR)])
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("nnUNet_extTrainer", None)
-        else:
-            os.environ["nnUNet_extTrainer"] = old
-
-
 class _Predictor:
     """nnU-Net's ``nnUNetPredictor``, created on first use so that all input checks run before the model loads."""
 
@@ -456,7 +435,7 @@ class _Predictor:
                                         perform_everything_on_device=self.device == "cuda",
                                         device=torch.device(self.device), verbose=False, verbose_preprocessing=False,
                                         allow_tqdm=False)
-            with _plugin_trainers_visible():
+            with synth_trainers_discoverable():
                 predictor.initialize_from_trained_model_folder(str(self.model.folder), self.model.folds,
                                                                self.model.checkpoint)
             self._predictor = predictor

@@ -11,42 +11,20 @@ trained model folder works. A patch of the model's patch size centred on a tumou
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nnunet_synth.ext_path import EXT_TRAINER_DIR
+from nnunet_synth.ext_path import synth_trainers_discoverable
 
 POOLINGS = ("global", "lesion")
 
 
 class EncoderError(ValueError):
     """A model folder that cannot serve as feature extractor for this dataset; the message says why."""
-
-
-@contextlib.contextmanager
-def _synth_trainers_discoverable() -> Iterator[None]:
-    """Adds this package's trainer folder to ``nnUNet_extTrainer`` while a checkpoint's trainer is looked up.
-
-    Models trained with ``nnUNetTrainerSynth*`` (or the short schedules) then load without the user exporting
-    the variable; other folders the user listed are searched as before.
-    """
-    old = os.environ.get("nnUNet_extTrainer")
-    paths = [p for p in (old or "").split(os.pathsep) if p]
-    if str(EXT_TRAINER_DIR) not in paths:
-        os.environ["nnUNet_extTrainer"] = os.pathsep.join([*paths, str(EXT_TRAINER_DIR)])
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("nnUNet_extTrainer", None)
-        else:
-            os.environ["nnUNet_extTrainer"] = old
 
 
 class EncoderEmbedder:
@@ -79,7 +57,7 @@ class EncoderEmbedder:
         predictor = nnUNetPredictor(device=self.device, perform_everything_on_device=self.device.type == "cuda",
                                     verbose=False, allow_tqdm=False)
         try:
-            with _synth_trainers_discoverable():
+            with synth_trainers_discoverable():
                 predictor.initialize_from_trained_model_folder(str(folder), use_folds=(fold,),
                                                                checkpoint_name=checkpoint_name)
         except RuntimeError as e:  # nnU-Net's "Could not find requested nnunet trainer ..." among others

@@ -219,7 +219,7 @@ def _plot(path: Path, train_loss: list[float], history: list[dict]) -> None:
 
 
 def _log(output_dir: Path, message: str) -> None:
-    with open(output_dir / "training_log.txt", "a") as f:
+    with open(output_dir / "training_log.txt", "a", encoding="utf-8") as f:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {message}\n")
 
 
