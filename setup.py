@@ -18,6 +18,8 @@ setup(
         "SimpleITK>=2.3",
         "opensimplex>=0.4.5",
         "diffusers>=0.30",
+        "peft>=0.13",
+        "transformers>=4.40",
         "scipy",
         "scikit-image",
         "scikit-learn",

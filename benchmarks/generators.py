@@ -6,9 +6,10 @@ in the same run. Each measurement runs in a fresh process, so peak memory is its
 allocated on cuda, peak resident memory of the process on cpu (with the resident memory after imports,
 before the backend is built, for reference).
 
-    python benchmarks/generators.py                                   # cpu, tiny preset, 250 DDIM steps
+    python benchmarks/generators.py                  # cpu, tiny presets, the papers' DDIM steps (ddpm 250, ldm 10)
     python benchmarks/generators.py --device cpu cuda --preset paper --sampling-steps 50 --num 5
     python benchmarks/generators.py --threads 1     # on a shared CPU: avoids OpenMP stalls between threads
+    python benchmarks/generators.py --backends ldm --device cuda --preset paper   # one backend only
 """
 
 from __future__ import annotations
@@ -56,6 +57,41 @@ def random_checkpoint(preset_name: str, plan: dict, path: Path) -> Path:
     return path
 
 
+def random_ldm_checkpoint(preset_name: str, plan: dict, path: Path) -> Path:
+    """A valid diffusion-stage ldm checkpoint with randomly initialised VQ-VAE and U-Net of ``preset_name``."""
+    import torch
+
+    from nnunet_synth.generators.checkpoints import save_checkpoint
+    from nnunet_synth.generators.ldm.model import build_unet, build_vqvae, get_preset
+
+    preset = get_preset(preset_name)
+    channels = len(plan["intensity"]["channels"])
+    torch.manual_seed(0)
+    config = {"preset": preset_name, "preset_params": preset.to_dict(), "dataset_name": plan["dataset_name"],
+              "configuration": plan["configuration"], "num_channels": channels, "spacing": plan["spacing"],
+              "volume_size": list(preset.volume_size), "intensity_range": [[-10.0, 10.0]] * channels,
+              "scale_factor": 1.0, "blend_margin": preset.blend_margin, "stage": "diffusion"}
+    save_checkpoint({"backend": "ldm", "stage": "diffusion", "config": config,
+                     "vqvae": build_vqvae(preset, channels).state_dict(), "unet": build_unet(preset).state_dict()},
+                    path)
+    return path
+
+
+def patch_and_limit(learned: str, preset_name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The learned backend's working patch and its largest lesion box (the analytic run gets the same)."""
+    if learned == "ldm":
+        from nnunet_synth.generators.ldm.model import get_preset as ldm_preset
+
+        preset = ldm_preset(preset_name)
+        patch = tuple(preset.volume_size)
+        return patch, tuple(p - 2 * max(preset.blend_margin + 1, p // 8) for p in patch)
+    from nnunet_synth.generators.ddpm.model import get_preset
+
+    patch = tuple(get_preset(preset_name).patch_size)
+    # the ddpm backend's limit (an eighth of the patch as context per side)
+    return patch, tuple(p - 2 * max(1, p // 8) for p in patch)
+
+
 def lesion_in_patch(patch: tuple[int, ...], spacing: tuple[float, ...], limit: tuple[int, ...],
                     rng: np.random.Generator):
     """A deformed ellipsoid lesion, about half the largest size the backend allows, centred in the patch."""
@@ -73,7 +109,7 @@ def lesion_in_patch(patch: tuple[int, ...], spacing: tuple[float, ...], limit: t
 
 
 def measure(backend: str, device: str, preset: str, steps: int, num: int, channels: int,
-            checkpoint: str | None, threads: int | None) -> dict:
+            checkpoint: str | None, threads: int | None, learned: str = "ddpm") -> dict:
     """Runs in a fresh process: builds the backend, inserts ``num`` tumours after one warm-up, reports."""
     import resource
 
@@ -83,19 +119,18 @@ def measure(backend: str, device: str, preset: str, steps: int, num: int, channe
         torch.set_num_threads(threads)
 
     from nnunet_synth.generators import get_backend
-    from nnunet_synth.generators.ddpm.model import get_preset
 
     baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    patch = get_preset(preset).patch_size
+    patch, limit = patch_and_limit(learned, preset)
     plan = make_plan(SPACING, channels)
     with tempfile.TemporaryDirectory() as tmp:
-        if backend == "ddpm":
-            path = checkpoint or str(random_checkpoint(preset, plan, Path(tmp) / "random.pth"))
-            plan.update(backend="ddpm", backend_params={"checkpoint": path, "sampling_steps": steps,
-                                                        "device": device})
+        if backend != "analytic":
+            make = random_ldm_checkpoint if backend == "ldm" else random_checkpoint
+            path = checkpoint or str(make(preset, plan, Path(tmp) / "random.pth"))
+            plan.update(backend=backend, backend_params={"checkpoint": path, "sampling_steps": steps,
+                                                         "device": device})
         generator = get_backend(backend)(plan)
-        # the ddpm backend's limit (an eighth of the patch as context per side) for both, so both get equal lesions
-        limit = tuple(p - 2 * max(1, p // 8) for p in patch)
+        # the learned backend's lesion limit for both, so both get equal lesions
         rng = np.random.default_rng(0)
         image = rng.normal(0, 1, (channels, *patch)).astype(np.float32)
         lesions = [lesion_in_patch(patch, SPACING, limit, rng) for _ in range(num + 1)]
@@ -109,9 +144,9 @@ def measure(backend: str, device: str, preset: str, steps: int, num: int, channe
         if device == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" and backend == "ddpm" else None
-    return {"backend": backend, "device": device if backend == "ddpm" else "cpu", "preset": preset,
-            "patch": patch, "steps": steps if backend == "ddpm" else None, "tumours_per_s": num / elapsed,
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" and backend != "analytic" else None
+    return {"backend": backend, "device": device if backend != "analytic" else "cpu", "preset": preset,
+            "patch": patch, "steps": steps if backend != "analytic" else None, "tumours_per_s": num / elapsed,
             "s_per_tumour": elapsed / num, "voxels": int(np.mean([les.num_voxels for les in lesions])),
             "peak_gpu_mb": peak, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "baseline_rss_mb": baseline_mb}
@@ -120,25 +155,34 @@ def measure(backend: str, device: str, preset: str, steps: int, num: int, channe
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", nargs="+", choices=["cpu", "cuda"], default=["cpu"])
-    parser.add_argument("--preset", default=None, help="ddpm preset (default: tiny on cpu, paper on cuda)")
-    parser.add_argument("--sampling-steps", type=int, default=250, help="DDIM steps (paper: 250)")
+    parser.add_argument("--backends", nargs="+", choices=["ddpm", "ldm"], default=["ddpm", "ldm"],
+                        help="learned backends to time (each with the analytic backend on its patch)")
+    parser.add_argument("--preset", default=None, help="preset (default: tiny on cpu, paper on cuda)")
+    parser.add_argument("--sampling-steps", type=int, default=None,
+                        help="DDIM steps (default: the papers', ddpm 250, ldm 10)")
     parser.add_argument("--num", type=int, default=3, help="tumours timed per backend and device")
     parser.add_argument("--channels", type=int, default=1, help="image channels")
-    parser.add_argument("--checkpoint", default=None, help="trained ddpm checkpoint (default: random weights)")
+    parser.add_argument("--checkpoint", default=None, help="trained checkpoint of the (one) learned backend "
+                        "(default: random weights)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
 
+    if args.checkpoint and len(args.backends) > 1:
+        parser.error("--checkpoint needs exactly one --backends entry")
+    default_steps = {"ddpm": 250, "ldm": 10}
     jobs = []
-    for device in args.device:
-        preset = args.preset or ("paper" if device == "cuda" else "tiny")
-        jobs.append(("ddpm", device, preset))
-        jobs.append(("analytic", "cpu", preset))  # same patch, same run
+    for learned in args.backends:
+        for device in args.device:
+            preset = args.preset or ("paper" if device == "cuda" else "tiny")
+            steps = args.sampling_steps or default_steps[learned]
+            jobs.append((learned, device, preset, steps, learned))
+            jobs.append(("analytic", "cpu", preset, steps, learned))  # same patch, same run
     ctx = multiprocessing.get_context("spawn")
     rows = []
-    for backend, device, preset in jobs:
+    for backend, device, preset, steps, learned in jobs:
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-            rows.append(pool.submit(measure, backend, device, preset, args.sampling_steps, args.num, args.channels,
-                                    args.checkpoint, args.threads).result())
+            rows.append(pool.submit(measure, backend, device, preset, steps, args.num, args.channels,
+                                    args.checkpoint, args.threads, learned).result())
     import torch
 
     print(f"torch {torch.__version__}, CPU threads {args.threads or torch.get_num_threads()}")

@@ -130,6 +130,9 @@ def insert_lesion(data: np.ndarray, seg: np.ndarray, plan: dict, generator, rng:
     from nnunet_synth.generators.placement import PlacementRules, central_window, place_lesion
     from nnunet_synth.generators.shapes import choose_radius_mm, lesion_mask
 
+    custom = getattr(generator, "insert_lesion", None)
+    if custom is not None:  # a backend with its own placement (sd_inversion: one slice of a 2d case)
+        return custom(data, seg, plan, rng)
     seg0 = np.asarray(seg[0])
     spacing = tuple(plan["spacing"][-seg0.ndim:])
     organ = seg0 == plan["organ_label"]
@@ -257,7 +260,8 @@ def _check_manifest(path: Path, manifest: dict) -> None:
 def generate_bank(dataset: str | int, backend: str, num_cases: int, configuration: str = "3d_fullres",
                   fold: int | str = 0, plans_identifier: str = "nnUNetPlans", sampling_steps: int | None = None,
                   num_parts: int = 1, part: int = 0, device: str | None = None, checkpoint: str | None = None,
-                  seed: int | None = None, export_raw_dir: Path | None = None, progress: bool = True) -> list[str]:
+                  seed: int | None = None, export_raw_dir: Path | None = None, progress: bool = True,
+                  size_class: str | None = None) -> list[str]:
     """Generates bank cases ``part, part + num_parts, ...`` below ``num_cases`` for one fold.
 
     Returns:
@@ -279,7 +283,7 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
     plan = load_synth_plan(dataset, configuration, plans_identifier)
     params = dict(plan.get("backend_params", {}))
     params.update({k: v for k, v in {"fold": fold, "checkpoint": checkpoint, "sampling_steps": sampling_steps,
-                                     "device": device}.items() if v is not None})
+                                     "device": device, "size_class": size_class}.items() if v is not None})
     plan.update(backend=backend, backend_params=params)
     seed = int(plan["seed"] if seed is None else seed)
     generator = get_backend(backend)(plan)
@@ -340,13 +344,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-c", "--configuration", default="3d_fullres")
     parser.add_argument("-f", "--fold", default="0", help="segmenter fold whose training cases are sources")
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
-    parser.add_argument("--sampling-steps", type=int, default=None, help="DDIM steps (ddpm default: 250)")
+    parser.add_argument("--sampling-steps", type=int, default=None, help="DDIM steps (ddpm default: 250, ldm: 10)")
     parser.add_argument("--num-parts", type=int, default=1, help="split the work into P parts (array jobs)")
     parser.add_argument("--part", type=int, default=0, help="which part this process writes (0-based)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--checkpoint", default=None, help="best (default), final, latest or a checkpoint path")
     parser.add_argument("--seed", type=int, default=None, help="default: the synth plan's seed")
     parser.add_argument("--export-raw", type=Path, default=None, help="also write NIfTI image/label files here")
+    parser.add_argument("--size-class", default=None, help="sd_inversion: tiny, small, medium, large, very_large "
+                        "or any (per-slice tumour area bins; default any)")
     args = parser.parse_args(argv)
     from nnunet_synth.generator_training import parse_fold
     from nnunet_synth.generators.checkpoints import GeneratorCheckpointError
@@ -354,7 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         written = generate_bank(args.dataset, args.generator, args.num_cases, args.configuration,
                                 parse_fold(args.fold), args.plans, args.sampling_steps, args.num_parts, args.part,
-                                args.device, args.checkpoint, args.seed, args.export_raw)
+                                args.device, args.checkpoint, args.seed, args.export_raw,
+                                size_class=args.size_class)
     except (GeneratorCheckpointError, NotImplementedError, KeyError, ValueError, FileNotFoundError) as e:
         parser.exit(2, f"nnUNetv2_synth_generate: error: {e}\n")
     print(f"wrote {len(written)} bank case(s) to {bank_dir(args.dataset, args.generator, args.configuration)}")

@@ -22,7 +22,9 @@ from types import SimpleNamespace
 from nnunet_synth.planning import preprocessed_dir
 
 # backend name -> module implementing its training (PRESETS and train(job))
-GENERATOR_TRAINERS = {"ddpm": "nnunet_synth.generators.ddpm.training"}
+GENERATOR_TRAINERS = {"ddpm": "nnunet_synth.generators.ddpm.training",
+                      "ldm": "nnunet_synth.generators.ldm.training",
+                      "sd_inversion": "nnunet_synth.generators.sd_inversion.training"}
 CHECKPOINT_NAMES = ("best", "final", "latest")
 
 
@@ -44,6 +46,9 @@ class GeneratorJob:
         device: 'cpu' or 'cuda'.
         resume: continue from the latest checkpoint in ``output_dir``.
         seed: base random seed.
+        stage: the one training stage to run, for backends trained in stages (ldm: vqvae, vqvae-volume,
+            diffusion); None runs all stages in order.
+        base_model: local folder of a pretrained model the backend fine-tunes (sd_inversion).
     """
 
     backend: str
@@ -59,6 +64,8 @@ class GeneratorJob:
     device: str
     resume: bool
     seed: int = 12345
+    stage: str | None = None
+    base_model: str | None = None
 
 
 def generator_model_dir(dataset: str | int, backend: str, configuration: str) -> Path:
@@ -148,6 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--c", dest="resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--stage", default=None, help="ldm only: vqvae, vqvae-volume or diffusion (default: all "
+                        "stages in order; with --c finished stages are skipped)")
+    parser.add_argument("--base-model", default=None, help="sd_inversion only: local Stable Diffusion 1.x folder "
+                        "in diffusers' save_pretrained layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
     args = parser.parse_args(argv)
 
     import torch
@@ -157,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     preset = args.preset or next(iter(module.PRESETS))
     if preset not in module.PRESETS:
         parser.error(f"unknown preset {preset!r} for {args.generator}; available: {', '.join(module.PRESETS)}")
+    stages = getattr(module, "STAGES", ())
+    if args.stage is not None and args.stage not in stages:
+        parser.error(f"--stage {args.stage!r}: {args.generator} " + (f"has the stages {', '.join(stages)}" if stages
+                                                                     else "trains in one stage"))
     fold = parse_fold(args.fold)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -170,8 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     job = GeneratorJob(backend=args.generator, dataset_name=dataset_name, configuration=args.configuration,
                        plans_identifier=args.plans, fold=fold, cases=cases, preprocessed_folder=folder,
                        output_dir=output_dir, preset=preset, iterations=args.iterations, device=device,
-                       resume=args.resume, seed=args.seed)
-    module.train(job)
+                       resume=args.resume, seed=args.seed, stage=args.stage, base_model=args.base_model)
+    try:
+        module.train(job)
+    except getattr(module, "USER_ERRORS", ()) as e:  # a message, not a traceback
+        parser.exit(2, f"nnUNetv2_synth_train_generator: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,18 @@ def one_worker_for_nnunet_helpers():
     os.environ.setdefault("nnUNet_def_n_proc", "1")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for tests of tiny generator models: on a shared 2-core machine, OpenMP barriers
+    of two threads make tiny convolutions an order of magnitude slower whenever another process holds a core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def nnunet_dirs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("nnunet")

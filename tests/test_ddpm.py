@@ -42,14 +42,7 @@ BANK_CASES = 4
 SAMPLING_STEPS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP barriers of two threads make these tiny
-    convolutions an order of magnitude slower whenever another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -293,9 +286,9 @@ def test_bank_trainer_without_its_bank_names_the_command(phantom_ct, bank, monke
         trainer.get_dataloaders()
 
     class NoBank(nnUNetTrainerSynthBank):
-        synth_backend = "ldm"
+        synth_backend = "no_bank_backend"
 
-    with pytest.raises(RuntimeError, match="nnUNetSynthBank_ldm_3d_fullres, which does not exist.*"
+    with pytest.raises(RuntimeError, match="nnUNetSynthBank_no_bank_backend_3d_fullres, which does not exist.*"
                                            "nnUNetv2_synth_generate"):
         _trainer(NoBank, phantom_ct).get_dataloaders()
 

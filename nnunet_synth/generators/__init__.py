@@ -12,10 +12,7 @@ from nnunet_synth.generators.base import Lesion, TumourGenerator
 _BACKENDS: dict[str, type[TumourGenerator]] = {}
 
 # Learned backends described in DESIGN.md that this version does not ship yet, with what they need.
-_NOT_BUILT = {
-    "ldm": "the VQ-VAE + latent-diffusion backend (two-stage autoencoder, latent DDIM sampling) is not implemented yet",
-    "sd_inversion": "the Stable Diffusion + LoRA + DDPM-inversion backend is not implemented yet",
-}
+_NOT_BUILT: dict[str, str] = {}
 
 
 def register_backend(name: str) -> Callable[[type[TumourGenerator]], type[TumourGenerator]]:
@@ -52,6 +49,6 @@ def get_backend(name: str) -> type[TumourGenerator]:
 
 
 # Importing the modules registers the backends they define.
-from nnunet_synth.generators import analytic, ddpm  # noqa: E402,F401
+from nnunet_synth.generators import analytic, ddpm, ldm, sd_inversion  # noqa: E402,F401
 
 __all__ = ["Lesion", "TumourGenerator", "available_backends", "get_backend", "register_backend"]

@@ -1,0 +1,162 @@
+"""What the three ``ldm`` training stages share: the fold's data, the stage loop (validation, checkpoints,
+logs, resume) and the hand-over from one stage to the next."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nnunet_synth.generators.checkpoints import GeneratorCheckpointError, load_checkpoint, save_checkpoint
+from nnunet_synth.generators.ddpm.training import PatchSource, _log, _plot, _split_generator_cases, find_tumours
+from nnunet_synth.generators.ldm.model import NUM_TRAIN_TIMESTEPS
+
+BACKEND = "ldm"
+STAGES = ("vqvae", "vqvae-volume", "diffusion")
+_STAGE_DIRS = {"vqvae": "stage_vqvae", "vqvae-volume": "stage_vqvae_volume", "diffusion": "."}
+VAL_CROPS = 8
+GRAD_CLIP_NORM = 1.0
+SCALE_CROPS = 8
+# config entries a resumed stage (and a stage built on the previous one) must share with the checkpoint
+RESUME_KEYS = ("dataset_name", "configuration", "fold", "num_channels", "preset", "tumour_label")
+
+
+def stage_dir(output_dir: Path, stage: str) -> Path:
+    """Folder of a stage's checkpoints: ``stage_vqvae``, ``stage_vqvae_volume`` or the fold folder (diffusion)."""
+    return (Path(output_dir) / _STAGE_DIRS[stage]).resolve()
+
+
+class StageData:
+    """The fold's preprocessed cases, its tumours and the generator's own train/validation split."""
+
+    def __init__(self, job, preset):
+        from batchgenerators.utilities.file_and_folder_operations import load_json
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        from nnunet_synth.planning import load_synth_plan, preprocessed_dir
+
+        plan = load_synth_plan(job.dataset_name, job.configuration, job.plans_identifier)
+        plans = PlansManager(load_json(preprocessed_dir(job.dataset_name) / f"{job.plans_identifier}.json"))
+        conf = plans.get_configuration(job.configuration)
+        if len(conf.patch_size) != 3:
+            raise ValueError(f"the ldm generator is 3D; configuration {job.configuration} is 2D")
+        self.dataset = infer_dataset_class(str(job.preprocessed_folder))(str(job.preprocessed_folder),
+                                                                        list(job.cases))
+        self.tumour_label = plan["tumour_label"]
+        self.sites = find_tumours(self.dataset, list(job.cases), self.tumour_label)
+        if len({s.case for s in self.sites}) < 2:
+            raise RuntimeError(f"the ldm generator needs real tumours (label {self.tumour_label}) in at least two "
+                               f"training cases of fold {job.fold} (one is held out for validation); found them in "
+                               f"{len({s.case for s in self.sites})}")
+        tumour_train, self.val_cases = _split_generator_cases(self.sites, job.seed)
+        self.train_cases = [c for c in job.cases if c not in self.val_cases]  # the autoencoder sees all others
+        self.train_sites = [s for s in self.sites if s.case in tumour_train]
+        self.val_sites = [s for s in self.sites if s.case in self.val_cases]
+        self.volumes = PatchSource(self.dataset, preset.volume_size, self.tumour_label)
+        self.num_channels = int(self.dataset.load_case(job.cases[0])[0].shape[0])
+        self.config = {
+            "backend": BACKEND, "preset": job.preset, "preset_params": preset.to_dict(),
+            "dataset_name": str(job.dataset_name), "configuration": job.configuration,
+            "plans_identifier": job.plans_identifier, "fold": job.fold, "num_channels": self.num_channels,
+            "spacing": [float(s) for s in conf.spacing], "normalization_schemes": list(conf.normalization_schemes),
+            "tumour_label": self.tumour_label, "volume_size": list(preset.volume_size),
+            "vq_patch_size": list(preset.vq_patch_size), "train_cases": self.train_cases,
+            "val_cases": self.val_cases, "segmenter_val_excluded": True, "seed": job.seed,
+            "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+        }
+
+    def random_crop(self, case: str, size: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+        """A crop of ``size`` at a uniformly random position of ``case`` (zero-padded where the case is smaller)."""
+        from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+
+        data = self.dataset.load_case(case)[0]
+        lower = [int(rng.integers(0, max(1, n - s + 1))) for n, s in zip(data.shape[1:], size)]
+        bbox = [[0, data.shape[0]]] + [[lo, lo + s] for lo, s in zip(lower, size)]
+        return np.asarray(crop_and_pad_nd(data, bbox, 0), dtype=np.float32)
+
+    def random_batch(self, cases: list[str], size: tuple[int, ...], n: int, rng: np.random.Generator) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.random_crop(cases[i], size, rng)
+                                          for i in rng.integers(len(cases), size=n)]))
+
+
+def run_stage(job, data: StageData, stage: str, modules: dict[str, torch.nn.Module],
+               optimizers: dict[str, torch.optim.Optimizer], step: Callable, validate: Callable[[], float],
+               iterations: int, val_every: int, config: dict, resume: bool) -> Path:
+    """The loop every stage shares: seeded draws, validation, checkpoints (temp + rename), logs, resume.
+
+    ``step(iteration, rng, noise_gen)`` runs one optimiser step and returns the loss to log.
+    """
+    folder, out = stage_dir(job.output_dir, stage), Path(job.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    device = torch.device(job.device)
+    index = STAGES.index(stage)
+    rng = np.random.default_rng([job.seed, index])
+    noise_gen = torch.Generator(device=device).manual_seed(job.seed * 1000 + index)
+    iteration, best, train_loss, history = 0, math.inf, [], []
+    if resume:
+        state = load_checkpoint(folder / "checkpoint_latest.pth", BACKEND, {k: config[k] for k in RESUME_KEYS})
+        if state.get("stage") != stage:
+            raise GeneratorCheckpointError(f"{folder / 'checkpoint_latest.pth'} is a {state.get('stage')!r} "
+                                           f"checkpoint, not {stage!r}")
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(state[name])
+        iteration, best = int(state["iteration"]), float(state["best_val_loss"])
+        train_loss, history = list(state["train_loss"]), list(state["history"])
+        rng.bit_generator.state = state["rng"]["numpy"]
+        noise_gen.set_state(state["rng"]["torch"].cpu())
+    _log(out, f"[{stage}] {'resumed at iteration ' + str(iteration) if resume else 'started'}: preset {job.preset}, "
+              f"{len(data.train_cases)} training cases ({len(data.train_sites)} tumours), held-out cases "
+              f"{data.val_cases}, device {device}")
+
+    def save(name: str) -> None:
+        save_checkpoint({"backend": BACKEND, "stage": stage, "config": config,
+                         **{k: m.state_dict() for k, m in modules.items()},
+                         **{k: o.state_dict() for k, o in optimizers.items()}, "iteration": iteration,
+                         "best_val_loss": best, "train_loss": train_loss, "history": history,
+                         "rng": {"numpy": rng.bit_generator.state, "torch": noise_gen.get_state()}}, folder / name)
+
+    bar = tqdm(total=iterations, initial=iteration, desc=f"ldm {stage} {job.preset}", unit="it")
+    while iteration < iterations:
+        loss = step(iteration, rng, noise_gen)
+        iteration += 1
+        train_loss.append(round(float(loss), 6))
+        bar.update(1)
+        if iteration % val_every == 0 or iteration == iterations:
+            val_loss = validate()
+            recent = float(np.mean(train_loss[-val_every:]))
+            improved = val_loss < best
+            best = min(best, val_loss)
+            history.append({"iteration": iteration, "train_loss": recent, "val_loss": val_loss})
+            _log(out, f"[{stage}] iteration {iteration}: training loss {recent:.5f}, validation loss {val_loss:.5f}"
+                      + (" (new best)" if improved else ""))
+            save("checkpoint_latest.pth")
+            if improved:
+                save("checkpoint_best.pth")
+            from nnunet_synth.planning import write_json_atomic
+
+            write_json_atomic({"stage": stage, "config": config, "history": history, "train_loss": train_loss},
+                              folder / "training_log.json")
+            _plot(folder / "progress.png", train_loss, history)
+    bar.close()
+    save("checkpoint_final.pth")
+    _log(out, f"[{stage}] finished at iteration {iteration}; best validation loss {best:.5f}")
+    print(json.dumps({"stage": stage, "output": str(folder), "iteration": iteration, "best_val_loss": best}))
+    return folder / "checkpoint_final.pth"
+
+
+def previous_stage(job, data: StageData, stage: str) -> dict:
+    """Best checkpoint of the stage before ``stage``; a clear error with the command that makes it."""
+    from nnunet_synth.generator_training import train_command
+
+    before = STAGES[STAGES.index(stage) - 1]
+    path = stage_dir(job.output_dir, before) / "checkpoint_best.pth"
+    hint = f"train it with: {train_command(job.dataset_name, BACKEND, job.configuration, job.fold)} --stage {before}"
+    return load_checkpoint(path, BACKEND, {k: data.config[k] for k in RESUME_KEYS}, hint=hint)

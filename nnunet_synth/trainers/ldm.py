@@ -1,0 +1,182 @@
+"""Trainers that use the ``ldm`` generator: bank mixing (any device) and GPU inpainting on the fly.
+
+``nnUNetTrainerSynthNLDM`` trains on real + ldm bank cases (made by ``nnUNetv2_synth_generate -g ldm``), the
+bank drawn with total probability N/100, exactly like the DDPM bank trainers. ``nnUNetTrainerSynthNLDMOnline``
+inpaints a share N/100 of every training batch's samples on the GPU with the trained LDM just before the
+forward pass (few DDIM steps; ``sampling_steps`` of the synth plan's ``backend_params`` when its backend is
+``ldm``, else 10). On a machine without CUDA the online trainers refuse to start and name the bank trainers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_synth.trainers.bank import nnUNetTrainerSynthBank
+from nnunet_synth.trainers.schedules import DEBUG_SCHEDULE, apply_schedule_override, set_schedule
+
+
+class nnUNetTrainerSynthLDMBank(nnUNetTrainerSynthBank):
+    """Real + ldm bank cases, the bank drawn with total probability ``synth_probability``."""
+
+    synth_backend = "ldm"
+
+
+class nnUNetTrainerSynth2LDM(nnUNetTrainerSynthLDMBank):
+    synth_probability = 0.02
+
+
+class nnUNetTrainerSynth5LDM(nnUNetTrainerSynthLDMBank):
+    synth_probability = 0.05
+
+
+class nnUNetTrainerSynth10LDM(nnUNetTrainerSynthLDMBank):
+    synth_probability = 0.10
+
+
+class nnUNetTrainerSynth20LDM(nnUNetTrainerSynthLDMBank):
+    synth_probability = 0.20
+
+
+class nnUNetTrainerSynth30LDM(nnUNetTrainerSynthLDMBank):
+    synth_probability = 0.30
+
+
+class nnUNetTrainerSynth40LDM(nnUNetTrainerSynthLDMBank):
+    synth_probability = 0.40
+
+
+class nnUNetTrainerSynth50LDM(nnUNetTrainerSynthLDMBank):
+    synth_probability = 0.50
+
+
+class nnUNetTrainerSynth60LDM(nnUNetTrainerSynthLDMBank):
+    synth_probability = 0.60
+
+
+class nnUNetTrainerSynth20LDM_Debug(nnUNetTrainerSynth20LDM):
+    """nnUNetTrainerSynth20LDM, one epoch of two training and one validation iteration (tests)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        set_schedule(self, DEBUG_SCHEDULE)
+
+
+def _bank_trainer_name(probability: float) -> str:
+    return f"nnUNetTrainerSynth{round(100 * probability)}LDM"
+
+
+class nnUNetTrainerSynthLDMOnline(nnUNetTrainer):
+    """nnU-Net training where each training sample gets an LDM-inpainted tumour with probability
+    ``synth_probability``, generated on the GPU inside ``train_step``.
+
+    Raises:
+        RuntimeError: at construction on a device other than an available CUDA GPU (names the bank trainer).
+    """
+
+    synth_probability: float = 0.2
+    sampling_steps: int = 10
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        self._require_cuda(device)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule_override(self)
+        self.synth_plan: dict | None = None
+        self._ldm = None
+        self._synth_seen = [0, 0]
+
+    @classmethod
+    def _require_cuda(cls, device: torch.device) -> None:
+        """Refuses devices other than an available CUDA GPU: on-the-fly diffusion on a CPU would stall training."""
+        if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+            raise RuntimeError(
+                f"{cls.__name__} inpaints tumours with the LDM on the GPU during training and needs a CUDA "
+                f"device (got {device}{'' if torch.cuda.is_available() else ', and no CUDA device is available'}). "
+                f"On a CPU-only machine use the bank trainers: nnUNetv2_synth_generate -d DATASET -g ldm -n N, "
+                f"then nnUNetv2_train ... -tr {_bank_trainer_name(cls.synth_probability)}")
+
+    def initialize(self) -> None:
+        if not self.was_initialized:
+            self._load_ldm()
+        super().initialize()
+
+    def _load_ldm(self) -> None:
+        from nnunet_synth.generator_training import train_command
+        from nnunet_synth.generators.ddpm.backend import resolve_checkpoint
+        from nnunet_synth.generators.ldm.backend import load_models
+        from nnunet_synth.generators.ldm.model import build_sampling_scheduler
+        from nnunet_synth.planning import load_synth_plan
+
+        plan = load_synth_plan(self.plans_manager.dataset_name, self.configuration_name,
+                               self.plans_manager.plans_name)
+        params = dict(plan.get("backend_params", {})) if plan.get("backend") == "ldm" else {}
+        params["fold"] = self.fold  # the generator of this fold: it never saw this fold's validation cases
+        plan.update(backend="ldm", backend_params=params)
+        checkpoint, _ = resolve_checkpoint(plan, "ldm")
+        models, config = load_models(checkpoint, {
+            "dataset_name": plan["dataset_name"], "configuration": plan["configuration"],
+            "num_channels": len(plan["intensity"]["channels"]), "spacing": plan.get("spacing")}, self.device,
+            hint=f"train it with: {train_command(plan['dataset_name'], 'ldm', plan['configuration'], self.fold)}")
+        steps = int(params.get("sampling_steps") or self.sampling_steps)
+        self.synth_plan = plan
+        self._ldm = (models, build_sampling_scheduler(steps), config)
+        self._rng = np.random.default_rng([int(plan["seed"]), self.fold if isinstance(self.fold, int) else 0])
+        self._noise = torch.Generator(device=self.device).manual_seed(int(plan["seed"]))
+        self.print_to_log_file(f"LDM inpainting on the fly: probability {self.synth_probability} per training "
+                               f"sample, {steps} DDIM steps, checkpoint {checkpoint}")
+
+    def train_step(self, batch: dict) -> dict:
+        from nnunet_synth.generators.ldm.online import inpaint_batch
+
+        models, scheduler, config = self._ldm
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        data, target, chosen = inpaint_batch(models, scheduler, data, target, self.synth_plan, self.synth_probability,
+                                             self._rng, self._noise, config["intensity_range"])
+        self._synth_seen[0] += data.shape[0]
+        self._synth_seen[1] += len(chosen)
+        return super().train_step({**batch, "data": data, "target": target})
+
+    def on_epoch_end(self) -> None:
+        seen, synthetic = self._synth_seen
+        self._synth_seen = [0, 0]
+        self.print_to_log_file(f"LDM tumours this epoch: {synthetic}/{seen} samples ({synthetic / max(1, seen):.1%}; "
+                               f"target {self.synth_probability:.0%})")
+        super().on_epoch_end()
+
+
+class nnUNetTrainerSynth2LDMOnline(nnUNetTrainerSynthLDMOnline):
+    synth_probability = 0.02
+
+
+class nnUNetTrainerSynth5LDMOnline(nnUNetTrainerSynthLDMOnline):
+    synth_probability = 0.05
+
+
+class nnUNetTrainerSynth10LDMOnline(nnUNetTrainerSynthLDMOnline):
+    synth_probability = 0.10
+
+
+class nnUNetTrainerSynth20LDMOnline(nnUNetTrainerSynthLDMOnline):
+    synth_probability = 0.20
+
+
+class nnUNetTrainerSynth30LDMOnline(nnUNetTrainerSynthLDMOnline):
+    synth_probability = 0.30
+
+
+class nnUNetTrainerSynth40LDMOnline(nnUNetTrainerSynthLDMOnline):
+    synth_probability = 0.40
+
+
+class nnUNetTrainerSynth50LDMOnline(nnUNetTrainerSynthLDMOnline):
+    synth_probability = 0.50
+
+
+class nnUNetTrainerSynth60LDMOnline(nnUNetTrainerSynthLDMOnline):
+    synth_probability = 0.60
