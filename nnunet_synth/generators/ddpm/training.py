@@ -139,7 +139,7 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _split_generator_cases(sites: list[TumourSite], seed: int) -> tuple[list[str], list[str]]:
+def split_generator_cases(sites: list[TumourSite], seed: int) -> tuple[list[str], list[str]]:
     """Holds out about 10% (at least one) of the cases with tumours for the generator's validation loss."""
     cases = sorted({s.case for s in sites})
     if len(cases) < 2:
@@ -150,7 +150,7 @@ def _split_generator_cases(sites: list[TumourSite], seed: int) -> tuple[list[str
     return [c for c in cases if c not in val], val
 
 
-def _intensity_range(source: PatchSource, sites: list[TumourSite], seed: int) -> list[list[float]]:
+def intensity_range(source: PatchSource, sites: list[TumourSite], seed: int) -> list[list[float]]:
     """Per-channel 0.05/99.95 percentiles over training crops: generated values are clipped to it."""
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(sites), min(len(sites), MAX_INTENSITY_CROPS), replace=False)
@@ -193,7 +193,7 @@ class _Validation:
         return total / max(weight, 1.0)
 
 
-def _plot(path: Path, train_loss: list[float], history: list[dict]) -> None:
+def plot_losses(path: Path, train_loss: list[float], history: list[dict]) -> None:
     """Loss plot: training loss (moving average) and validation loss against iterations."""
     import matplotlib
 
@@ -218,7 +218,7 @@ def _plot(path: Path, train_loss: list[float], history: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def _log(output_dir: Path, message: str) -> None:
+def append_log(output_dir: Path, message: str) -> None:
     with open(output_dir / "training_log.txt", "a", encoding="utf-8") as f:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {message}\n")
 
@@ -247,7 +247,7 @@ def train(job) -> Path:
     dataset = infer_dataset_class(str(job.preprocessed_folder))(str(job.preprocessed_folder), list(job.cases))
     source = PatchSource(dataset, preset.patch_size, synth_plan["tumour_label"])
     sites = find_tumours(dataset, list(job.cases), synth_plan["tumour_label"])
-    train_cases, val_cases = _split_generator_cases(sites, job.seed)
+    train_cases, val_cases = split_generator_cases(sites, job.seed)
     train_sites = [s for s in sites if s.case in train_cases]
     val_sites = [s for s in sites if s.case in val_cases]
     num_channels = int(dataset.load_case(job.cases[0])[0].shape[0])
@@ -257,7 +257,7 @@ def train(job) -> Path:
         "plans_identifier": job.plans_identifier, "fold": job.fold, "num_channels": num_channels,
         "spacing": [float(s) for s in conf.spacing], "patch_size": list(preset.patch_size),
         "normalization_schemes": list(conf.normalization_schemes), "tumour_label": synth_plan["tumour_label"],
-        "intensity_range": _intensity_range(source, train_sites, job.seed),
+        "intensity_range": intensity_range(source, train_sites, job.seed),
         "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_schedule": dict(BETA_SCHEDULE),
         "train_cases": train_cases, "val_cases": val_cases, "segmenter_val_excluded": True,
         "iterations": iterations, "world_size": world, "seed": job.seed,
@@ -290,7 +290,8 @@ def train(job) -> Path:
         config["intensity_range"] = state["config"]["intensity_range"]
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _log(out, f"{'resumed at iteration ' + str(iteration) if job.resume else 'started'}: preset {job.preset}, "
+        start = f"resumed at iteration {iteration}" if job.resume else "started"
+        append_log(out, f"{start}: preset {job.preset}, "
                   f"{len(train_sites)} training tumours in {len(train_cases)} cases, {len(val_sites)} validation "
                   f"tumours in {len(val_cases)} held-out cases, {world} process(es), device {device}")
     validation = _Validation(source, val_sites, job.seed, device) if rank == 0 else None
@@ -333,19 +334,19 @@ def train(job) -> Path:
                 improved = val_loss < best
                 best = min(best, val_loss)
                 history.append({"iteration": iteration, "train_loss": recent, "val_loss": val_loss})
-                _log(out, f"iteration {iteration}: training loss {recent:.5f}, validation loss {val_loss:.5f}"
+                append_log(out, f"iteration {iteration}: training loss {recent:.5f}, validation loss {val_loss:.5f}"
                           + (" (new best)" if improved else ""))
                 save("checkpoint_latest.pth")
                 if improved:
                     save("checkpoint_best.pth")
                 write_json_atomic({"config": config, "history": history, "train_loss": train_loss},
                                   out / "training_log.json")
-                _plot(out / "progress.png", train_loss, history)
+                plot_losses(out / "progress.png", train_loss, history)
             _barrier(world)
     bar.close()
     if rank == 0:
         save("checkpoint_final.pth")
-        _log(out, f"finished at iteration {iteration}; best validation loss {best:.5f}")
+        append_log(out, f"finished at iteration {iteration}; best validation loss {best:.5f}")
         print(json.dumps({"output": str(out), "iteration": iteration, "best_val_loss": best}))
     if world > 1:
         import torch.distributed as dist

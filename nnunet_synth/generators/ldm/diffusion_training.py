@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_synth.generators.checkpoints import load_checkpoint
-from nnunet_synth.generators.ddpm.training import _intensity_range
+from nnunet_synth.generators.ddpm.training import intensity_range
 from nnunet_synth.generators.ldm.model import NUM_TRAIN_TIMESTEPS, build_training_scheduler, build_unet, build_vqvae
 from nnunet_synth.generators.ldm.sampling import LDMModels, condition_of, encode
 from nnunet_synth.generators.ldm.stages import (
@@ -44,7 +44,7 @@ def train_diffusion(job, data: StageData, preset, resume: bool) -> Path:
     scheduler = build_training_scheduler()
 
     config = dict(data.config, stage="diffusion", blend_margin=preset.blend_margin,
-                  intensity_range=_intensity_range(data.volumes, data.train_sites, job.seed))
+                  intensity_range=intensity_range(data.volumes, data.train_sites, job.seed))
     with torch.no_grad():  # latents scaled to unit variance (MONAI's latent-diffusion recipe)
         picks = np.random.default_rng([job.seed, 13]).choice(len(data.train_sites), min(SCALE_CROPS,
                                                               len(data.train_sites)), replace=False)

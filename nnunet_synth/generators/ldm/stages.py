@@ -13,7 +13,13 @@ import torch
 from tqdm import tqdm
 
 from nnunet_synth.generators.checkpoints import GeneratorCheckpointError, load_checkpoint, save_checkpoint
-from nnunet_synth.generators.ddpm.training import PatchSource, _log, _plot, _split_generator_cases, find_tumours
+from nnunet_synth.generators.ddpm.training import (
+    PatchSource,
+    append_log,
+    find_tumours,
+    plot_losses,
+    split_generator_cases,
+)
 from nnunet_synth.generators.ldm.model import NUM_TRAIN_TIMESTEPS
 
 BACKEND = "ldm"
@@ -54,7 +60,7 @@ class StageData:
             raise RuntimeError(f"the ldm generator needs real tumours (label {self.tumour_label}) in at least two "
                                f"training cases of fold {job.fold} (one is held out for validation); found them in "
                                f"{len({s.case for s in self.sites})}")
-        tumour_train, self.val_cases = _split_generator_cases(self.sites, job.seed)
+        tumour_train, self.val_cases = split_generator_cases(self.sites, job.seed)
         self.train_cases = [c for c in job.cases if c not in self.val_cases]  # the autoencoder sees all others
         self.train_sites = [s for s in self.sites if s.case in tumour_train]
         self.val_sites = [s for s in self.sites if s.case in self.val_cases]
@@ -112,7 +118,8 @@ def run_stage(job, data: StageData, stage: str, modules: dict[str, torch.nn.Modu
         train_loss, history = list(state["train_loss"]), list(state["history"])
         rng.bit_generator.state = state["rng"]["numpy"]
         noise_gen.set_state(state["rng"]["torch"].cpu())
-    _log(out, f"[{stage}] {'resumed at iteration ' + str(iteration) if resume else 'started'}: preset {job.preset}, "
+    start = f"resumed at iteration {iteration}" if resume else "started"
+    append_log(out, f"[{stage}] {start}: preset {job.preset}, "
               f"{len(data.train_cases)} training cases ({len(data.train_sites)} tumours), held-out cases "
               f"{data.val_cases}, device {device}")
 
@@ -135,7 +142,8 @@ def run_stage(job, data: StageData, stage: str, modules: dict[str, torch.nn.Modu
             improved = val_loss < best
             best = min(best, val_loss)
             history.append({"iteration": iteration, "train_loss": recent, "val_loss": val_loss})
-            _log(out, f"[{stage}] iteration {iteration}: training loss {recent:.5f}, validation loss {val_loss:.5f}"
+            append_log(out, f"[{stage}] iteration {iteration}: training loss {recent:.5f}, "
+                            f"validation loss {val_loss:.5f}"
                       + (" (new best)" if improved else ""))
             save("checkpoint_latest.pth")
             if improved:
@@ -144,10 +152,10 @@ def run_stage(job, data: StageData, stage: str, modules: dict[str, torch.nn.Modu
 
             write_json_atomic({"stage": stage, "config": config, "history": history, "train_loss": train_loss},
                               folder / "training_log.json")
-            _plot(folder / "progress.png", train_loss, history)
+            plot_losses(folder / "progress.png", train_loss, history)
     bar.close()
     save("checkpoint_final.pth")
-    _log(out, f"[{stage}] finished at iteration {iteration}; best validation loss {best:.5f}")
+    append_log(out, f"[{stage}] finished at iteration {iteration}; best validation loss {best:.5f}")
     print(json.dumps({"stage": stage, "output": str(folder), "iteration": iteration, "best_val_loss": best}))
     return folder / "checkpoint_final.pth"
 

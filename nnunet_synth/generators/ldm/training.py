@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from nnunet_synth.generators.checkpoints import GeneratorCheckpointError
-from nnunet_synth.generators.ddpm.training import _log
+from nnunet_synth.generators.ddpm.training import append_log
 from nnunet_synth.generators.ldm.autoencoder_training import train_volume, train_vqvae
 from nnunet_synth.generators.ldm.diffusion_training import train_diffusion
 from nnunet_synth.generators.ldm.model import PRESETS, get_preset
@@ -59,7 +59,8 @@ def train(job) -> Path:
         resume = bool(job.resume)
         if resume and stage is None:
             if _finished(folder):
-                _log(Path(job.output_dir), f"[{name}] already finished ({folder / 'checkpoint_final.pth'}); skipped")
+                append_log(Path(job.output_dir),
+                           f"[{name}] already finished ({folder / 'checkpoint_final.pth'}); skipped")
                 path = folder / "checkpoint_final.pth"
                 continue
             resume = (folder / "checkpoint_latest.pth").is_file()

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from nnunet_synth.generators.checkpoints import GeneratorCheckpointError, load_checkpoint, save_checkpoint
-from nnunet_synth.generators.ddpm.training import _log, _plot
+from nnunet_synth.generators.ddpm.training import append_log, plot_losses
 from nnunet_synth.generators.sd_inversion.captions import TUMOUR_TEMPLATES, caption, size_class_of_area
 from nnunet_synth.generators.sd_inversion.components import (
     BaseModelError,
@@ -103,7 +103,7 @@ class SliceSource:
         return np.asarray(self.dataset.load_case(case)[0][:, z], dtype=np.float32)
 
 
-def _intensity_range(source: SliceSource, seed: int) -> list[list[float]]:
+def intensity_range(source: SliceSource, seed: int) -> list[list[float]]:
     """Per-channel 0.5/99.5 percentiles over up to 64 training slices: the range mapped to [0, 1]."""
     rng = np.random.default_rng([seed, 3])
     slices = np.stack([source.load(*source.draw(rng)[:2]) for _ in range(MAX_INTENSITY_SLICES)])
@@ -179,7 +179,7 @@ def train(job) -> Path:
         "plans_identifier": job.plans_identifier, "fold": job.fold,
         "num_channels": int(source.load(*source.draw(np.random.default_rng(0))[:2]).shape[0]),
         "spacing": [float(s) for s in conf.spacing], "normalization_schemes": list(conf.normalization_schemes),
-        "tumour_label": synth_plan["tumour_label"], "intensity_range": _intensity_range(source, job.seed),
+        "tumour_label": synth_plan["tumour_label"], "intensity_range": intensity_range(source, job.seed),
         "resolution": resolution, "lora_rank": preset.lora_rank, "base_model": str(folder),
         "base_model_fingerprint": base_model_fingerprint(folder),
         "prediction_type": parts.scheduler.config.prediction_type, "train_cases": list(job.cases),
@@ -206,7 +206,8 @@ def train(job) -> Path:
         noise_gen.set_state(state["rng"]["torch"].cpu())
         config["intensity_range"] = state["config"]["intensity_range"]
     out.mkdir(parents=True, exist_ok=True)
-    _log(out, f"{'resumed at iteration ' + str(iteration) if job.resume else 'started'}: preset {job.preset}, base "
+    start = f"resumed at iteration {iteration}" if job.resume else "started"
+    append_log(out, f"{start}: preset {job.preset}, base "
               f"model {folder}, resolution {resolution}, {source.counts()}, device {device}")
 
     fixed_loss = FixedLoss(source, config["intensity_range"], resolution, job.seed)
@@ -248,15 +249,15 @@ def train(job) -> Path:
         if iteration % preset.save_every == 0 or iteration == iterations:
             recent = float(np.mean(train_loss[-preset.save_every:]))
             history.append({"iteration": iteration, "train_loss": recent, "fixed_loss": fixed_loss(parts)})
-            _log(out, f"iteration {iteration}: training loss {recent:.5f}, fixed-batch loss "
+            append_log(out, f"iteration {iteration}: training loss {recent:.5f}, fixed-batch loss "
                       f"{history[-1]['fixed_loss']:.5f}")
             save("checkpoint_latest.pth")
             write_json_atomic({"config": config, "history": history, "train_loss": train_loss},
                               out / "training_log.json")
-            _plot(out / "progress.png", train_loss,
+            plot_losses(out / "progress.png", train_loss,
                   [{"iteration": h["iteration"], "val_loss": h["fixed_loss"]} for h in history])
     bar.close()
     save("checkpoint_final.pth", resumable=False)
-    _log(out, f"finished at iteration {iteration}")
+    append_log(out, f"finished at iteration {iteration}")
     print(json.dumps({"output": str(out), "iteration": iteration}))
     return out / "checkpoint_final.pth"
