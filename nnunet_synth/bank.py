@@ -2,7 +2,7 @@
 
 Each bank case is a training-fold case of the segmenter with one lesion inserted by a generator backend
 (mask from the shapes engine, position from placement, content from the backend), written with nnU-Net's
-own dataset class into ``nnUNet_preprocessed/DatasetXXX/nnUNetSynthBank_<backend>_<configuration>/``.
+own dataset class into ``nnUNet_preprocessed/DatasetNNN/nnUNetSynthBank_<backend>_<configuration>/``.
 Identifiers are ``<source case>__synth_f<fold>_<index>``: the fold and source are in the name, so a
 trainer takes only bank cases made for its fold from its own training cases. Case ``index`` depends only on
 (seed, fold, index), so parts (``--num-parts P --part I``, e.g. SLURM array tasks on different machines)
@@ -33,7 +33,7 @@ MANIFEST_KEYS = ("backend", "configuration", "seed", "checkpoint", "sampling_ste
 
 
 def bank_dir(dataset: str | int, backend: str, configuration: str) -> Path:
-    """``nnUNet_preprocessed/DatasetXXX/nnUNetSynthBank_<backend>_<configuration>``."""
+    """``nnUNet_preprocessed/DatasetNNN/nnUNetSynthBank_<backend>_<configuration>``."""
     return preprocessed_dir(dataset) / f"nnUNetSynthBank_{backend}_{configuration}"
 
 

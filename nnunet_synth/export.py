@@ -27,7 +27,7 @@ KEEP = ("plans.json", "dataset.json", "dataset_fingerprint.json", "nnUNetSynthPl
 
 def model_folder(dataset: str | int, trainer: str, configuration: str, plans_identifier: str = "nnUNetPlans"
                  ) -> Path:
-    """``nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIGURATION``."""
+    """``nnUNet_results/DatasetNNN/TRAINER__PLANS__CONFIGURATION``."""
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     return Path(get_output_folder(dataset, trainer, plans_identifier, configuration))

@@ -4,7 +4,7 @@ The generator reads the preprocessed cases and plans of one configuration (so it
 spacing and normalisation) and only the training cases of the segmenter's fold, taken from nnU-Net's own
 ``splits_final.json`` (created the way nnU-Net creates it when absent), so the segmenter's validation cases
 never reach the generator. Results go to
-``nnUNet_results/DatasetXXX/nnUNetSynthGenerator_<backend>__<configuration>/fold_F/``.
+``nnUNet_results/DatasetNNN/nnUNetSynthGenerator_<backend>__<configuration>/fold_F/``.
 
 Backends plug in through :data:`GENERATOR_TRAINERS`: a module with ``PRESETS`` (dict of names) and
 ``train(job: GeneratorJob) -> Path``. Several GPUs and nodes: start the same command with ``torchrun``.
@@ -34,7 +34,7 @@ class GeneratorJob:
 
     Attributes:
         backend: generator backend name.
-        dataset_name: nnU-Net dataset name (DatasetXXX_Name).
+        dataset_name: nnU-Net dataset name (DatasetNNN_Name).
         configuration: nnU-Net configuration whose preprocessed data and plans are used.
         plans_identifier: nnU-Net plans identifier.
         fold: the segmenter's fold whose training cases the generator may use ('all' for all cases).
@@ -69,7 +69,7 @@ class GeneratorJob:
 
 
 def generator_model_dir(dataset: str | int, backend: str, configuration: str) -> Path:
-    """``nnUNet_results/DatasetXXX/nnUNetSynthGenerator_<backend>__<configuration>``."""
+    """``nnUNet_results/DatasetNNN/nnUNetSynthGenerator_<backend>__<configuration>``."""
     from nnunetv2.paths import nnUNet_results
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 

@@ -47,7 +47,7 @@ class SynthPlanError(ValueError):
 
 
 def preprocessed_dir(dataset: str | int) -> Path:
-    """``nnUNet_preprocessed/DatasetXXX_Name`` for a dataset name or ID."""
+    """``nnUNet_preprocessed/DatasetNNN_Name`` for a dataset name or ID."""
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 

@@ -250,7 +250,7 @@ def make_bbox_dataset(source: int | str | os.PathLike, dataset_id: int, *, name:
     """Write a copy of a labelled dataset with the tumour boxes as an extra, last input channel.
 
     Args:
-        source: The labelled raw dataset (ID, ``DatasetXXX_Name`` or folder), e.g. the ATLAS conversion.
+        source: The labelled raw dataset (ID, ``DatasetNNN_Name`` or folder), e.g. the ATLAS conversion.
         dataset_id: ID of the new dataset.
         name: Name of the new dataset (default: the source's name + ``Boxes``).
         tumour_label: Tumour label value of the source (default: the label named tumour/tumor/lesion/...).
@@ -364,7 +364,7 @@ def resolve_model(model_folder: str | os.PathLike | None = None, dataset: str | 
     """Locate a trained box-guided model and read its channels and labels.
 
     Args:
-        model_folder: ``nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG``; or None to build it from the rest.
+        model_folder: ``nnUNet_results/DatasetNNN/TRAINER__PLANS__CONFIG``; or None to build it from the rest.
         dataset: The bbox dataset the model was trained on (ID or name), when ``model_folder`` is None.
         trainer: Trainer class name.
         configuration: nnU-Net configuration.
@@ -389,7 +389,7 @@ def resolve_model(model_folder: str | os.PathLike | None = None, dataset: str | 
     for needed in ("dataset.json", "plans.json"):
         if not (folder / needed).is_file():
             raise ConversionError(f"model folder {folder}: {needed} missing (not a trained nnU-Net model folder; "
-                                  "expected nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIGURATION)")
+                                  "expected nnUNet_results/DatasetNNN/TRAINER__PLANS__CONFIGURATION)")
     if folds is None:
         found = sorted((p for p in folder.glob("fold_*") if (p / checkpoint).is_file()), key=lambda p: p.name)
         folds = [p.name.removeprefix("fold_") for p in found]
@@ -695,7 +695,7 @@ def _box_report(plain: np.ndarray, restricted: np.ndarray, region: np.ndarray, b
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--name", default=None, help="name of the new dataset (DatasetXXX_NAME)")
+    parser.add_argument("--name", default=None, help="name of the new dataset (DatasetNNN_NAME)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder of that name")
     parser.add_argument("--exclude", nargs="+", default=None, metavar="CASE", help="leave these input cases out")
     parser.add_argument("--raw-dir", default=None, help="root of the input and the output instead of $nnUNet_raw")
@@ -719,7 +719,7 @@ def build_bbox_dataset_parser() -> argparse.ArgumentParser:
         description="Copy a labelled dataset (e.g. ATLAS) and append its tumour boxes as the last input channel, "
         "so that nnU-Net learns box -> mask (liver-MRI paper; see docs/conversion.md).")
     parser.add_argument("-i", "--input", required=True, metavar="DATASET",
-                        help="labelled source dataset: ID, DatasetXXX_Name or folder")
+                        help="labelled source dataset: ID, DatasetNNN_Name or folder")
     parser.add_argument("-d", "--dataset-id", type=int, required=True, metavar="ID", help="ID of the new dataset")
     parser.add_argument("--tumour-label", type=int, default=None, metavar="N",
                         help="tumour label value (default: the label named tumour/tumor/lesion/...)")
@@ -748,7 +748,7 @@ def build_bbox_pseudolabel_parser() -> argparse.ArgumentParser:
         "dataset (e.g. LLD-MMRI) and write a dataset with tumour pseudo-masks inside the boxes (liver-MRI paper).")
     model = parser.add_argument_group("model (-m, or -d with -tr/-c/-p)")
     model.add_argument("-m", "--model", default=None, metavar="FOLDER",
-                       help="trained model folder nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIGURATION")
+                       help="trained model folder nnUNet_results/DatasetNNN/TRAINER__PLANS__CONFIGURATION")
     model.add_argument("-d", "--model-dataset", default=None, metavar="DATASET",
                        help="the bbox dataset the model was trained on (ID or name)")
     model.add_argument("-tr", "--trainer", default="nnUNetTrainer", help="trainer class of the model")
@@ -760,7 +760,7 @@ def build_bbox_pseudolabel_parser() -> argparse.ArgumentParser:
     model.add_argument("--tumour-label", type=int, default=None, metavar="N",
                        help="tumour label of the model (default: from its dataset.json)")
     parser.add_argument("-i", "--input", required=True, metavar="DATASET",
-                        help="box-annotated dataset with images and box labels (ID, DatasetXXX_Name or folder)")
+                        help="box-annotated dataset with images and box labels (ID, DatasetNNN_Name or folder)")
     parser.add_argument("-o", "--output-id", type=int, required=True, metavar="ID", help="ID of the new dataset")
     parser.add_argument("--boxes", choices=("auto", "json", "label"), default="auto",
                         help=f"box source: {LESION_BOXES_FILE} beside dataset.json, the tumour label, or json when "

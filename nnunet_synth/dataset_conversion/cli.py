@@ -36,18 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per cohort."""
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_synth_convert",
-        description="Convert a public cohort into nnUNet_raw/DatasetXXX_Name (see docs/conversion.md).")
+        description="Convert a public cohort into nnUNet_raw/DatasetNNN_Name (see docs/conversion.md).")
     sub = parser.add_subparsers(dest="cohort", required=True, metavar="COHORT")
     for cohort, (_, help_text) in COHORTS.items():
         p = sub.add_parser(cohort, help=help_text, description=help_text,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if cohort == "merge":
             p.add_argument("-i", "--input", nargs="+", required=True, metavar="DATASET",
-                           help="tumour dataset(s): ID, DatasetXXX_Name or folder")
+                           help="tumour dataset(s): ID, DatasetNNN_Name or folder")
         else:
             p.add_argument("-i", "--input", required=True, metavar="INPUT", help="the cohort as downloaded")
         p.add_argument("-d", "--dataset-id", type=int, required=True, metavar="ID", help="nnU-Net dataset ID (1-999)")
-        p.add_argument("--name", default=None, help="dataset name (DatasetXXX_NAME); a default per cohort")
+        p.add_argument("--name", default=None, help="dataset name (DatasetNNN_NAME); a default per cohort")
         p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder of that name")
         p.add_argument("--exclude", nargs="+", default=None, metavar="CASE", help="leave these input cases out")
         p.add_argument("--raw-dir", default=None, help="output root instead of $nnUNet_raw")

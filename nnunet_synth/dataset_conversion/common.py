@@ -3,7 +3,7 @@
 Every converter describes its cases as :class:`CaseTask` objects (a cheap ``check`` that reads headers only and a
 ``load`` that returns the finished :class:`OutputCase` objects) and hands them to :func:`write_dataset`, which
 
-* resolves ``nnUNet_raw/DatasetXXX_Name`` at call time and refuses an existing dataset (or another dataset with the
+* resolves ``nnUNet_raw/DatasetNNN_Name`` at call time and refuses an existing dataset (or another dataset with the
   same ID) unless ``overwrite`` is set,
 * runs every ``check`` before the first case is converted,
 * validates each output case (channel count, dimensionality, geometry of every channel and of the label, NaNs,
@@ -86,7 +86,7 @@ def nnunet_raw_dir(raw_dir: str | os.PathLike | None = None) -> Path:
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
-    """``DatasetXXX_Name`` after validating ID and name.
+    """``DatasetNNN_Name`` after validating ID and name.
 
     Raises:
         ConversionError: ID outside 1..999 (nnU-Net parses exactly three digits) or a name nnU-Net cannot use.
@@ -111,7 +111,7 @@ def _conflicting_datasets(dataset_id: int, folder_name: str, raw: Path) -> list[
 
 
 def find_raw_dataset(dataset: str | os.PathLike, raw_dir: str | os.PathLike | None = None) -> Path:
-    """Locate an existing raw dataset given as folder path, ``DatasetXXX_Name`` or numeric ID.
+    """Locate an existing raw dataset given as folder path, ``DatasetNNN_Name`` or numeric ID.
 
     Raises:
         ConversionError: Nothing or more than one dataset matches.
@@ -127,7 +127,7 @@ def find_raw_dataset(dataset: str | os.PathLike, raw_dir: str | os.PathLike | No
         matches = [raw / text] if (raw / text).is_dir() else []
     if len(matches) != 1:
         raise ConversionError(f"input dataset {text!r}: expected one folder with a dataset.json (a path, a "
-                              f"DatasetXXX_Name or an ID in {raw}), found {[m.name for m in matches]}")
+                              f"DatasetNNN_Name or an ID in {raw}), found {[m.name for m in matches]}")
     if not (matches[0] / "dataset.json").is_file():
         raise ConversionError(f"input dataset {matches[0]} has no dataset.json")
     return matches[0]
@@ -476,7 +476,7 @@ def write_dataset(spec: DatasetSpec, tasks: Sequence[CaseTask], *, overwrite: bo
                   raw_dir: str | os.PathLike | None = None,
                   finalize: Callable[[Path, list[str]], None] | None = None,
                   splits: list[dict[str, list[str]]] | None = None, progress: bool = True) -> Path:
-    """Convert all cases into ``nnUNet_raw/DatasetXXX_Name`` atomically.
+    """Convert all cases into ``nnUNet_raw/DatasetNNN_Name`` atomically.
 
     Args:
         spec: Dataset description (ID, name, channels, labels, ...).

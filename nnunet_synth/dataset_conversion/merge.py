@@ -7,7 +7,7 @@ The pancreas paper's setup (MSD pancreas tumours + NIH Pancreas-CT and BTCV as h
     nnUNetv2_synth_convert btcv -i BTCV/ -d 503 --organ pancreas
     nnUNetv2_synth_convert merge -i 501 --healthy 502 503 -d 510 --name PancreasMerged
 
-Inputs are converted raw datasets (ID, ``DatasetXXX_Name`` or folder). Labels are matched by name, with tumour
+Inputs are converted raw datasets (ID, ``DatasetNNN_Name`` or folder). Labels are matched by name, with tumour
 synonyms (tumour, tumor, cancer, lesion, mass, carcinoma) read as one tumour label; every input must declare the same
 set of labels and the same channels. Values are renumbered to the first input's order. Healthy datasets must not
 contain tumour voxels. ``healthy_cases.json`` beside dataset.json lists the identifiers of all healthy-control
@@ -198,7 +198,7 @@ def _make_task(out_id: str, cid: str, source: str, images: list[Path], label: Pa
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Cohort options."""
     parser.add_argument("--healthy", nargs="+", default=None, metavar="DATASET",
-                        help="healthy-control dataset(s): ID, DatasetXXX_Name or folder")
+                        help="healthy-control dataset(s): ID, DatasetNNN_Name or folder")
     parser.add_argument("--prefix-source", action="store_true",
                         help="prefix case identifiers with the source dataset name")
 

@@ -31,7 +31,7 @@ class EncoderEmbedder:
     """A trained nnU-Net's encoder as a feature extractor for tumour patches.
 
     Args:
-        model_folder: the training output folder (``nnUNet_results/DatasetXXX/Trainer__Plans__Config``).
+        model_folder: the training output folder (``nnUNet_results/DatasetNNN/Trainer__Plans__Config``).
         fold: the fold whose checkpoint is loaded (int or ``"all"``).
         checkpoint_name: checkpoint file in ``fold_X``.
         device: torch device; default CUDA when available, else CPU.

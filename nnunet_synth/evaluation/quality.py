@@ -535,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--fold", default=None,
                    help="use only this fold's training cases (0-4 or 'all'; default: all cases); the fold of -m")
     p.add_argument("-m", "--model", default=None, metavar="MODEL_FOLDER",
-                   help="trained nnU-Net model folder (nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG) for the "
+                   help="trained nnU-Net model folder (nnUNet_results/DatasetNNN/TRAINER__PLANS__CONFIG) for the "
                         "one-class SVM check; needs -f")
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint of -m")
     p.add_argument("-device", default=None, help="torch device of the encoder (default: cuda if available, else cpu)")

@@ -1,7 +1,7 @@
 """The ``ddpm`` backend: a trained 3D DDPM inpaints a tumour into the lesion mask (liver-MRI paper).
 
 The checkpoint comes from the synth plan's ``backend_params``: ``checkpoint`` (a path, or ``best``/``final``/
-``latest`` of the default training folder ``nnUNet_results/DatasetXXX/nnUNetSynthGenerator_ddpm__<config>/
+``latest`` of the default training folder ``nnUNet_results/DatasetNNN/nnUNetSynthGenerator_ddpm__<config>/
 fold_<fold>/``; default ``best``), ``fold`` (default 0), ``sampling_steps`` (DDIM steps, default 250 as in
 the paper) and ``device`` (default cuda when available). Loading checks that the checkpoint was trained on
 this dataset, configuration, channel count and spacing.

@@ -2,7 +2,7 @@
 
 The checkpoint is the diffusion stage's (it holds the autoencoder too), named by the synth plan's
 ``backend_params`` like the ddpm backend's: ``checkpoint`` (a path, or ``best``/``final``/``latest`` of
-``nnUNet_results/DatasetXXX/nnUNetSynthGenerator_ldm__<config>/fold_<fold>/``; default ``best``), ``fold``
+``nnUNet_results/DatasetNNN/nnUNetSynthGenerator_ldm__<config>/fold_<fold>/``; default ``best``), ``fold``
 (default 0), ``sampling_steps`` (DDIM steps, default 10 as in the paper) and ``device``. The generator works
 in a window of the model's volume size around the lesion; the decoded window is blended into the image over
 ``blend_margin`` voxels around the lesion, and every voxel farther away stays bit-identical.

@@ -2,7 +2,7 @@
 class into one 2D slice by edit-friendly DDPM inversion (breast 2D paper).
 
 Synth plan ``backend_params``: ``checkpoint`` (a path, or ``final``/``latest`` of the default training folder
-``nnUNet_results/DatasetXXX/nnUNetSynthGenerator_sd_inversion__2d/fold_<fold>/``; default ``final``),
+``nnUNet_results/DatasetNNN/nnUNetSynthGenerator_sd_inversion__2d/fold_<fold>/``; default ``final``),
 ``fold`` (default 0), ``base_model`` (default: the folder recorded in the checkpoint; its configuration must
 match the recorded fingerprint), ``size_class`` (tiny, small, medium, large, very_large or any), ``device``
 and the :class:`~nnunet_synth.generators.sd_inversion.insertion.InsertionSettings` (``sampling_steps``,
