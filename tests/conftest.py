@@ -34,6 +34,23 @@ def run(command: list[str], env: dict | None = None, timeout: int = 900) -> subp
     return result
 
 
+def train_as_the_readme_says(dataset: int, configuration: str, trainer: str, **env_overrides: str) -> Path:
+    """``nnUNetv2_train DATASET CONFIGURATION 0 -tr TRAINER`` on CPU with only the README's ``nnUNet_extTrainer``
+    line (and a single-threaded loader); returns the fold folder after checking its final checkpoint."""
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
+    env.update(nnUNet_extTrainer=ext_trainer_dir(), nnUNet_n_proc_DA="0", **env_overrides)
+    run(["nnUNetv2_train", str(dataset), configuration, "0", "-tr", trainer, "-device", "cpu"], env=env)
+    fold = next(Path(os.environ["nnUNet_results"]).glob(f"Dataset{dataset}_*")) / \
+        f"{trainer}__nnUNetPlans__{configuration}" / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file()
+    return fold
+
+
+def training_log(fold: Path) -> str:
+    """nnU-Net's training log(s) of a fold folder."""
+    return "".join(p.read_text(encoding="utf-8") for p in fold.glob("training_log_*.txt"))
+
+
 def plan_and_preprocess(dataset_id: int) -> None:
     # planning must run without nnUNet_n_proc_DA=0 (nnU-Net 2.8.1 calls torch.set_num_threads(0) otherwise)
     env = {k: v for k, v in os.environ.items() if k != "nnUNet_n_proc_DA"}

@@ -34,7 +34,7 @@ from nnunet_synth.injection import SynthTumourTransform
 from nnunet_synth.planning import load_synth_plan, preprocessed_dir
 from nnunet_synth.trainers import nnUNetTrainerSynth20DDPM, nnUNetTrainerSynth60DDPM, nnUNetTrainerSynthBank
 
-from .conftest import ext_trainer_dir, run
+from .conftest import run, train_as_the_readme_says, training_log
 
 TUMOUR = 2
 ITERATIONS = 24
@@ -295,14 +295,8 @@ def test_bank_trainer_without_its_bank_names_the_command(phantom_ct, bank, monke
 
 @pytest.mark.slow
 def test_bank_trainer_through_nnunetv2_train(phantom_ct, bank):
-    trainer = "nnUNetTrainerSynth20DDPM_Debug"
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
-    env.update(nnUNet_extTrainer=ext_trainer_dir(), nnUNet_n_proc_DA="0")
-    run(["nnUNetv2_train", str(phantom_ct), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env=env)
-    fold = next(Path(os.environ["nnUNet_results"]).glob(f"Dataset{phantom_ct}_*")) / \
-        f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
-    assert (fold / "checkpoint_final.pth").is_file()
-    log = "".join(p.read_text(encoding="utf-8") for p in fold.glob("training_log_*.txt"))
+    fold = train_as_the_readme_says(phantom_ct, "3d_fullres", "nnUNetTrainerSynth20DDPM_Debug")
+    log = training_log(fold)
     assert f"training on 4 real and {BANK_CASES} bank cases" in log and "bank cases this epoch" in log
     # validation is nnU-Net's own, on real validation cases only
     _, val, _ = split_cases(phantom_ct, "3d_fullres", 0)

@@ -338,16 +338,7 @@ def test_online_inpainting_of_a_batch(phantom_ct, generator):
 
 @pytest.mark.slow
 def test_ldm_bank_trainer_through_nnunetv2_train(phantom_ct, bank):
-    import os
+    from .conftest import train_as_the_readme_says, training_log
 
-    from .conftest import ext_trainer_dir, run
-
-    trainer = "nnUNetTrainerSynth20LDM_Debug"
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
-    env.update(nnUNet_extTrainer=ext_trainer_dir(), nnUNet_n_proc_DA="0")
-    run(["nnUNetv2_train", str(phantom_ct), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env=env)
-    fold = next(Path(os.environ["nnUNet_results"]).glob(f"Dataset{phantom_ct}_*")) / \
-        f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
-    assert (fold / "checkpoint_final.pth").is_file()
-    log = "".join(p.read_text(encoding="utf-8") for p in fold.glob("training_log_*.txt"))
+    log = training_log(train_as_the_readme_says(phantom_ct, "3d_fullres", "nnUNetTrainerSynth20LDM_Debug"))
     assert f"bank cases ({bank})" in log and "bank cases this epoch" in log

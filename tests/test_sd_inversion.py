@@ -36,7 +36,7 @@ from nnunet_synth.trainers import (
     nnUNetTrainerSynth60SD,
 )
 
-from .conftest import TINY, ext_trainer_dir, run
+from .conftest import TINY, run, train_as_the_readme_says, training_log
 
 DATASET = 905
 TUMOUR = 2
@@ -318,12 +318,6 @@ def test_sd_trainers_refuse_3d_and_fine_tune_on_real_cases_at_the_end(phantom_2d
 
 @pytest.mark.slow
 def test_sd_bank_trainer_through_nnunetv2_train(phantom_2d, bank):
-    trainer = "nnUNetTrainerSynth20SD_Debug"
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
-    env.update(nnUNet_extTrainer=ext_trainer_dir(), nnUNet_n_proc_DA="0")
-    run(["nnUNetv2_train", str(phantom_2d), "2d", "0", "-tr", trainer, "-device", "cpu"], env=env)
-    fold = next(Path(os.environ["nnUNet_results"]).glob(f"Dataset{phantom_2d}_*")) / \
-        f"{trainer}__nnUNetPlans__2d" / "fold_0"
-    assert (fold / "checkpoint_final.pth").is_file()
-    log = "".join(p.read_text(encoding="utf-8") for p in fold.glob("training_log_*.txt"))
+    fold = train_as_the_readme_says(phantom_2d, "2d", "nnUNetTrainerSynth20SD_Debug")
+    log = training_log(fold)
     assert f"training on 4 real and {BANK_CASES} bank cases" in log and "bank cases this epoch" in log

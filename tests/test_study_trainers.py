@@ -16,7 +16,7 @@ from nnunet_synth.injection import achieved_rates
 from nnunet_synth.planning import preprocessed_dir
 from nnunet_synth.trainers import nnUNetTrainerSynth20RealFinetune, nnUNetTrainerSynth20Template
 
-from .conftest import ext_trainer_dir, run
+from .conftest import train_as_the_readme_says, training_log
 
 STUDY_TRAINERS = {
     "nnUNetTrainerSynth20Tiny": "'size_class': 'tiny'",
@@ -38,13 +38,7 @@ STUDY_TRAINERS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("trainer", list(STUDY_TRAINERS))
 def test_named_trainer_runs_one_short_epoch(phantom_ct, trainer):
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
-    env.update(nnUNet_extTrainer=ext_trainer_dir(), nnUNet_n_proc_DA="0", NNUNET_SYNTH_SCHEDULE="1,1,1")
-    run(["nnUNetv2_train", str(phantom_ct), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env=env)
-    results = Path(os.environ["nnUNet_results"])
-    fold = next(results.glob(f"Dataset{phantom_ct}_*")) / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
-    assert (fold / "checkpoint_final.pth").is_file()
-    log = "".join(p.read_text(encoding="utf-8") for p in fold.glob("training_log_*.txt"))
+    log = training_log(train_as_the_readme_says(phantom_ct, "3d_fullres", trainer, NNUNET_SYNTH_SCHEDULE="1,1,1"))
     assert "schedule overridden by NNUNET_SYNTH_SCHEDULE" in log
     assert STUDY_TRAINERS[trainer] in log
 
