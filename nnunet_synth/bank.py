@@ -122,7 +122,20 @@ def class_locations(seg: np.ndarray, label_manager) -> dict:
 
 def insert_lesion(data: np.ndarray, seg: np.ndarray, plan: dict, generator, rng: np.random.Generator
                   ) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    """Places one lesion in the organ of a whole preprocessed case and lets the backend fill it.
+    """One lesion in a whole preprocessed case: the backend's own ``insert_lesion`` where it has one
+    (sd_inversion: one slice of a 2d case), else :func:`place_and_synthesize`.
+
+    Returns:
+        New (data, seg, lesion info), or None when no lesion fits; the inputs are not modified.
+    """
+    custom = getattr(generator, "insert_lesion", None)
+    return custom(data, seg, plan, rng) if custom is not None else place_and_synthesize(data, seg, plan, generator,
+                                                                                          rng)
+
+
+def place_and_synthesize(data: np.ndarray, seg: np.ndarray, plan: dict, generator, rng: np.random.Generator
+                         ) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """Places one lesion of the synth plan's size preset in the organ and lets the backend's ``synthesize`` fill it.
 
     Returns:
         New (data, seg, lesion info), or None when no lesion fits; the inputs are not modified.
@@ -130,9 +143,6 @@ def insert_lesion(data: np.ndarray, seg: np.ndarray, plan: dict, generator, rng:
     from nnunet_synth.generators.placement import PlacementRules, central_window, place_lesion
     from nnunet_synth.generators.shapes import choose_radius_mm, lesion_mask
 
-    custom = getattr(generator, "insert_lesion", None)
-    if custom is not None:  # a backend with its own placement (sd_inversion: one slice of a 2d case)
-        return custom(data, seg, plan, rng)
     seg0 = np.asarray(seg[0])
     spacing = tuple(plan["spacing"][-seg0.ndim:])
     organ = seg0 == plan["organ_label"]
@@ -352,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None, help="default: the synth plan's seed")
     parser.add_argument("--export-raw", type=Path, default=None, help="also write NIfTI image/label files here")
     parser.add_argument("--size-class", default=None, help="sd_inversion: tiny, small, medium, large, very_large "
-                        "or any (per-slice tumour area bins; default any)")
+                        "or any (per-slice tumour area bins of the 2d configuration; default any). On a 3D "
+                        "configuration the lesion size comes from the synth plan's shapes")
     args = parser.parse_args(argv)
     from nnunet_synth.generator_training import parse_fold
     from nnunet_synth.generators.checkpoints import GeneratorCheckpointError

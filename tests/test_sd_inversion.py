@@ -16,7 +16,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
-from nnunet_synth.bank import bank_dir, bank_identifiers, is_bank_identifier, parse_bank_identifier
+from nnunet_synth.bank import bank_dir, bank_identifiers, generate_bank, is_bank_identifier, parse_bank_identifier
 from nnunet_synth.bank import main as generate_main
 from nnunet_synth.generator_training import generator_output_dir, split_cases
 from nnunet_synth.generator_training import main as train_main
@@ -36,7 +36,7 @@ from nnunet_synth.trainers import (
     nnUNetTrainerSynth60SD,
 )
 
-from .conftest import TINY, run, train_as_the_readme_says, training_log
+from .conftest import TINY, plan_and_preprocess, run, train_as_the_readme_says, training_log
 
 DATASET = 905
 TUMOUR = 2
@@ -293,7 +293,7 @@ def test_sd_bank_trainers_reach_their_ratio(phantom_2d, bank, monkeypatch, cls):
         assert not any(map(is_bank_identifier, next(val_loader)["keys"]))
 
 
-def test_sd_trainers_refuse_3d_and_fine_tune_on_real_cases_at_the_end(phantom_2d, bank, monkeypatch):
+def test_sd_realfinetune_trains_on_real_cases_only_at_the_end(phantom_2d, bank, monkeypatch):
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     trainer = _trainer(nnUNetTrainerSynth20SDRealFinetune, phantom_2d, num_epochs=10)
     trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
@@ -309,11 +309,40 @@ def test_sd_trainers_refuse_3d_and_fine_tune_on_real_cases_at_the_end(phantom_2d
     assert not any(is_bank_identifier(k) for _ in range(200) for k in loader.get_indices())
     assert trainer.synth_probability == 0.0
 
+
+def test_bank_of_a_3d_configuration_inpaints_3d_lesions_slice_by_slice(phantom_2d, generator, monkeypatch):
+    """The 2d-trained generator serves the dataset's 3d_fullres configuration: one 3D lesion per bank case,
+    inpainted slice by slice, pixels changed only inside each slice's smoothed mask; the SD trainers mix it in."""
+    plan_and_preprocess(phantom_2d)  # adds the 3d_fullres configuration of the same dataset
+    written = generate_bank(phantom_2d, "sd_inversion", 2, configuration="3d_fullres", sampling_steps=STEPS,
+                            device="cpu", progress=False)
+    assert len(written) == 2
+    folder = bank_dir(phantom_2d, "sd_inversion", "3d_fullres")
+    _, _, real_folder = split_cases(phantom_2d, "3d_fullres", 0)
+    real, synthetic = nnUNetDatasetBlosc2(str(real_folder)), nnUNetDatasetBlosc2(str(folder))
+    thickness = []
+    for identifier in bank_identifiers(folder, 0):
+        data, seg, _, _ = synthetic.load_case(identifier)
+        data0, seg0, _, _ = real.load_case(parse_bank_identifier(identifier)[0])
+        data, seg, data0, seg0 = (np.asarray(a) for a in (data, seg, data0, seg0))
+        lesion = (seg[0] == TUMOUR) & (seg0[0] != TUMOUR)
+        slices = np.flatnonzero(lesion.any(axis=(1, 2)))
+        thickness.append(len(slices))
+        changed = (data != data0)[0]
+        assert not np.delete(changed, slices, axis=0).any(), "a slice without lesion changed"
+        for z in slices:
+            assert not (changed[z] & (smoothed_mask(lesion[z], 1.5) == 0)).any(), f"slice {z}: outside the mask"
+        assert changed[lesion].mean() > 0.9
+    assert max(thickness) >= 2, "3D lesions span several slices"
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     base = preprocessed_dir(phantom_2d)
     plans = dict(load_json(base / "nnUNetPlans.json"), continue_training=False)
     three_d = nnUNetTrainerSynth20SD(plans, "3d_fullres", 0, load_json(base / "dataset.json"), torch.device("cpu"))
-    with pytest.raises(RuntimeError, match="2d configuration, not 3d_fullres"):
-        three_d.get_tr_and_val_datasets()
+    three_d.initialize()
+    train_loader, _ = three_d.get_dataloaders()
+    assert sum(map(is_bank_identifier, train_loader.data_loader.indices)) == 2
+    assert next(train_loader)["data"].ndim == 5
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
-"""Trainers that mix the 2D ``sd_inversion`` bank into nnU-Net's 2d training (breast 2D paper).
+"""Trainers that mix the ``sd_inversion`` bank into nnU-Net's training (breast 2D paper).
 
-``nnUNetTrainerSynthNSD`` trains the 2d configuration on the real training cases of its fold plus the
-sd_inversion bank cases made for that fold (``nnUNetv2_synth_generate -g sd_inversion -c 2d``), the bank
-drawn with total probability N/100. ``nnUNetTrainerSynth20SDRealFinetune`` follows the paper's two stages:
+``nnUNetTrainerSynthNSD`` trains on the real training cases of its fold plus the sd_inversion bank cases made
+for that fold and configuration (``nnUNetv2_synth_generate -g sd_inversion -c 2d``, or a 3D configuration,
+where the 2d-trained generator inpaints 3D lesions slice by slice), the bank drawn with total probability
+N/100. ``nnUNetTrainerSynth20SDRealFinetune`` follows the paper's two stages:
 mixed data first, real data only for the last 20% of the epochs.
 """
 
@@ -17,15 +18,10 @@ from nnunet_synth.trainers.schedules import DEBUG_SCHEDULE, set_schedule
 
 
 class nnUNetTrainerSynthBankSD(nnUNetTrainerSynthBank):
-    """Bank mixing with the sd_inversion bank; 2d configurations only."""
+    """Bank mixing with the sd_inversion bank of the trainer's configuration (2d: one slice per bank case; 3D:
+    lesions inpainted slice by slice)."""
 
     synth_backend = "sd_inversion"
-
-    def get_tr_and_val_datasets(self):
-        if len(self.configuration_manager.patch_size) != 2:
-            raise RuntimeError(f"{self.__class__.__name__} mixes the 2D sd_inversion bank into 2d training; train "
-                               f"it with the 2d configuration, not {self.configuration_name}")
-        return super().get_tr_and_val_datasets()
 
 
 class nnUNetTrainerSynth2SD(nnUNetTrainerSynthBankSD):

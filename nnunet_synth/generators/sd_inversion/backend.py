@@ -23,6 +23,8 @@ from nnunet_synth.generators.sd_inversion.captions import NO_TUMOUR, caption, ca
 from nnunet_synth.generators.sizes import SLICE_AREA_BINS_PX
 
 BACKEND = "sd_inversion"
+# the generator is fine-tuned on the 2d configuration; 3D configurations of the dataset use it slice by slice
+GENERATOR_CONFIGURATION = "2d"
 DEFAULT_CHECKPOINT = "final"
 MAX_LESION_DRAWS = 50
 
@@ -42,7 +44,8 @@ class SDInversionGenerator(TumourGenerator):
 
         params = dict(synth_plan.get("backend_params", {}))
         params["checkpoint"] = params.get("checkpoint") or DEFAULT_CHECKPOINT
-        self.checkpoint, self.fold = resolve_checkpoint({**synth_plan, "backend_params": params}, BACKEND)
+        self.checkpoint, self.fold = resolve_checkpoint(
+            {**synth_plan, "configuration": GENERATOR_CONFIGURATION, "backend_params": params}, BACKEND)
         self.settings = InsertionSettings.from_params(params)
         self.sampling_steps = self.settings.sampling_steps
         self.size_class = str(params.get("size_class") or "any")
@@ -66,10 +69,10 @@ class SDInversionGenerator(TumourGenerator):
         )
 
         plan = self.synth_plan
-        hint = f"train it with: {train_command(plan['dataset_name'], BACKEND, plan['configuration'], self.fold)} " \
-               f"--base-model PATH"
+        command = train_command(plan["dataset_name"], BACKEND, GENERATOR_CONFIGURATION, self.fold)
+        hint = f"train it with: {command} --base-model PATH"
         state = load_checkpoint(self.checkpoint, BACKEND, {
-            "dataset_name": plan["dataset_name"], "configuration": plan["configuration"],
+            "dataset_name": plan["dataset_name"], "configuration": GENERATOR_CONFIGURATION,
             "num_channels": self.num_channels}, hint=hint)
         config = state["config"]
         try:
@@ -108,16 +111,24 @@ class SDInversionGenerator(TumourGenerator):
 
     def synthesize(self, image: np.ndarray, lesion: Lesion, spacing: tuple[float, ...],
                    rng: np.random.Generator) -> None:
-        """Writes a tumour into a 2D slice (C, y, x); the source prompt says "no tumor"."""
+        """Writes a tumour into a 2D slice (C, y, x), or slice by slice along the first axis into a volume
+        (C, z, y, x), each slice prompted with the size class of its own lesion area; the source prompt says
+        "no tumor"."""
         mask = np.zeros(image.shape[1:], dtype=bool)
         mask[lesion.bbox] = lesion.mask
-        image[...] = self._insert(image, mask, caption(NO_TUMOUR), rng)
+        if mask.ndim == 2:
+            image[...] = self._insert(image, mask, caption(NO_TUMOUR), rng)
+            return
+        for z in np.flatnonzero(mask.any(axis=(1, 2))):
+            image[:, z] = self._insert(image[:, z], mask[z], caption(NO_TUMOUR), rng)
 
     def insert_lesion(self, data: np.ndarray, seg: np.ndarray, plan: dict, rng: np.random.Generator
                       ) -> tuple[np.ndarray, np.ndarray, dict] | None:
         """Bank hook: one lesion of the requested size class in one slice of a preprocessed case (C, Z, Y, X).
 
-        The slice is drawn among those holding the organ label; the lesion is drawn with the ``slice_area``
+        On a 3D configuration the lesion is 3D instead, from the synth plan's size preset, placed like every
+        backend's and inpainted slice by slice (:meth:`synthesize`). On the 2d configuration, the slice is drawn
+        among those holding the organ label; the lesion is drawn with the ``slice_area``
         preset and redrawn until its pixel area as placed falls in the requested class; its caption is the
         prompt.
 
@@ -130,8 +141,12 @@ class SDInversionGenerator(TumourGenerator):
 
         seg0 = np.asarray(seg[0])
         if seg0.ndim != 3 or np.asarray(data).ndim != 4:
-            raise ValueError(f"sd_inversion inserts into (C, Z, Y, X) cases of a 2d configuration, got data "
+            raise ValueError(f"sd_inversion inserts into preprocessed (C, Z, Y, X) cases, got data "
                              f"{np.asarray(data).shape}")
+        if plan["configuration"] != GENERATOR_CONFIGURATION:
+            from nnunet_synth.bank import place_and_synthesize
+
+            return place_and_synthesize(data, seg, plan, self, rng)
         if plan.get("organ_label") is None:
             return None
         spacing = tuple(float(s) for s in plan["spacing"][-2:])
