@@ -10,6 +10,11 @@ before the backend is built, for reference).
     python benchmarks/generators.py --device cpu cuda --preset paper --sampling-steps 50 --num 5
     python benchmarks/generators.py --threads 1     # on a shared CPU: avoids OpenMP stalls between threads
     python benchmarks/generators.py --backends ldm --device cuda --preset paper   # one backend only
+    python benchmarks/generators.py --online --device cuda   # ldm online trainers: generation share of a step
+
+``--online`` times what ``nnUNetTrainerSynthNLDMOnline.train_step`` does per batch: LDM inpainting of every
+sample of an nnU-Net batch, then a training step of nnU-Net's default 3d_fullres U-Net on it, and prints the
+share of the step spent in generation (the trainers log the same share for real training every epoch).
 """
 
 from __future__ import annotations
@@ -152,6 +157,60 @@ def measure(backend: str, device: str, preset: str, steps: int, num: int, channe
             "baseline_rss_mb": baseline_mb}
 
 
+ONLINE_PATCH = {"cpu": (16, 32, 32), "cuda": (64, 128, 128)}  # nnU-Net batch patch per device (batch 2)
+
+
+def measure_online(device: str, preset: str, steps: int, threads: int | None) -> dict:
+    """Runs in a fresh process: seconds of LDM inpainting and of an nnU-Net training step for one batch."""
+    import torch
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    from nnunet_synth.generators.ldm.backend import load_models
+    from nnunet_synth.generators.ldm.model import build_sampling_scheduler
+    from nnunet_synth.generators.ldm.online import inpaint_batch
+
+    if threads:
+        torch.set_num_threads(threads)
+    patch, channels = ONLINE_PATCH[device], 1
+    plan = make_plan(SPACING, channels)
+    stages = 4 if device == "cpu" else 6  # nnU-Net's default depth for such patches
+    network = PlainConvUNet(channels, stages, [min(32 * 2 ** i, 320) for i in range(stages)], torch.nn.Conv3d, 3,
+                            [1] + [2] * (stages - 1), 2, 3, 2, conv_bias=True, norm_op=torch.nn.InstanceNorm3d,
+                            norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
+                            nonlin_kwargs={"inplace": True}).to(device)
+    optimizer = torch.optim.SGD(network.parameters(), 1e-2, momentum=0.99, nesterov=True)
+    rng = np.random.default_rng(0)
+    data = torch.from_numpy(rng.normal(0, 1, (2, channels, *patch)).astype(np.float32)).to(device)
+    target = torch.zeros((2, 1, *patch), device=device)
+    target[:, :, 2:-2, 4:-4, 4:-4] = ORGAN
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models, _ = load_models(random_ldm_checkpoint(preset, plan, Path(tmp) / "random.pth"), device=device)
+    scheduler = build_sampling_scheduler(steps)
+    generation, training = [], []
+    for _ in range(4):  # the first round warms up kernels and caches
+        sync()
+        start = time.perf_counter()
+        new_data, new_target, _ = inpaint_batch(models, scheduler, data, target, plan, 1.0, rng)
+        sync()
+        generation.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device, enabled=device == "cuda"):
+            loss = torch.nn.functional.cross_entropy(network(new_data), new_target[:, 0].long())
+        loss.backward()
+        optimizer.step()
+        sync()
+        training.append(time.perf_counter() - start)
+    gen, train = float(np.mean(generation[1:])), float(np.mean(training[1:]))
+    return {"device": device, "preset": preset, "patch": patch, "steps": steps, "generation_s": gen,
+            "training_s": train, "share": gen / (gen + train)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", nargs="+", choices=["cpu", "cuda"], default=["cpu"])
@@ -165,7 +224,20 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="trained checkpoint of the (one) learned backend "
                         "(default: random weights)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--online", action="store_true", help="ldm online trainers: share of a training step "
+                        "spent in generation (every sample of the batch inpainted)")
     args = parser.parse_args()
+    ctx = multiprocessing.get_context("spawn")
+    if args.online:
+        print("ldm online: batch 2, every sample inpainted, then one nnU-Net training step (random weights)")
+        for device in args.device:
+            preset = args.preset or ("paper" if device == "cuda" else "tiny")
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                r = pool.submit(measure_online, device, preset, args.sampling_steps or 10, args.threads).result()
+            print(f"  {r['device']:5} preset {r['preset']:6} patch {r['patch']} {r['steps']} DDIM steps: generation "
+                  f"{r['generation_s']:.3f} s, training step {r['training_s']:.3f} s, generation share "
+                  f"{r['share']:.1%}")
+        return
 
     if args.checkpoint and len(args.backends) > 1:
         parser.error("--checkpoint needs exactly one --backends entry")
@@ -177,7 +249,6 @@ def main() -> None:
             steps = args.sampling_steps or default_steps[learned]
             jobs.append((learned, device, preset, steps, learned))
             jobs.append(("analytic", "cpu", preset, steps, learned))  # same patch, same run
-    ctx = multiprocessing.get_context("spawn")
     rows = []
     for backend, device, preset, steps, learned in jobs:
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:

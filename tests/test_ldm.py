@@ -304,6 +304,8 @@ def test_online_trainer_step_inpaints_and_trains_on_cpu_when_allowed(phantom_ct,
     result = trainer.train_step(batch)
     assert np.isfinite(result["loss"])
     assert trainer._synth_seen == [len(batch["keys"])] * 2
+    generation, step = trainer._seconds
+    assert 0 < generation < step, "generation time is part of the training step's"
 
 
 def test_online_inpainting_of_a_batch(phantom_ct, generator):

@@ -4,10 +4,13 @@
 bank drawn with total probability N/100, exactly like the DDPM bank trainers. ``nnUNetTrainerSynthNLDMOnline``
 inpaints a share N/100 of every training batch's samples on the GPU with the trained LDM just before the
 forward pass (few DDIM steps; ``sampling_steps`` of the synth plan's ``backend_params`` when its backend is
-``ldm``, else 10). On a machine without CUDA the online trainers refuse to start and name the bank trainers.
+``ldm``, else 10) and log each epoch which share of the training-step time generation took. On a machine
+without CUDA the online trainers refuse to start and name the bank trainers.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
@@ -87,6 +90,7 @@ class nnUNetTrainerSynthLDMOnline(nnUNetTrainer):
         self.synth_plan: dict | None = None
         self._ldm = None
         self._synth_seen = [0, 0]
+        self._seconds = [0.0, 0.0]  # generation, whole training step: the generation share of step time
 
     @classmethod
     def _require_cuda(cls, device: torch.device) -> None:
@@ -132,6 +136,7 @@ class nnUNetTrainerSynthLDMOnline(nnUNetTrainer):
         from nnunet_synth.generators.ldm.online import inpaint_batch
 
         models, scheduler, config = self._ldm
+        start = time.perf_counter()
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
@@ -140,13 +145,25 @@ class nnUNetTrainerSynthLDMOnline(nnUNetTrainer):
                                              self._rng, self._noise, config["intensity_range"])
         self._synth_seen[0] += data.shape[0]
         self._synth_seen[1] += len(chosen)
-        return super().train_step({**batch, "data": data, "target": target})
+        generated = self._elapsed(start)
+        result = super().train_step({**batch, "data": data, "target": target})
+        self._seconds[0] += generated
+        self._seconds[1] += self._elapsed(start)
+        return result
+
+    def _elapsed(self, start: float) -> float:
+        """Seconds since ``start``, after the GPU's queued work (kernels run asynchronously)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
     def on_epoch_end(self) -> None:
         seen, synthetic = self._synth_seen
-        self._synth_seen = [0, 0]
+        generation, step = self._seconds
+        self._synth_seen, self._seconds = [0, 0], [0.0, 0.0]
         self.print_to_log_file(f"LDM tumours this epoch: {synthetic}/{seen} samples ({synthetic / max(1, seen):.1%}; "
-                               f"target {self.synth_probability:.0%})")
+                               f"target {self.synth_probability:.0%}); generation {generation:.1f} s of "
+                               f"{step:.1f} s training-step time ({generation / max(step, 1e-9):.1%})")
         super().on_epoch_end()
 
 
