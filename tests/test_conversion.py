@@ -116,7 +116,7 @@ def write_dicom_series(folder: Path, image: sitk.Image, description: str, series
 
 
 def build_pancreas_ct(root: Path, n: int = 2) -> dict[str, np.ndarray]:
-    """TCIA layout: Pancreas-CT/PANCREAS_XXXX/<study>/<series>/*.dcm + TCIA_pancreas_labels-02-05-2017/labelXXXX."""
+    """TCIA layout: Pancreas-CT/PANCREAS_NNNN/<study>/<series>/*.dcm + TCIA_pancreas_labels-02-05-2017/labelNNNN."""
     arrays = {}
     for i in range(1, n + 1):
         img = volume(ct_array(10 + i))

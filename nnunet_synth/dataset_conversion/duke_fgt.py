@@ -90,7 +90,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
         overwrite: Replace an existing dataset folder of the same name.
         raw_dir: Output root instead of ``nnUNet_raw``.
         exclude: Patients (``Breast_MRI_001``) to leave out.
-        images_dir: Where the ``Breast_MRI_XXX`` DICOM folders are (default: below ``input_dir``).
+        images_dir: Where the ``Breast_MRI_NNN`` DICOM folders are (default: below ``input_dir``).
         segmentations_dir: Where the ``.seg.nrrd`` files are (default: below ``input_dir``).
         series_description: Regular expression (case-insensitive) for the pre-contrast SeriesDescription.
         breast_mask: Also use ``Segmentation_<ID>_Breast.seg.nrrd`` (required for every case).
@@ -221,7 +221,7 @@ def _series_geometry(series: DicomSeries) -> Geometry:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Cohort options."""
-    parser.add_argument("--images", default=None, metavar="DIR", help="folder above the Breast_MRI_XXX DICOM folders")
+    parser.add_argument("--images", default=None, metavar="DIR", help="folder above the Breast_MRI_NNN DICOM folders")
     parser.add_argument("--segmentations", default=None, metavar="DIR", help="folder above the .seg.nrrd files")
     parser.add_argument("--series-description", default="pre",
                         help="regular expression for the pre-contrast SeriesDescription")

@@ -59,7 +59,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
     """Convert NIH Pancreas-CT.
 
     Args:
-        input_dir: Folder above ``PANCREAS_XXXX/`` folders and ``labelXXXX.nii.gz`` files.
+        input_dir: Folder above ``PANCREAS_NNNN/`` folders and ``labelNNNN.nii.gz`` files.
         dataset_id: nnU-Net dataset ID.
         name: Dataset name (default PancreasCT).
         overwrite: Replace an existing dataset folder of the same name.
@@ -75,7 +75,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
     root = Path(input_dir)
     patients, labels = _find(root, Path(labels_dir) if labels_dir else None)
     if not patients and not labels:
-        raise ConversionError(f"{root}: no PANCREAS_XXXX folders and no labelXXXX.nii.gz files found")
+        raise ConversionError(f"{root}: no PANCREAS_NNNN folders and no labelNNNN.nii.gz files found")
     numbers = sorted(set(patients) | set(labels))
     exclude_numbers = [e.removeprefix("PANCREAS_") for e in (exclude or ())]
     selected = select_cases(numbers, exclude_numbers)
@@ -125,7 +125,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Cohort options."""
     parser.add_argument("--labels", default=None, metavar="DIR",
-                        help="folder with labelXXXX.nii.gz (default: searched below -i)")
+                        help="folder with labelNNNN.nii.gz (default: searched below -i)")
     parser.add_argument("--trust-voxel-grid", action="store_true",
                         help="copy the image geometry onto a label of equal size (for known-bad label headers)")
 
