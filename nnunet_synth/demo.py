@@ -17,7 +17,7 @@ from nnunet_synth.phantom import PhantomConfig, write_phantom_dataset
 
 DEMO_DATASET_ID = 990
 # small enough for a CPU training of a few minutes: nnU-Net plans its patch as the whole 24x48x48 image
-DEMO_PHANTOM = PhantomConfig(shape=(24, 48, 48), spacing=(3.0, 1.5, 1.5), tumour_radii_mm=(5.0, 7.0, 9.0))
+DEMO_PHANTOM = PhantomConfig(shape=(24, 48, 48), spacing=(3.0, 1.5, 1.5), tumour_radii_mm=(7.0, 9.0, 12.0))
 
 
 def demo_environment(root: Path) -> dict[str, str]:

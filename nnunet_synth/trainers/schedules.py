@@ -11,7 +11,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 # (epochs, training iterations per epoch, validation iterations per epoch)
 DEBUG_SCHEDULE = (1, 2, 1)
-DEMO_SCHEDULE = (20, 10, 2)
+DEMO_SCHEDULE = (30, 10, 2)
 
 
 def set_schedule(trainer: nnUNetTrainer, schedule: tuple[int, int, int]) -> None:
