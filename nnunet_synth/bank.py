@@ -129,8 +129,9 @@ def insert_lesion(data: np.ndarray, seg: np.ndarray, plan: dict, generator, rng:
         New (data, seg, lesion info), or None when no lesion fits; the inputs are not modified.
     """
     custom = getattr(generator, "insert_lesion", None)
-    return custom(data, seg, plan, rng) if custom is not None else place_and_synthesize(data, seg, plan, generator,
-                                                                                          rng)
+    if custom is not None:
+        return custom(data, seg, plan, rng)
+    return place_and_synthesize(data, seg, plan, generator, rng)
 
 
 def place_and_synthesize(data: np.ndarray, seg: np.ndarray, plan: dict, generator, rng: np.random.Generator
