@@ -36,7 +36,7 @@ setup(
             "nnUNetv2_synth_preview=nnunet_synth.cli:preview_entry",
             "nnUNetv2_synth_export=nnunet_synth.cli:export_entry",
             "nnUNetv2_synth_phantom=nnunet_synth.cli:phantom_entry",
-            "nnUNetv2_synth_masks=nnunet_synth.masks:main",
+            "nnUNetv2_synth_masks=nnunet_synth.cli:masks_entry",
             "nnUNetv2_synth_train_generator=nnunet_synth.generator_training:main",
             "nnUNetv2_synth_generate=nnunet_synth.bank:main",
             "nnUNetv2_synth_convert=nnunet_synth.dataset_conversion.cli:main",

@@ -32,16 +32,15 @@ ORGAN, TUMOUR = 1, 2
 SPACING = (3.0, 1.5, 1.5)  # the liver-MRI paper's 1.5 x 1.5 x 3 mm in nnU-Net's (z, y, x) order
 
 
-def make_plan(spacing: tuple[float, ...], num_channels: int) -> dict:
-    """A flat synth plan for a patch of the benchmark (CT-like hypodense contrast for analytic)."""
-    return {
-        "dataset_name": "Dataset999_Benchmark", "configuration": "3d_fullres", "organ_label": ORGAN,
-        "tumour_label": TUMOUR, "spacing": list(spacing), "backend": "analytic", "backend_params": {},
-        "shapes": {"size_preset": "labelfree", "size_class": "medium", "deformation": "elastic"},
-        "placement": {"margin_mm": 2.0, "gap_mm": 2.0, "min_inside": 0.8}, "tumour_sizes": {"count": 0},
-        "intensity": {"channels": [{"name": f"c{c}", "contrast_range": [-2.0, -1.0], "clip": None}
-                                   for c in range(num_channels)]},
-    }
+def make_plan(spacing: tuple[float, ...], num_channels: int):
+    """A synth plan for a patch of the benchmark (hypodense contrast of 1-2 organ standard deviations)."""
+    from nnunet_synth.synth_plan import ChannelPrior, SynthPlan
+
+    channels = tuple(ChannelPrior(name=f"c{c}", normalization="ZScoreNormalization", organ_mean=0.0, organ_std=1.0,
+                                  contrast_range=(-2.0, -1.0)) for c in range(num_channels))
+    plan = SynthPlan(dataset_name="Dataset999_Benchmark", configuration="3d_fullres", spacing=tuple(spacing),
+                     tumour_label=TUMOUR, organ_label=ORGAN, channels=channels)
+    return plan.replace(shapes={"size_class": "medium"}).validated("benchmark plan")
 
 
 def random_checkpoint(preset_name: str, plan: dict, path: Path) -> Path:
@@ -52,11 +51,11 @@ def random_checkpoint(preset_name: str, plan: dict, path: Path) -> Path:
     from nnunet_synth.generators.ddpm.model import build_model, get_preset
 
     preset = get_preset(preset_name)
-    channels = len(plan["intensity"]["channels"])
+    channels = len(plan.channels)
     torch.manual_seed(0)
     model = build_model(preset, channels)
-    config = {"preset": preset_name, "preset_params": preset.to_dict(), "dataset_name": plan["dataset_name"],
-              "configuration": plan["configuration"], "num_channels": channels, "spacing": plan["spacing"],
+    config = {"preset": preset_name, "preset_params": preset.to_dict(), "dataset_name": plan.dataset_name,
+              "configuration": plan.configuration, "num_channels": channels, "spacing": list(plan.spacing),
               "patch_size": list(preset.patch_size), "intensity_range": [[-10.0, 10.0]] * channels}
     save_checkpoint({"backend": "ddpm", "config": config, "model": model.state_dict()}, path)
     return path
@@ -70,10 +69,10 @@ def random_ldm_checkpoint(preset_name: str, plan: dict, path: Path) -> Path:
     from nnunet_synth.generators.ldm.model import build_unet, build_vqvae, get_preset
 
     preset = get_preset(preset_name)
-    channels = len(plan["intensity"]["channels"])
+    channels = len(plan.channels)
     torch.manual_seed(0)
-    config = {"preset": preset_name, "preset_params": preset.to_dict(), "dataset_name": plan["dataset_name"],
-              "configuration": plan["configuration"], "num_channels": channels, "spacing": plan["spacing"],
+    config = {"preset": preset_name, "preset_params": preset.to_dict(), "dataset_name": plan.dataset_name,
+              "configuration": plan.configuration, "num_channels": channels, "spacing": list(plan.spacing),
               "volume_size": list(preset.volume_size), "intensity_range": [[-10.0, 10.0]] * channels,
               "scale_factor": 1.0, "blend_margin": preset.blend_margin, "stage": "diffusion"}
     save_checkpoint({"backend": "ldm", "stage": "diffusion", "config": config,
@@ -97,19 +96,20 @@ def patch_and_limit(learned: str, preset_name: str) -> tuple[tuple[int, ...], tu
     return patch, tuple(p - 2 * max(1, p // 8) for p in patch)
 
 
-def lesion_in_patch(patch: tuple[int, ...], spacing: tuple[float, ...], limit: tuple[int, ...],
-                    rng: np.random.Generator):
-    """A deformed ellipsoid lesion, about half the largest size the backend allows, centred in the patch."""
-    from nnunet_synth.generators.base import Lesion
-    from nnunet_synth.generators.shapes import lesion_mask
+def lesion_in_patch(patch: tuple[int, ...], plan, limit: tuple[int, ...], rng: np.random.Generator):
+    """A lesion from the lesion pipeline, about half the largest size the backend allows, in an all-organ patch."""
+    from nnunet_synth.generators.lesions import plan_lesions
+    from nnunet_synth.generators.shapes import SIZE_CLASSES
+    from nnunet_synth.synth_plan import TumourSizes
 
-    radius = 0.25 * min(lim * s for lim, s in zip(limit, spacing))
+    radius = 0.25 * min(lim * s for lim, s in zip(limit, plan.spacing))
+    sizes = TumourSizes(count=4, cases=4, class_radius_mm=dict.fromkeys(SIZE_CLASSES, radius))
+    sized = plan.replace(shapes={"size_preset": "quartile", "size_class": "small"}, tumour_sizes=sizes)
+    organ = np.full(patch, ORGAN, dtype=np.int16)
     for _ in range(100):
-        mask = lesion_mask(radius, spacing, rng)
-        if all(m <= lim for m, lim in zip(mask.shape, limit)):
-            start = [(p - m) // 2 for p, m in zip(patch, mask.shape)]
-            return Lesion(tuple(slice(s, s + m) for s, m in zip(start, mask.shape)), mask)
-        radius *= 0.9
+        placed = plan_lesions(np.zeros((1, *patch), np.float32), organ, sized, rng, max_lesion_shape=limit)
+        if placed:
+            return placed[0].lesion
     raise RuntimeError(f"no lesion fits {limit}")
 
 
@@ -132,13 +132,13 @@ def measure(backend: str, device: str, preset: str, steps: int, num: int, channe
         if backend != "analytic":
             make = random_ldm_checkpoint if backend == "ldm" else random_checkpoint
             path = checkpoint or str(make(preset, plan, Path(tmp) / "random.pth"))
-            plan.update(backend=backend, backend_params={"checkpoint": path, "sampling_steps": steps,
-                                                         "device": device})
+            plan = plan.replace(backend=backend, backend_params={"checkpoint": path, "sampling_steps": steps,
+                                                                 "device": device})
         generator = get_backend(backend)(plan)
         # the learned backend's lesion limit for both, so both get equal lesions
         rng = np.random.default_rng(0)
         image = rng.normal(0, 1, (channels, *patch)).astype(np.float32)
-        lesions = [lesion_in_patch(patch, SPACING, limit, rng) for _ in range(num + 1)]
+        lesions = [lesion_in_patch(patch, plan, limit, rng) for _ in range(num + 1)]
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

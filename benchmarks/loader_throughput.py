@@ -83,14 +83,14 @@ def lesion_milliseconds(trainer, num: int, seed: int = 0) -> dict[str, float]:
     patches = []
     for identifier in sorted(ds.identifiers):
         data, seg, _, _ = ds.load_case(identifier)
-        organ = np.argwhere(np.asarray(seg[0]) == trainer.synth_plan["organ_label"])
+        organ = np.argwhere(np.asarray(seg[0]) == trainer.synth_plan.organ_label)
         centre = organ[rng.integers(len(organ))]
         bbox = [[int(c) - p // 2, int(c) - p // 2 + p] for c, p in zip(centre, initial_patch)]
         patches.append((torch.from_numpy(crop_and_pad_nd(np.asarray(data), bbox, 0).astype(np.float32)),
                         torch.from_numpy(crop_and_pad_nd(np.asarray(seg), bbox, -1).astype(np.int16))))
     result = {}
     for size_class in (*SIZE_CLASSES, "any"):
-        plan = dict(trainer.synth_plan, shapes=dict(trainer.synth_plan["shapes"], size_class=size_class))
+        plan = trainer.synth_plan.replace(shapes={"size_class": size_class}).validated(f"size class {size_class}")
         transform = SynthTumourTransform(plan, 1.0, trainer.configuration_manager.patch_size, seed)
         times = []
         for i in range(num):

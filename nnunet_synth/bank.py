@@ -2,7 +2,8 @@
 
 Each bank case is a training-fold case of the segmenter with one lesion inserted by a generator backend
 (mask from the shapes engine, position from placement, content from the backend), written with nnU-Net's
-own dataset class into ``nnUNet_preprocessed/DatasetNNN/nnUNetSynthBank_<backend>_<configuration>/``.
+own dataset class into ``nnUNet_preprocessed/DatasetNNN/nnUNetSynthBank_<backend>_<configuration>/``
+(:func:`nnunet_synth.generators.paths.bank_dir`; another plans identifier than ``nnUNetPlans`` is in the name).
 Identifiers are ``<source case>__synth_f<fold>_<index>``: the fold and source are in the name, so a
 trainer takes only bank cases made for its fold from its own training cases. Case ``index`` depends only on
 (seed, fold, index), so parts (``--num-parts P --part I``, e.g. SLURM array tasks on different machines)
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import re
 import shutil
@@ -22,19 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_synth.generators.paths import DEFAULT_PLANS_IDENTIFIER, bank_dir
 from nnunet_synth.planning import preprocessed_dir, write_json_atomic
 
 BANK_PATTERN = re.compile(r"^(?P<source>.+)__synth_f(?P<fold>all|\d+)_(?P<index>\d+)$")
 MANIFEST_DIR = "manifest"  # a subfolder, so the bank folder itself holds nothing but case files
 TMP_DIR = ".tmp"
-MAX_LESION_DRAWS = 50
+SOURCE_TRIES = 4  # training cases tried, in turn, for one bank case before it is skipped
 # manifest entries a later part or rerun must share with the bank it adds to
-MANIFEST_KEYS = ("backend", "configuration", "seed", "checkpoint", "sampling_steps")
-
-
-def bank_dir(dataset: str | int, backend: str, configuration: str) -> Path:
-    """``nnUNet_preprocessed/DatasetNNN/nnUNetSynthBank_<backend>_<configuration>``."""
-    return preprocessed_dir(dataset) / f"nnUNetSynthBank_{backend}_{configuration}"
+MANIFEST_KEYS = ("backend", "configuration", "seed", "checkpoint", "sampling_steps", "shapes")
 
 
 def bank_identifier(source: str, fold: int | str, index: int) -> str:
@@ -49,11 +47,6 @@ def parse_bank_identifier(identifier: str) -> tuple[str, str, int] | None:
 
 def is_bank_identifier(identifier: str) -> bool:
     return BANK_PATTERN.match(str(identifier)) is not None
-
-
-def generate_command(dataset: str | int, backend: str, configuration: str, fold: int | str) -> str:
-    """The command that makes a missing bank (for error messages)."""
-    return f"nnUNetv2_synth_generate -d {dataset} -g {backend} -c {configuration} -f {fold} -n N"
 
 
 def bank_identifiers(folder: Path, fold: int | str, sources: list[str] | None = None) -> list[str]:
@@ -120,56 +113,6 @@ def class_locations(seg: np.ndarray, label_manager) -> dict:
     return DefaultPreprocessor._sample_foreground_locations(seg, collect)  # noqa: SLF001 - nnU-Net's own sampler
 
 
-def insert_lesion(data: np.ndarray, seg: np.ndarray, plan: dict, generator, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    """One lesion in a whole preprocessed case: the backend's own ``insert_lesion`` where it has one
-    (sd_inversion: one slice of a 2d case), else :func:`place_and_synthesize`.
-
-    Returns:
-        New (data, seg, lesion info), or None when no lesion fits; the inputs are not modified.
-    """
-    custom = getattr(generator, "insert_lesion", None)
-    if custom is not None:
-        return custom(data, seg, plan, rng)
-    return place_and_synthesize(data, seg, plan, generator, rng)
-
-
-def place_and_synthesize(data: np.ndarray, seg: np.ndarray, plan: dict, generator, rng: np.random.Generator
-                         ) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    """Places one lesion of the synth plan's size preset in the organ and lets the backend's ``synthesize`` fill it.
-
-    Returns:
-        New (data, seg, lesion info), or None when no lesion fits; the inputs are not modified.
-    """
-    from nnunet_synth.generators.placement import PlacementRules, central_window, place_lesion
-    from nnunet_synth.generators.shapes import choose_radius_mm, lesion_mask
-
-    seg0 = np.asarray(seg[0])
-    spacing = tuple(plan["spacing"][-seg0.ndim:])
-    organ = seg0 == plan["organ_label"]
-    if not organ.any():
-        return None
-    tumour = seg0 == plan["tumour_label"]
-    limit = getattr(generator, "max_lesion_shape", None)
-    rules = PlacementRules(**plan["placement"])
-    for _ in range(MAX_LESION_DRAWS):
-        size_class, radius = choose_radius_mm(plan, rng)
-        mask = lesion_mask(radius, spacing, rng, plan["shapes"]["deformation"])
-        if limit is not None and any(m > lim for m, lim in zip(mask.shape, limit)):
-            continue  # larger than the backend's patch allows: draw another
-        lesion = place_lesion(mask, organ, organ, tumour, spacing, rng, rules, central_window(seg0.shape, None))
-        if lesion is None:
-            continue
-        new_data = np.array(data, dtype=np.float32, copy=True)
-        generator.synthesize(new_data, lesion, spacing, rng)
-        new_seg = np.array(seg, copy=True)
-        new_seg[0][lesion.bbox][lesion.mask] = plan["tumour_label"]
-        bbox = [[int(s.start), int(s.stop)] for s in lesion.bbox]
-        return new_data, new_seg, {"size_class": size_class, "radius_mm": float(radius), "bbox": bbox,
-                                   "voxels": lesion.num_voxels}
-    return None
-
-
 def _save_case_atomic(dataset_class, data: np.ndarray, seg: np.ndarray, properties: dict, folder: Path,
                       identifier: str, patch_size: tuple[int, ...]) -> None:
     """Writes a case with nnU-Net's ``save_case`` into a temporary subfolder, then renames the data file last."""
@@ -198,8 +141,9 @@ def _save_case_atomic(dataset_class, data: np.ndarray, seg: np.ndarray, properti
 
 
 def export_raw(data: np.ndarray, seg: np.ndarray, properties: dict, plans_manager, configuration_manager,
-               dataset_json: dict, out_dir: Path, identifier: str) -> list[Path]:
-    """Writes a preprocessed case back in raw space (resampled, uncropped, untransposed) as image + label files.
+               dataset_json: dict, out_dir: Path, identifier: str, synthetic: np.ndarray | None = None) -> list[Path]:
+    """Writes a preprocessed case back in raw space (resampled, uncropped, untransposed) as image + label files,
+    and with ``synthetic`` (bool, spatial) the synthetic lesion voxels as ``synthetic_masksTr/<id>``.
 
     CT-normalised channels are mapped back to HU; other channels stay in nnU-Net's normalised units.
     """
@@ -213,14 +157,16 @@ def export_raw(data: np.ndarray, seg: np.ndarray, properties: dict, plans_manage
         else [spacing_t[0], *configuration_manager.spacing]
     image = np.asarray(configuration_manager.resampling_fn_data(np.asarray(data, dtype=np.float32), shape, current,
                                                                 spacing_t))
-    labels = np.asarray(configuration_manager.resampling_fn_seg(np.maximum(np.asarray(seg), 0), shape, current,
-                                                                spacing_t))
+    seg = np.maximum(np.asarray(seg[:1]), 0)
+    if synthetic is not None:  # a second channel, resampled with the labels (nearest neighbour)
+        seg = np.concatenate([seg, np.asarray(synthetic, dtype=seg.dtype)[None]])
+    labels = np.asarray(configuration_manager.resampling_fn_seg(seg, shape, current, spacing_t))
     bbox = properties["bbox_used_for_cropping"]
     region = tuple(slice(lo, hi) for lo, hi in bbox)
     full_image = np.zeros((image.shape[0], *properties["shape_before_cropping"]), dtype=np.float32)
     full_image[(slice(None), *region)] = image
-    full_seg = np.zeros(properties["shape_before_cropping"], dtype=np.uint8)
-    full_seg[region] = labels[0]
+    full_seg = np.zeros((labels.shape[0], *properties["shape_before_cropping"]), dtype=np.uint8)
+    full_seg[(slice(None), *region)] = labels
     intensity = plans_manager.foreground_intensity_properties_per_channel
     for c, scheme in enumerate(configuration_manager.normalization_schemes):
         if scheme == "CTNormalization":
@@ -228,10 +174,12 @@ def export_raw(data: np.ndarray, seg: np.ndarray, properties: dict, plans_manage
             full_image[c] = full_image[c] * max(props["std"], 1e-8) + props["mean"]
     back = list(plans_manager.transpose_backward)
     full_image = full_image.transpose([0] + [i + 1 for i in back])
-    full_seg = full_seg.transpose(back)
+    full_seg = full_seg.transpose([0] + [i + 1 for i in back])
     ending = dataset_json.get("file_ending", ".nii.gz")
     (out_dir / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out_dir / "labelsTr").mkdir(parents=True, exist_ok=True)
+    if synthetic is not None:
+        (out_dir / "synthetic_masksTr").mkdir(parents=True, exist_ok=True)
     written = []
 
     def write(array: np.ndarray, path: Path) -> None:
@@ -244,7 +192,9 @@ def export_raw(data: np.ndarray, seg: np.ndarray, properties: dict, plans_manage
 
     for c in range(full_image.shape[0]):
         write(full_image[c], out_dir / "imagesTr" / f"{identifier}_{c:04d}{ending}")
-    write(full_seg, out_dir / "labelsTr" / f"{identifier}{ending}")
+    write(full_seg[0], out_dir / "labelsTr" / f"{identifier}{ending}")
+    if synthetic is not None:
+        write(full_seg[1], out_dir / "synthetic_masksTr" / f"{identifier}{ending}")
     return written
 
 
@@ -258,7 +208,8 @@ def _check_manifest(path: Path, manifest: dict) -> None:
 
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = {k: (old.get(k), manifest[k]) for k in MANIFEST_KEYS if old.get(k) != manifest[k]}
+        # keys an older manifest lacks (shapes, recorded since plans were typed) are not held against it
+        diff = {k: (old[k], manifest[k]) for k in MANIFEST_KEYS if k in old and old[k] != manifest[k]}
         if diff:
             raise RuntimeError(f"the bank described by {path} was generated with other settings "
                                f"(existing, now: {diff}); delete the bank folder {path.parent.parent} or use "
@@ -269,10 +220,11 @@ def _check_manifest(path: Path, manifest: dict) -> None:
 
 
 def generate_bank(dataset: str | int, backend: str, num_cases: int, configuration: str = "3d_fullres",
-                  fold: int | str = 0, plans_identifier: str = "nnUNetPlans", sampling_steps: int | None = None,
-                  num_parts: int = 1, part: int = 0, device: str | None = None, checkpoint: str | None = None,
-                  seed: int | None = None, export_raw_dir: Path | None = None, progress: bool = True,
-                  size_class: str | None = None) -> list[str]:
+                  fold: int | str = 0, plans_identifier: str = DEFAULT_PLANS_IDENTIFIER,
+                  sampling_steps: int | None = None, num_parts: int = 1, part: int = 0, device: str | None = None,
+                  checkpoint: str | None = None, seed: int | None = None, export_raw_dir: Path | None = None,
+                  progress: bool = True, size_class: str | None = None, deformation: str | None = None
+                  ) -> list[str]:
     """Generates bank cases ``part, part + num_parts, ...`` below ``num_cases`` for one fold.
 
     Returns:
@@ -283,8 +235,10 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from tqdm import tqdm
 
-    from nnunet_synth.generator_training import split_cases
     from nnunet_synth.generators import get_backend
+    from nnunet_synth.generators.lesions import insert_tumours_in_case
+    from nnunet_synth.generators.splits import split_cases
+    from nnunet_synth.generators.templates import fold_templates
     from nnunet_synth.planning import load_synth_plan
 
     if num_cases < 1:
@@ -292,11 +246,15 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
     if not 0 <= part < num_parts:
         raise ValueError(f"--part must be in [0, {num_parts}), got {part}")
     plan = load_synth_plan(dataset, configuration, plans_identifier)
-    params = dict(plan.get("backend_params", {}))
+    params = dict(plan.backend_params)
     params.update({k: v for k, v in {"fold": fold, "checkpoint": checkpoint, "sampling_steps": sampling_steps,
-                                     "device": device, "size_class": size_class}.items() if v is not None})
-    plan.update(backend=backend, backend_params=params)
-    seed = int(plan["seed"] if seed is None else seed)
+                                     "device": device}.items() if v is not None})
+    shapes = {k: v for k, v in {"size_class": size_class, "deformation": deformation}.items() if v is not None}
+    if backend == "sd_inversion" and len(plan.spacing) == 2:
+        shapes["size_preset"] = "slice_area"  # the breast 2D paper's classes are tumour areas per slice
+    plan = plan.replace(backend=backend, backend_params=params, shapes=shapes).validated(
+        f"synth plan of {plan.dataset_name} with -g {backend} and shapes {shapes}")
+    seed = int(plan.seed if seed is None else seed)
     generator = get_backend(backend)(plan)
     train_cases, _, real_folder = split_cases(dataset, configuration, fold, plans_identifier)
     base = preprocessed_dir(dataset)
@@ -306,43 +264,52 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
     label_manager = plans_manager.get_label_manager(dataset_json)
     dataset_class = infer_dataset_class(str(real_folder))
     real = dataset_class(str(real_folder), list(train_cases))
-    out = bank_dir(dataset, backend, configuration)
+    templates = None
+    if plan.shapes.deformation == "template":
+        templates, _ = fold_templates(base, conf, plan, train_cases)
+    out = bank_dir(dataset, backend, configuration, plans_identifier)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"dataset_name": plan["dataset_name"], "backend": backend, "configuration": configuration,
+    manifest = {"dataset_name": plan.dataset_name, "backend": backend, "configuration": configuration,
                 "fold": fold, "seed": seed, "num_cases": num_cases,
-                "checkpoint": str(getattr(generator, "checkpoint", "")) or None,
-                "sampling_steps": getattr(generator, "sampling_steps", None), "training_cases": train_cases}
+                "checkpoint": None if generator.checkpoint is None else str(generator.checkpoint),
+                "sampling_steps": generator.sampling_steps, "training_cases": train_cases,
+                "shapes": dataclasses.asdict(plan.shapes)}
     _check_manifest(out / MANIFEST_DIR / f"fold_{fold}.json", manifest)
 
     written, skipped = [], []
+    done = {parse_bank_identifier(i)[2] for i in bank_identifiers(out, fold)}
     indices = range(part, num_cases, num_parts)
     for index in tqdm(indices, desc=f"bank {backend} fold {fold} part {part}/{num_parts}", unit="case",
                       disable=not progress):
-        source = train_cases[index % len(train_cases)]
-        identifier = bank_identifier(source, fold, index)
-        data_files = [out / f"{identifier}.b2nd", out / f"{identifier}.npz"]
-        if any(f.is_file() for f in data_files):
+        if index in done:
             continue
         rng = np.random.default_rng([seed, _fold_seed(fold), index])
-        data, seg, _, properties = real.load_case(source)
-        made = insert_lesion(np.asarray(data), np.asarray(seg), plan, generator, rng)
-        if made is None:
+        # the index's own source case first; where nothing fits it whole, the next training cases
+        for source in (train_cases[(index + k) % len(train_cases)] for k in range(min(SOURCE_TRIES, len(train_cases)))):
+            data, seg, _, properties = real.load_case(source)
+            new_data, new_seg, lesions, z = insert_tumours_in_case(np.asarray(data), np.asarray(seg), plan, rng,
+                                                                   generator, templates)
+            if lesions:
+                break
+        identifier = bank_identifier(source, fold, index)
+        if not lesions:
             skipped.append(identifier)
             continue
-        new_data, new_seg, lesion = made
         props = copy.deepcopy(properties)
         props["class_locations"] = class_locations(new_seg, label_manager)
         props["synth"] = {"source": source, "fold": fold, "index": index, "backend": backend, "seed": seed,
-                          "lesion": lesion, "checkpoint": manifest["checkpoint"],
-                          "sampling_steps": manifest["sampling_steps"]}
+                          "lesions": [lesion.to_dict() for lesion in lesions], "slice": z,
+                          "checkpoint": manifest["checkpoint"], "sampling_steps": manifest["sampling_steps"]}
         _save_case_atomic(dataset_class, new_data, new_seg.astype(np.asarray(seg).dtype), props, out, identifier,
                           tuple(conf.patch_size))
         if export_raw_dir is not None:
-            export_raw(new_data, new_seg, props, plans_manager, conf, dataset_json, Path(export_raw_dir), identifier)
+            synthetic = (new_seg[0] == plan.tumour_label) & (np.asarray(seg)[0] != plan.tumour_label)
+            export_raw(new_data, new_seg, props, plans_manager, conf, dataset_json, Path(export_raw_dir), identifier,
+                       synthetic)
         written.append(identifier)
     if skipped:
-        warnings.warn(f"{len(skipped)} bank case(s) skipped: no lesion fitted the organ of their source case "
-                      f"({', '.join(skipped[:5])}{'...' if len(skipped) > 5 else ''})", stacklevel=2)
+        warnings.warn(f"{len(skipped)} bank case(s) skipped: no lesion fitted the placement region of their source "
+                      f"case ({', '.join(skipped[:5])}{'...' if len(skipped) > 5 else ''})", stacklevel=2)
     return written
 
 
@@ -354,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-n", "--num-cases", type=int, required=True, help="bank cases for this fold (all parts)")
     parser.add_argument("-c", "--configuration", default="3d_fullres")
     parser.add_argument("-f", "--fold", default="0", help="segmenter fold whose training cases are sources")
-    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    parser.add_argument("-p", "--plans", default=DEFAULT_PLANS_IDENTIFIER, help="plans identifier")
     parser.add_argument("--sampling-steps", type=int, default=None, help="DDIM steps (ddpm default: 250, ldm: 10)")
     parser.add_argument("--num-parts", type=int, default=1, help="split the work into P parts (array jobs)")
     parser.add_argument("--part", type=int, default=0, help="which part this process writes (0-based)")
@@ -362,21 +329,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default=None, help="best (default), final, latest or a checkpoint path")
     parser.add_argument("--seed", type=int, default=None, help="default: the synth plan's seed")
     parser.add_argument("--export-raw", type=Path, default=None, help="also write NIfTI image/label files here")
-    parser.add_argument("--size-class", default=None, help="sd_inversion: tiny, small, medium, large, very_large "
-                        "or any (per-slice tumour area bins of the 2d configuration; default any). On a 3D "
-                        "configuration the lesion size comes from the synth plan's shapes")
+    parser.add_argument("--size-class", default=None, help="size class of the lesions (default: the synth plan's "
+                        "shapes.size_class); sd_inversion on a 2d configuration: tiny, small, medium, large, "
+                        "very_large or any (per-slice tumour area bins)")
+    parser.add_argument("--deformation", default=None, choices=["elastic", "simplex", "template", "none"],
+                        help="lesion deformation (default: the synth plan's shapes.deformation); template: real "
+                        "tumour masks of the fold's training cases")
     args = parser.parse_args(argv)
-    from nnunet_synth.generator_training import parse_fold
-    from nnunet_synth.generators.checkpoints import GeneratorCheckpointError
+    from nnunet_synth.cli import exit_on_user_error
+    from nnunet_synth.generators.splits import parse_fold
 
-    try:
+    # besides the common user errors: an unknown (KeyError) or unbuilt backend, and bad -n/--part/--fold values
+    with exit_on_user_error(parser.prog, also=(NotImplementedError, KeyError, ValueError)):
         written = generate_bank(args.dataset, args.generator, args.num_cases, args.configuration,
                                 parse_fold(args.fold), args.plans, args.sampling_steps, args.num_parts, args.part,
                                 args.device, args.checkpoint, args.seed, args.export_raw,
-                                size_class=args.size_class)
-    except (GeneratorCheckpointError, NotImplementedError, KeyError, ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"nnUNetv2_synth_generate: error: {e}\n")
-    print(f"wrote {len(written)} bank case(s) to {bank_dir(args.dataset, args.generator, args.configuration)}")
+                                size_class=args.size_class, deformation=args.deformation)
+        out = bank_dir(args.dataset, args.generator, args.configuration, args.plans)
+        print(f"wrote {len(written)} bank case(s) to {out}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,112 @@
-"""Console entry points (``nnUNetv2_synth_*``)."""
+"""Console entry points (``nnUNetv2_synth_*``) and the one way they report a user's mistake.
+
+Every command runs inside :class:`exit_on_user_error`: an expected user error (an invalid synth plan, a missing or
+mismatched generator checkpoint, an unknown dataset or configuration, an nnU-Net folder variable that is not set,
+a missing file, ...) becomes one line ``<prog>: error: <message>`` on stderr and exit status 2, as argparse does for
+a bad option; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
+import sys
+
+# Project exception classes that always mean a user error, by module. They are looked up in sys.modules when an
+# exception arrives: an exception cannot be an instance of a class whose module was never imported, so this
+# module imports nothing heavy and every command may use it.
+USER_ERROR_CLASSES = {
+    "nnunet_synth.synth_plan": ("SynthPlanError",),
+    "nnunet_synth.generators.checkpoints": ("GeneratorCheckpointError",),
+    "nnunet_synth.generators.sd_inversion.components": ("BaseModelError",),
+    "nnunet_synth.evaluation.quality": ("QualityError",),
+    "nnunet_synth.evaluation.encoder_features": ("EncoderError",),
+    "nnunet_synth.dataset_conversion.common": ("ConversionError",),
+}
+FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+# nnU-Net has no exception classes of its own: these messages of its RuntimeErrors/ValueErrors are user errors
+# (an unset folder variable, an unknown or ambiguous dataset, a dataset name that is neither name nor ID, an
+# unknown configuration of the plans).
+NNUNET_USER_MESSAGES = re.compile(
+    r"nnUNet_(raw|preprocessed|results) is not (defined|set)"
+    r"|Could not find a dataset with the ID"
+    r"|More than one dataset name found for dataset id"
+    r"|dataset_name_or_id was a string"
+    r"|Requested configuration .* not found in plans")
 
 
-def plan_entry() -> None:
-    """nnUNetv2_synth_plan -d DATASET [-c CONFIG] [--organ-label N] [--tumour-label N]"""
+def _project_error_classes() -> tuple[type[BaseException], ...]:
+    classes = []
+    for module_name, names in USER_ERROR_CLASSES.items():
+        module = sys.modules.get(module_name)
+        classes.extend(getattr(module, name) for name in names if module is not None and hasattr(module, name))
+    return tuple(classes)
+
+
+def is_user_error(error: BaseException, also: tuple[type[BaseException], ...] = ()) -> bool:
+    """Whether ``error`` is a user's mistake to report in one line (``also``: a command's own such classes)."""
+    if isinstance(error, FILE_ERRORS + _project_error_classes() + tuple(also)):
+        return True
+    return isinstance(error, (RuntimeError, ValueError)) and NNUNET_USER_MESSAGES.search(str(error)) is not None
+
+
+def error_line(error: BaseException) -> str:
+    """The message of ``error`` on one line (a KeyError's without the quotes its ``str`` adds); the exception's
+    type name where it has no message."""
+    if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        text = error.args[0]
+    else:
+        text = str(error)
+    return " ".join(text.split()) or type(error).__name__  # one line, runs of whitespace as one space
+
+
+class exit_on_user_error(contextlib.ContextDecorator):  # noqa: N801 - used like a function
+    """Decorator or context manager of a console command: a user error exits with status 2 and one stderr line
+    ``<prog>: error: <message>``, without a traceback; other exceptions pass unchanged.
+
+    Args:
+        prog: the command name (the prefix of the line).
+        also: exception classes that are user errors for this command only (e.g. ValueError of its own checks).
+
+    Example::
+
+        @exit_on_user_error("nnUNetv2_synth_generate", also=(ValueError,))
+        def main(argv=None): ...
+    """
+
+    def __init__(self, prog: str, also: tuple[type[BaseException], ...] = ()):
+        self.prog = prog
+        self.also = tuple(also)
+
+    def __enter__(self) -> exit_on_user_error:
+        return self
+
+    def __exit__(self, exc_type, error, traceback) -> bool:
+        if error is None or not isinstance(error, Exception) or not is_user_error(error, self.also):
+            return False
+        sys.stdout.flush()
+        print(f"{self.prog}: error: {error_line(error)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+@exit_on_user_error("nnUNetv2_synth_plan")
+def plan_entry(argv: list[str] | None = None) -> None:
+    """nnUNetv2_synth_plan -d DATASET [-c CONFIG] [--organ-label N] [--tumour-label N] [--overwrite]"""
     from nnunet_synth.planning import main
 
-    main()
+    main(argv)
 
 
+@exit_on_user_error("nnUNetv2_synth_masks")
+def masks_entry(argv: list[str] | None = None) -> None:
+    """nnUNetv2_synth_masks -d DATASET -o DIR [-n N] [--size-class ...] [--deformation ...]"""
+    from nnunet_synth.masks import main
+
+    main(argv)
+
+
+@exit_on_user_error("nnUNetv2_synth_demo", also=(ValueError,))
 def demo_entry() -> None:
     """nnUNetv2_synth_demo [-o DIR]"""
     parser = argparse.ArgumentParser(prog="nnUNetv2_synth_demo", description="Phantom -> nnU-Net planning -> "
@@ -27,6 +122,7 @@ def demo_entry() -> None:
     run_demo(args.output, args.trainer, args.num_train, args.num_test, args.modality)
 
 
+@exit_on_user_error("nnUNetv2_synth_preview")
 def preview_entry() -> None:
     """nnUNetv2_synth_preview -d DATASET [-c CONFIG] -n 8 -o DIR"""
     parser = argparse.ArgumentParser(prog="nnUNetv2_synth_preview", description="PNGs of real preprocessed "
@@ -44,6 +140,7 @@ def preview_entry() -> None:
     print(f"wrote {len(paths)} previews to {args.output}")
 
 
+@exit_on_user_error("nnUNetv2_synth_export", also=(ValueError,))
 def export_entry() -> None:
     """nnUNetv2_synth_export -d DATASET -c CONFIG -tr TRAINER -o OUT[.zip] [-f FOLDS ...]"""
     parser = argparse.ArgumentParser(prog="nnUNetv2_synth_export", description="Rewrite a Synth training's "
@@ -62,6 +159,7 @@ def export_entry() -> None:
     print(f"exported to {out}")
 
 
+@exit_on_user_error("nnUNetv2_synth_phantom", also=(ValueError,))
 def phantom_entry() -> None:
     """nnUNetv2_synth_phantom -d ID [--modality CT|MRI] [--healthy] [--num-train N] [--num-test N]"""
     parser = argparse.ArgumentParser(prog="nnUNetv2_synth_phantom",

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 
 from nnunet_synth.generators import get_backend
-from nnunet_synth.generators.placement import PlacementRules, central_window, place_lesion
-from nnunet_synth.generators.shapes import lesion_mask
-from nnunet_synth.generators.sizes import lesion_requests
-from nnunet_synth.generators.templates import draw_template
-from nnunet_synth.planning import band_region
+from nnunet_synth.generators.lesions import insert_tumours
+
+if TYPE_CHECKING:
+    from nnunet_synth.synth_plan import SynthPlan
 
 # counters per worker row: samples seen, samples with a synthetic tumour, samples where nothing fitted
 SEEN, SYNTHETIC, SKIPPED = 0, 1, 2
@@ -42,26 +42,28 @@ def new_counters() -> torch.Tensor:
 
 
 class SynthTumourTransform(BasicTransform):
-    """With probability ``p`` per sample, inserts one synthetic tumour into the central window.
+    """With probability ``p`` per sample, inserts the synthetic tumours of one sample into the central window.
 
-    The lesion is placed inside the organ label, away from real tumours, never on voxels labelled -1
-    (outside the image) or the ignore label. Only segmentation channel 0 gets the tumour label; the image
-    changes only inside the lesion.
+    The lesions come from the lesion pipeline (:func:`nnunet_synth.generators.lesions.insert_tumours`): inside
+    the organ label (or, without one, whole inside the tissue region), away from real tumours, never on voxels
+    labelled -1 (outside the image) or the ignore label. Only segmentation channel 0 gets the tumour label; the
+    image changes only inside the lesions.
 
     Args:
-        synth_plan: flat synth plan (see :func:`nnunet_synth.planning.load_synth_plan`).
+        synth_plan: the validated synth plan (see :func:`nnunet_synth.planning.load_synth_plan`).
         probability: chance that a sample carries a synthetic tumour.
-        final_patch_size: nnU-Net's patch size; the lesion centre lies in this central window.
+        final_patch_size: nnU-Net's patch size; lesion centres lie in this central window.
         seed: base seed; each worker draws from ``default_rng([seed, worker_index()])``.
         counters: shared (rows, 3) int64 tensor of seen/synthetic/skipped counts, see :func:`new_counters`.
+        templates: real tumour masks of the training fold (deformation ``template``).
     """
 
-    def __init__(self, synth_plan: dict, probability: float, final_patch_size: tuple[int, ...] | None, seed: int,
-                 counters: torch.Tensor | None = None, templates: list[np.ndarray] | None = None):
+    def __init__(self, synth_plan: SynthPlan, probability: float, final_patch_size: tuple[int, ...] | None,
+                 seed: int, counters: torch.Tensor | None = None, templates: list[np.ndarray] | None = None):
         super().__init__()
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"synthetic-tumour probability must be in [0, 1], got {probability}")
-        if synth_plan["shapes"]["deformation"] == "template" and not templates:
+        if synth_plan.shapes.deformation == "template" and not templates:
             raise ValueError("deformation 'template' needs the training fold's template masks (none given)")
         self.plan = synth_plan
         # in shared memory so a trainer can change it mid-training (real-only fine-tuning) in every worker
@@ -70,8 +72,7 @@ class SynthTumourTransform(BasicTransform):
         self.final_patch_size = None if final_patch_size is None else tuple(int(s) for s in final_patch_size)
         self.seed = seed
         self.counters = counters if counters is not None else new_counters()
-        self.generator = get_backend(synth_plan["backend"])(synth_plan)
-        self.rules = PlacementRules(**synth_plan["placement"])
+        self.generator = get_backend(synth_plan.backend)(synth_plan)
         self._rng: np.random.Generator | None = None
         self._rng_pid: int | None = None
 
@@ -109,47 +110,12 @@ class SynthTumourTransform(BasicTransform):
         Returns new tensors, or (None, None) when no lesion fits. The inputs are never written to: the
         loader's crop may be a view of nnU-Net's preprocessed arrays.
         """
-        seg0 = segmentation[0].numpy()
-        spatial = seg0.shape
-        spacing = tuple(self.plan["spacing"][-len(spatial):])
-        organ = self.placement_region(image, seg0)
-        window = central_window(spatial, self.final_patch_size[-len(spatial):] if self.final_patch_size else None)
-        room = int(organ[window].sum())
-        if room == 0:
+        new_image, new_seg, lesions = insert_tumours(image.numpy(), segmentation.numpy(), None, self.plan, rng,
+                                                     generator=self.generator, templates=self.templates,
+                                                     window=self.final_patch_size)
+        if not lesions:
             return None, None
-        tumour = seg0 == self.plan["tumour_label"]
-        # lesions go on placement-region voxels only, which are never -1 (outside the image) or ignore
-        allowed = organ.copy()
-        image_np = seg_np = None
-        for request in lesion_requests(self.plan, spacing, rng, room * float(np.prod(spacing))):
-            mask = self.lesion_mask(request.radii_mm, spacing, rng)
-            lesion = place_lesion(mask, allowed, organ, tumour, spacing, rng, self.rules, window)
-            if lesion is None:
-                continue
-            if image_np is None:
-                image_np, seg_np = image.numpy().copy(), segmentation.numpy().copy()
-            self.generator.synthesize(image_np, lesion, spacing, rng)
-            seg_np[0][lesion.bbox][lesion.mask] = self.plan["tumour_label"]
-            # later lesions keep their gap to this one and never overlap it
-            tumour[lesion.bbox] |= lesion.mask
-            allowed[lesion.bbox] &= ~lesion.mask
-        if image_np is None:
-            return None, None
-        return torch.from_numpy(image_np), torch.from_numpy(seg_np)
-
-    def placement_region(self, image: torch.Tensor, seg0: np.ndarray) -> np.ndarray:
-        """The organ label, or for datasets without one the plan's intensity band on unlabelled voxels."""
-        if self.plan["organ_label"] is not None:
-            return seg0 == self.plan["organ_label"]
-        band = self.plan["intensity_band"]
-        return band_region(image[band["channel"]].numpy(), seg0, band["range"])
-
-    def lesion_mask(self, radii_mm: np.ndarray, spacing: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
-        """A lesion mask of the requested semi-axes, by the plan's deformation (or from the template bank)."""
-        deformation = self.plan["shapes"]["deformation"]
-        if deformation == "template":
-            return draw_template(self.templates, radii_mm, spacing, rng)
-        return lesion_mask(radii_mm, spacing, rng, deformation)
+        return torch.from_numpy(new_image), torch.from_numpy(new_seg)
 
 
 def achieved_rates(counters: torch.Tensor) -> dict[str, int]:

@@ -15,51 +15,42 @@ import SimpleITK as sitk  # noqa: E402
 from batchgenerators.utilities.file_and_folder_operations import load_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from nnunet_synth.generators.shapes import DEFORMATIONS, equivalent_diameter_mm  # noqa: E402
-from nnunet_synth.generators.sizes import class_names, lesion_requests  # noqa: E402
-from nnunet_synth.generators.templates import build_template_bank, load_templates, template_file  # noqa: E402
-from nnunet_synth.injection import SynthTumourTransform  # noqa: E402
+from nnunet_synth.generators.lesions import draw_masks  # noqa: E402
+from nnunet_synth.generators.shapes import equivalent_diameter_mm  # noqa: E402
+from nnunet_synth.generators.sizes import class_names  # noqa: E402
+from nnunet_synth.generators.splits import split_cases  # noqa: E402
+from nnunet_synth.generators.templates import fold_templates  # noqa: E402
 from nnunet_synth.planning import load_synth_plan, preprocessed_dir  # noqa: E402
-
-
-def training_cases(base: Path, fold: int) -> set[str] | None:
-    """Training cases of a fold from nnU-Net's splits_final.json (None: no split yet, use every case)."""
-    splits = base / "splits_final.json"
-    return set(load_json(splits)[fold]["train"]) if splits.is_file() else None
+from nnunet_synth.synth_plan import DEFAULT_PLANS_IDENTIFIER  # noqa: E402
 
 
 def write_masks(dataset: str | int, num: int, output_dir: str | Path, configuration: str = "3d_fullres",
                 size_classes: list[str] | None = None, deformations: list[str] | None = None, fold: int = 0,
-                seed: int = 0) -> list[Path]:
-    """Writes ``num`` masks per size class and deformation; returns the PNG grids."""
-    plan = load_synth_plan(dataset, configuration)
+                seed: int = 0, plans_identifier: str = DEFAULT_PLANS_IDENTIFIER) -> list[Path]:
+    """Writes ``num`` masks per size class and deformation, drawn by the lesion pipeline; returns the PNG grids."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plan = load_synth_plan(dataset, configuration, plans_identifier)
     base = preprocessed_dir(dataset)
-    spacing = tuple(plan["spacing"])
-    classes = size_classes or [*class_names(plan["shapes"]["size_preset"])] or ["any"]
+    spacing = tuple(plan.spacing)
+    classes = size_classes or [*class_names(plan.shapes.size_preset)] or ["any"]
     deformations = deformations or ["elastic", "simplex"]
     templates = None
     if "template" in deformations:
-        path = template_file(base, configuration)
-        if not path.is_file():
-            conf = load_json(base / f"{plan['plans_identifier']}.json")["configurations"][configuration]
-            build_template_bank(base, configuration, conf["data_identifier"], plan["tumour_label"])
-        cases = training_cases(base, fold)
-        with np.load(path) as z:
-            everything = {str(c) for c in z["case_ids"]}
-        templates, _ = load_templates(path, cases if cases is not None else everything)
+        conf = PlansManager(load_json(base / f"{plans_identifier}.json")).get_configuration(configuration)
+        train_cases, _, _ = split_cases(dataset, configuration, fold, plans_identifier)
+        templates, _ = fold_templates(base, conf, plan, train_cases)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     grids = []
     for size_class in classes:
         for deformation in deformations:
-            shaped = dict(plan, shapes=dict(plan["shapes"], size_class=size_class,
-                                            deformation=deformation if deformation in DEFORMATIONS else "template"))
-            transform = SynthTumourTransform(shaped, 1.0, None, seed, templates=templates)
+            shaped = plan.replace(shapes={"size_class": size_class, "deformation": deformation}).validated(
+                f"synth plan of {plan.dataset_name} with --size-class {size_class} --deformation {deformation}")
             masks = []
             for i in tqdm(range(num), desc=f"masks {size_class}/{deformation}", unit="mask"):
-                request = lesion_requests(shaped, spacing, rng)[0]  # one lesion each, also for counted classes
-                mask = transform.lesion_mask(request.radii_mm, spacing, rng)
+                mask = draw_masks(shaped, spacing, rng, templates)[0][1]  # one lesion each, also for counted classes
                 masks.append(mask)
                 image = sitk.GetImageFromArray(mask.astype(np.uint8))
                 image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
@@ -95,9 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--deformation", nargs="+", choices=["elastic", "simplex", "none", "template"],
                         help="default: elastic and simplex")
     parser.add_argument("-f", "--fold", type=int, default=0, help="fold whose training cases give the templates")
+    parser.add_argument("-p", "--plans", default=DEFAULT_PLANS_IDENTIFIER, help="plans identifier")
     parser.add_argument("-o", "--output", required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     grids = write_masks(args.dataset, args.num, args.output, args.configuration, args.size_class, args.deformation,
-                        args.fold, args.seed)
+                        args.fold, args.seed, args.plans)
     print(f"wrote masks and {len(grids)} PNG grids to {args.output}")

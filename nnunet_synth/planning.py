@@ -4,12 +4,14 @@ It records which label is the organ (placement region) and which the tumour, the
 real tumours in mm, per-channel intensity priors of tumour against organ in nnU-Net's normalised space,
 and the shape, placement and backend settings. Dataset-level settings sit at the top (edit them by hand
 to change backend or shapes); statistics that depend on the configuration's resampling sit under
-``configurations``. Statistics use all preprocessed cases, as nnU-Net's own fingerprint does.
+``configurations``. Statistics use all preprocessed cases, as nnU-Net's own fingerprint does. This module
+measures and writes; :mod:`nnunet_synth.synth_plan` holds the typed, validated object that everything reads.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import warnings
@@ -17,12 +19,28 @@ from pathlib import Path
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
+from scipy.ndimage import distance_transform_edt, gaussian_filter
 from scipy.ndimage import label as connected_components
 from tqdm import tqdm
 
+from nnunet_synth.generators.placement import PlacementRules
 from nnunet_synth.generators.shapes import SIZE_CLASSES, equivalent_diameter_mm
+from nnunet_synth.synth_plan import (
+    DEFAULT_PLANS_IDENTIFIER,
+    DEFAULT_SEED,
+    SYNTH_PLANS_FILE,  # noqa: F401 - re-exported: the file name of the default plans
+    ChannelPrior,
+    ShapeSettings,
+    SynthPlan,
+    SynthPlanError,
+    TissueRegion,
+    TumourSizes,
+    _jsonable,
+    flat_plan,
+    read_synth_plans_file,
+    synth_plan_file,
+)
 
-SYNTH_PLANS_FILE = "nnUNetSynthPlans.json"
 ORGAN_WORDS = ("liver", "pancreas", "kidney", "breast", "brain", "organ", "lung", "prostate", "spleen", "tissue",
                "fibroglandular")
 TUMOUR_WORDS = ("tumour", "tumor", "lesion", "cancer", "mass", "metasta", "nodule", "carcinoma", "hcc", "neoplasm")
@@ -33,18 +51,16 @@ CT_DEFAULT_CONTRAST_HU = (-63.0, -27.0)
 # MRI has no absolute scale: default contrast in units of the organ's standard deviation (hypointense).
 MRI_DEFAULT_CONTRAST_ORGAN_STD = (-2.0, -1.0)
 MAX_CASES_FOR_STATISTICS = 100
-# Datasets without an organ label (breast DCE): lesions go where seg is background and channel 0 lies in the
-# band of intensities found within this distance of the real tumours (their surrounding tissue).
+# Datasets without an organ label: lesions go in a smooth tissue region whose intensity range is measured in the
+# unlabelled tissue within this distance of the real tumours (channel 0 smoothed at TISSUE_SMOOTHING_MM).
 BAND_SHELL_MM = 10.0
-BAND_PERCENTILES = (10, 90)
-# Label fragments are not tumours: components below this size stay out of the size statistics.
+TISSUE_PERCENTILES = (5, 95)
+TISSUE_WIDENING = 0.25  # of the percentile range, on each side
+TISSUE_SMOOTHING_MM = 2.0
+# Label fragments are not tumours: components below these sizes stay out of the size statistics.
 MIN_TUMOUR_VOXELS = 8
-MIN_TUMOUR_DIAMETER_MM = 3.0
-
-
-class SynthPlanError(ValueError):
-    """A dataset the synth plan cannot describe; the message says what to pass or fix."""
-
+MIN_TUMOUR_DIAMETER_MM = 5.0
+MIN_TUMOUR_SHARE = 0.1
 
 def preprocessed_dir(dataset: str | int) -> Path:
     """``nnUNet_preprocessed/DatasetNNN_Name`` for a dataset name or ID."""
@@ -59,7 +75,8 @@ def guess_labels(labels: dict[str, int | list], organ_label: int | None = None,
     """Organ and tumour label values, from the names in dataset.json unless given.
 
     A dataset whose only foreground label is the tumour (breast DCE cohorts) gets organ None: placement
-    then uses an intensity band of the tissue around real tumours (see :func:`configuration_statistics`).
+    then uses a tissue region like the tissue around real tumours (see :func:`case_statistics` and
+    :func:`nnunet_synth.generators.lesions.tissue_region`).
 
     Raises:
         SynthPlanError: when a label cannot be identified; the message lists the labels and the flag to pass.
@@ -94,68 +111,127 @@ def guess_labels(labels: dict[str, int | list], organ_label: int | None = None,
     return organ, tumour
 
 
-def _tumour_sizes(diameters: list[float]) -> dict:
+def count_tumours(tumour: np.ndarray, spacing: tuple[float, ...]) -> list[float]:
+    """Equivalent diameters (mm) of the tumours of one case, counted as clinically meant.
+
+    A tumour is a connected component (full connectivity) of at least ``MIN_TUMOUR_DIAMETER_MM`` equivalent
+    diameter and at least ``MIN_TUMOUR_SHARE`` of the case's largest component: label fragments and satellite
+    specks of a multi-class annotation are part of their tumour, not tumours of their own.
+    """
+    components, n = connected_components(tumour, structure=np.ones((3,) * tumour.ndim))
+    if not n:
+        return []
+    sizes = np.bincount(components.ravel())[1:]
+    keep = sizes[(sizes >= MIN_TUMOUR_SHARE * sizes.max()) & (sizes >= MIN_TUMOUR_VOXELS)]
+    return [d for d in (equivalent_diameter_mm(int(v), spacing) for v in keep) if d >= MIN_TUMOUR_DIAMETER_MM]
+
+
+TUMOUR_RULE = (f"connected components of >= {MIN_TUMOUR_DIAMETER_MM} mm equivalent diameter and >= "
+               f"{MIN_TUMOUR_SHARE:.0%} of their case's largest tumour")
+
+
+def tumour_sizes(diameters: list[float], cases: int) -> TumourSizes:
     """Quartiles of equivalent diameters and a radius per quartile class (the pancreas paper's method)."""
     if not diameters:
-        return {"count": 0}
+        return TumourSizes(rule=TUMOUR_RULE)
     d = np.sort(np.asarray(diameters))
     q = np.percentile(d, [25, 50, 75])
     groups = np.array_split(d, 4) if d.size >= 4 else [d] * 4
-    return {
-        "count": int(d.size),
-        "equivalent_diameter_mm": {"min": float(d[0]), "q25": float(q[0]), "median": float(q[1]),
-                                   "q75": float(q[2]), "max": float(d[-1])},
-        "class_radius_mm": {c: float(np.median(g) / 2) for c, g in zip(SIZE_CLASSES, groups)},
-    }
+    return TumourSizes(count=int(d.size), cases=cases, rule=TUMOUR_RULE,
+                       equivalent_diameter_mm={"min": float(d[0]), "q25": float(q[0]), "median": float(q[1]),
+                                               "q75": float(q[2]), "max": float(d[-1])},
+                       class_radius_mm={c: float(np.median(g) / 2) for c, g in zip(SIZE_CLASSES, groups)})
 
 
-def _channel_priors(plans: dict, configuration: dict, dataset_json: dict, stats: list[dict]) -> list[dict]:
-    """Per-channel contrast range of tumour minus organ in normalised units, from data or modality defaults."""
+def tumour_shell(tumour: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+    """Unlabelled voxels within ``BAND_SHELL_MM`` of a tumour: the tissue tumours of this dataset sit in."""
+    return (seg == 0) & (distance_transform_edt(~tumour, sampling=spacing) <= BAND_SHELL_MM)
+
+
+def case_statistics(data: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...], organ_label: int | None,
+                    tumour_label: int) -> dict | None:
+    """Intensity and size statistics of one case (C, *spatial) with labels (*spatial).
+
+    Without an organ label the unlabelled tissue within ``BAND_SHELL_MM`` of real tumours stands in for the
+    organ, and the smoothed channel-0 intensities found there give the tissue region's range.
+
+    Returns:
+        A dict of per-channel means/stds, tumour diameters and tissue percentiles; None when the case has no
+        placement region (no organ voxel, or no tumour to find the tissue around).
+    """
+    tumour = seg == tumour_label
+    tissue = None
+    if organ_label is None:
+        if not tumour.any():
+            return None
+        organ = tumour_shell(tumour, seg, spacing)
+        smooth = gaussian_filter(data[0].astype(np.float32), TISSUE_SMOOTHING_MM / np.asarray(spacing))
+        if organ.any():  # the central range of the tissue, widened: a lesion needs room, not the typical voxel only
+            lo, hi = np.percentile(smooth[organ], TISSUE_PERCENTILES)
+            tissue = [float(lo - TISSUE_WIDENING * (hi - lo)), float(hi + TISSUE_WIDENING * (hi - lo))]
+    else:
+        organ = seg == organ_label
+    if not organ.any():
+        return None
+    return {"organ_mean": [float(ch[organ].mean()) for ch in data],
+            "organ_std": [float(ch[organ].std()) for ch in data],
+            "tumour_mean": [float(ch[tumour].mean()) for ch in data] if tumour.any() else None,
+            "diameters": count_tumours(tumour, spacing), "tissue": tissue}
+
+
+def channel_priors(stats: list[dict], channel_names: list[str], schemes: list[str], intensity_properties: dict | None,
+                   organ_label: int | None) -> tuple[ChannelPrior, ...]:
+    """Per-channel contrast range of tumour minus organ (or surrounding tissue) in normalised units, from the
+    real tumours or modality defaults."""
+    around = "organ" if organ_label is not None else "surrounding tissue"
     channels = []
-    for c, name in sorted(dataset_json["channel_names"].items(), key=lambda kv: int(kv[0])):
-        c = int(c)
-        scheme = configuration["normalization_schemes"][c]
+    for c, (name, scheme) in enumerate(zip(channel_names, schemes)):
         organ_mean = float(np.mean([s["organ_mean"][c] for s in stats]))
         organ_std = float(np.mean([s["organ_std"][c] for s in stats]))
         contrasts = [s["tumour_mean"][c] - s["organ_mean"][c] for s in stats if s["tumour_mean"] is not None]
         clip = None
-        props = plans.get("foreground_intensity_properties_per_channel", {}).get(str(c))
+        props = (intensity_properties or {}).get(str(c))
         if scheme == "CTNormalization" and props:
-            clip = [(props["percentile_00_5"] - props["mean"]) / props["std"],
-                    (props["percentile_99_5"] - props["mean"]) / props["std"]]
+            clip = ((props["percentile_00_5"] - props["mean"]) / props["std"],
+                    (props["percentile_99_5"] - props["mean"]) / props["std"])
         if contrasts:
             lo, hi = np.percentile(contrasts, [10, 90])
             if hi - lo < 0.2 * abs(np.mean(contrasts)):  # one or two cases: widen to +-20%
                 mid = float(np.mean(contrasts))
                 lo, hi = mid - 0.2 * abs(mid), mid + 0.2 * abs(mid)
-            source = f"real tumours ({len(contrasts)} cases): 10th-90th percentile of tumour minus organ mean"
+            source = f"real tumours ({len(contrasts)} cases): 10th-90th percentile of tumour minus {around} mean"
         elif scheme == "CTNormalization" and props:
             lo, hi = (np.array(CT_DEFAULT_CONTRAST_HU) / props["std"])
             source = f"CT default: {CT_DEFAULT_CONTRAST_HU} HU through CTNormalization (std {props['std']:.1f} HU)"
         else:
             lo, hi = np.array(MRI_DEFAULT_CONTRAST_ORGAN_STD) * organ_std
-            source = f"default: {MRI_DEFAULT_CONTRAST_ORGAN_STD} x organ standard deviation ({organ_std:.3f})"
-        channels.append({"name": name, "normalization": scheme, "organ_mean": organ_mean, "organ_std": organ_std,
-                         "contrast_range": [float(lo), float(hi)], "contrast_source": source,
-                         "clip": None if clip is None else [float(v) for v in clip]})
-    return channels
+            source = f"default: {MRI_DEFAULT_CONTRAST_ORGAN_STD} x {around} standard deviation ({organ_std:.3f})"
+        channels.append(ChannelPrior(name=name, normalization=scheme, organ_mean=organ_mean, organ_std=organ_std,
+                                     contrast_range=(float(lo), float(hi)), contrast_source=source,
+                                     clip=None if clip is None else (float(clip[0]), float(clip[1]))))
+    return tuple(channels)
 
 
-def band_region(channel: np.ndarray, seg: np.ndarray, band: tuple[float, float]) -> np.ndarray:
-    """Placement region of a dataset without organ label: unlabelled voxels whose intensity is in the band."""
-    return (seg == 0) & (channel >= band[0]) & (channel <= band[1])
-
-
-def _tumour_shell(tumour: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
-    """Unlabelled voxels within BAND_SHELL_MM of a tumour: the tissue tumours of this dataset sit in."""
-    from scipy.ndimage import distance_transform_edt
-
-    return (seg == 0) & (distance_transform_edt(~tumour, sampling=spacing) <= BAND_SHELL_MM)
+def summarise_statistics(stats: list[dict], channel_names: list[str], schemes: list[str],
+                         intensity_properties: dict | None, organ_label: int | None) -> dict:
+    """The statistics fields of a :class:`SynthPlan` (channels, tumour_sizes, tissue) from per-case statistics."""
+    tissue = None
+    if organ_label is None:
+        ranges = [s["tissue"] for s in stats if s["tissue"] is not None]
+        tissue = TissueRegion(channel=0, range=tuple(float(v) for v in np.mean(ranges, axis=0)),
+                              smoothing_mm=TISSUE_SMOOTHING_MM,
+                              source=f"{TISSUE_PERCENTILES} percentiles, widened by {TISSUE_WIDENING:.0%} each "
+                                     f"side, of channel 0 (smoothed {TISSUE_SMOOTHING_MM} mm) within "
+                                     f"{BAND_SHELL_MM} mm of real tumours, unlabelled voxels")
+    diameters = [d for s in stats for d in s["diameters"]]
+    return {"channels": channel_priors(stats, channel_names, schemes, intensity_properties, organ_label),
+            "tumour_sizes": tumour_sizes(diameters, sum(1 for s in stats if s["diameters"])), "tissue": tissue}
 
 
 def configuration_statistics(dataset: str | int, configuration: str, organ_label: int | None, tumour_label: int,
-                             plans_identifier: str = "nnUNetPlans", seed: int = 0) -> dict:
-    """Spacing, tumour sizes and intensity priors from the configuration's preprocessed cases."""
+                             plans_identifier: str = DEFAULT_PLANS_IDENTIFIER, seed: int = 0) -> dict:
+    """Spacing, tumour sizes, intensity priors (and tissue region) from the configuration's preprocessed cases,
+    in the JSON form stored under ``configurations.<name>``."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -173,43 +249,25 @@ def configuration_statistics(dataset: str | int, configuration: str, organ_label
     if len(identifiers) > MAX_CASES_FOR_STATISTICS:
         identifiers = sorted(rng.choice(identifiers, MAX_CASES_FOR_STATISTICS, replace=False))
     spacing = tuple(float(s) for s in conf.spacing)
-    stats, diameters, bands = [], [], []
+    stats = []
     for identifier in tqdm(identifiers, desc=f"synth plan: statistics of {configuration}", unit="case"):
         data, seg, _, _ = ds.load_case(identifier)
         data, seg = np.asarray(data), np.asarray(seg[0])
-        case_spacing = spacing[-seg.ndim:]
-        tumour = seg == tumour_label
-        if organ_label is None:  # the tissue around real tumours stands in for the organ
-            if not tumour.any():
-                continue
-            organ = _tumour_shell(tumour, seg, case_spacing)
-            bands.append(np.percentile(data[0][organ], BAND_PERCENTILES))
-        else:
-            organ = seg == organ_label
-        if not organ.any():
-            continue
-        components, n = connected_components(tumour)
-        if n:
-            sizes = np.bincount(components.ravel())[1:]
-            diameters += [d for d in (equivalent_diameter_mm(int(v), case_spacing) for v in sizes
-                                      if v >= MIN_TUMOUR_VOXELS) if d >= MIN_TUMOUR_DIAMETER_MM]
-        stats.append({
-            "organ_mean": [float(ch[organ].mean()) for ch in data],
-            "organ_std": [float(ch[organ].std()) for ch in data],
-            "tumour_mean": [float(ch[tumour].mean()) for ch in data] if tumour.any() else None,
-        })
+        case = case_statistics(data, seg, spacing[-seg.ndim:], organ_label, tumour_label)
+        if case is not None:
+            stats.append(case)
     if not stats:
         what = f"the organ label {organ_label}" if organ_label is not None else "a real tumour (needed to " \
-            "find the intensity band of the tissue around tumours, as this dataset has no organ label)"
+            "find the tissue around tumours, as this dataset has no organ label)"
         raise SynthPlanError(f"no preprocessed case of {base.name} ({configuration}) contains {what}; "
                              f"pass the right --organ-label")
-    result = {"spacing": list(spacing), "tumour_sizes": _tumour_sizes(diameters),
-              "intensity": {"channels": _channel_priors(plans, conf.configuration, dataset_json, stats)}}
-    if organ_label is None:
-        result["intensity_band"] = {"channel": 0, "range": [float(v) for v in np.mean(bands, axis=0)],
-                                    "source": f"{BAND_PERCENTILES} percentiles of channel 0 within "
-                                              f"{BAND_SHELL_MM} mm of real tumours, unlabelled voxels"}
-    return result
+    channels = [name for _, name in sorted(dataset_json["channel_names"].items(), key=lambda kv: int(kv[0]))]
+    summary = summarise_statistics(stats, channels, conf.normalization_schemes,
+                                   plans.get("foreground_intensity_properties_per_channel"), organ_label)
+    tissue = summary["tissue"]
+    return _jsonable({"spacing": list(spacing), "tumour_sizes": dataclasses.asdict(summary["tumour_sizes"]),
+                      "intensity": {"channels": [dataclasses.asdict(c) for c in summary["channels"]]},
+                      "tissue": None if tissue is None else dataclasses.asdict(tissue)})
 
 
 def default_plan(dataset_json: dict, dataset_name: str, plans_identifier: str, organ_label: int | None,
@@ -223,9 +281,9 @@ def default_plan(dataset_json: dict, dataset_name: str, plans_identifier: str, o
         "tumour_label": tumour_label,
         "backend": "analytic",
         "backend_params": {},
-        "shapes": {"size_preset": "labelfree", "size_class": "any", "deformation": "elastic"},
-        "placement": {"margin_mm": 2.0, "gap_mm": 2.0, "min_inside": 0.8},
-        "seed": 12345,
+        "shapes": dataclasses.asdict(ShapeSettings()),
+        "placement": dataclasses.asdict(PlacementRules()),
+        "seed": DEFAULT_SEED,
         "configurations": {},
     }
 
@@ -233,13 +291,17 @@ def default_plan(dataset_json: dict, dataset_name: str, plans_identifier: str, o
 def write_json_atomic(obj: dict | list, path: Path) -> None:
     """Writes JSON to a temporary file and renames it, so readers never see half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
     os.replace(tmp, path)
 
 
 def plan_synth(dataset: str | int, configuration: str = "3d_fullres", organ_label: int | None = None,
-               tumour_label: int | None = None, plans_identifier: str = "nnUNetPlans") -> Path:
-    """Creates or updates ``nnUNetSynthPlans.json`` for one configuration.
+               tumour_label: int | None = None, plans_identifier: str = DEFAULT_PLANS_IDENTIFIER,
+               overwrite: bool = False) -> Path:
+    """Creates or updates the synth plan of ``plans_identifier`` for one configuration.
+
+    An existing file keeps its hand edits and gets fresh statistics; ``overwrite`` rebuilds it from the dataset
+    whatever it holds (also an unreadable file).
 
     Returns:
         Path of the written synth plan.
@@ -249,8 +311,8 @@ def plan_synth(dataset: str | int, configuration: str = "3d_fullres", organ_labe
         raise SynthPlanError(f"{base / f'{plans_identifier}.json'} not found: run nnUNetv2_plan_and_preprocess "
                              f"-d {dataset} first")
     dataset_json = load_json(base / "dataset.json")
-    path = base / SYNTH_PLANS_FILE
-    plan = load_json(path) if path.is_file() else None
+    path = synth_plan_file(base, plans_identifier)
+    plan = read_synth_plans_file(path) if path.is_file() and not overwrite else None
     if plan is None or organ_label is not None or tumour_label is not None:
         organ, tumour = guess_labels(dataset_json["labels"], organ_label, tumour_label)
         if plan is None:
@@ -258,65 +320,82 @@ def plan_synth(dataset: str | int, configuration: str = "3d_fullres", organ_labe
         plan.update(organ_label=organ, tumour_label=tumour)
     stats = configuration_statistics(dataset, configuration, plan["organ_label"], plan["tumour_label"],
                                      plans_identifier, plan["seed"])
-    if stats["tumour_sizes"]["count"] >= 4 and plan["shapes"]["size_preset"] == "labelfree":
-        plan["shapes"]["size_preset"] = "quartile"
-    if stats["tumour_sizes"]["count"] == 0 and plan["shapes"]["size_preset"] == "quartile":
+    shapes = plan.setdefault("shapes", {})
+    count = stats["tumour_sizes"]["count"]
+    if count >= 4 and shapes.get("size_preset") == "labelfree":
+        shapes["size_preset"] = "quartile"
+    if count == 0 and shapes.get("size_preset") == "quartile":
         warnings.warn(f"{base.name} has no real tumours: size preset 'quartile' falls back to 'labelfree'",
                       stacklevel=2)
-        plan["shapes"]["size_preset"] = "labelfree"
+        shapes["size_preset"] = "labelfree"
     plan["configurations"][configuration] = stats
+    plan.pop("intensity_band", None)
+    for conf in plan["configurations"].values():
+        conf.pop("intensity_band", None)
+    SynthPlan.from_dict(flat_plan(plan, configuration), str(path)).validated(str(path), dataset_json)
     write_json_atomic(plan, path)
     return path
 
 
-def load_synth_plan(dataset: str | int, configuration: str, plans_identifier: str = "nnUNetPlans",
-                    create: bool = True) -> dict:
-    """The flat plan a trainer uses: dataset-level settings merged with the configuration's statistics.
+def load_synth_plan(dataset: str | int, configuration: str, plans_identifier: str = DEFAULT_PLANS_IDENTIFIER,
+                    create: bool = True) -> SynthPlan:
+    """The validated plan of one configuration: dataset-level settings merged with its statistics.
 
     Creates the plan (or its configuration section) with defaults when ``create`` is set and none exists.
+
+    Raises:
+        SynthPlanError: an unreadable file, or a key that does not fit the dataset (naming file, key and value).
     """
-    path = preprocessed_dir(dataset) / SYNTH_PLANS_FILE
-    plan = load_json(path) if path.is_file() else None
-    if plan is None or configuration not in plan.get("configurations", {}):
+    base = preprocessed_dir(dataset)
+    path = synth_plan_file(base, plans_identifier)
+    raw = read_synth_plans_file(path) if path.is_file() else None
+    if raw is None or configuration not in raw["configurations"]:
         if not create:
-            raise FileNotFoundError(f"no synth plan for {configuration} in {path}: run nnUNetv2_synth_plan "
-                                    f"-d {dataset} -c {configuration}")
-        plan = load_json(plan_synth(dataset, configuration, plans_identifier=plans_identifier))
-    flat = {k: v for k, v in plan.items() if k != "configurations"}
-    flat.update(configuration=configuration, **plan["configurations"][configuration])
-    return flat
+            raise SynthPlanError(f"no synth plan for {configuration} in {path}: run nnUNetv2_synth_plan "
+                                 f"-d {dataset} -c {configuration}" + (f" -p {plans_identifier}" if plans_identifier
+                                                                       != DEFAULT_PLANS_IDENTIFIER else ""))
+        raw = read_synth_plans_file(plan_synth(dataset, configuration, plans_identifier=plans_identifier))
+    dataset_json = load_json(base / "dataset.json")
+    return SynthPlan.from_dict(flat_plan(raw, configuration), str(path)).validated(str(path), dataset_json)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="nnUNetv2_synth_plan", description="Write nnUNetSynthPlans.json "
+    parser = argparse.ArgumentParser(prog="nnUNetv2_synth_plan", description="Write the synth plan "
                                      "(organ/tumour labels, tumour sizes, intensity priors) for a dataset.")
     parser.add_argument("-d", "--dataset", required=True, help="dataset name or ID")
-    parser.add_argument("-c", "--configuration", default="3d_fullres")
-    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    parser.add_argument("-c", "--configuration", default="3d_fullres", help="nnU-Net configuration")
+    parser.add_argument("-p", "--plans", default=DEFAULT_PLANS_IDENTIFIER, help="plans identifier")
     parser.add_argument("--organ-label", type=int, help="label value of the organ (placement region)")
     parser.add_argument("--tumour-label", type=int, help="label value of the tumour")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild the plan from the dataset, dropping "
+                        "hand edits (also repairs an unreadable file)")
     args = parser.parse_args(argv)
-    try:
-        path = plan_synth(args.dataset, args.configuration, args.organ_label, args.tumour_label, args.plans)
-    except SynthPlanError as e:
-        parser.exit(2, f"nnUNetv2_synth_plan: error: {e}\n")
+    path = plan_synth(args.dataset, args.configuration, args.organ_label, args.tumour_label, args.plans,
+                      overwrite=args.overwrite)
     plan = load_synth_plan(args.dataset, args.configuration, args.plans, create=False)
     print(f"wrote {path}")
     print(format_plan(plan))
 
 
-def format_plan(plan: dict) -> str:
-    """A short human-readable summary of a flat synth plan (for the console and the training log)."""
-    sizes = plan["tumour_sizes"]
-    region = f"organ label {plan['organ_label']}" if plan["organ_label"] is not None else \
-        f"no organ label: intensity band {plan['intensity_band']['range']} of channel 0"
-    lines = [f"synth plan of {plan['dataset_name']} ({plan['configuration']}): {region}, "
-             f"tumour label {plan['tumour_label']}, backend {plan['backend']}",
-             f"  shapes: {plan['shapes']}; placement: {plan['placement']}",
-             f"  real tumours: {sizes['count']}" + (f", equivalent diameter mm {sizes['equivalent_diameter_mm']}"
-                                                    if sizes["count"] else " (label-free: modality defaults)")]
-    for ch in plan["intensity"]["channels"]:
-        lo, hi = ch["contrast_range"]
-        lines.append(f"  channel {ch['name']} ({ch['normalization']}): contrast [{lo:.3f}, {hi:.3f}] "
-                     f"normalised units; {ch['contrast_source']}")
+def format_plan(plan: SynthPlan) -> str:
+    """A short human-readable summary of a synth plan (for the console and the training log)."""
+    sizes = plan.tumour_sizes
+    if plan.organ_label is not None:
+        region, around = f"organ label {plan.organ_label}", "organ"
+    else:
+        region = (f"no organ label: tissue region of channel {plan.tissue.channel} in {list(plan.tissue.range)} "
+                  f"(smoothed {plan.tissue.smoothing_mm} mm), lesions placed whole")
+        around = "surrounding tissue"
+    lines = [f"synth plan of {plan.dataset_name} ({plan.configuration}, {plan.plans_identifier}): {region}, "
+             f"tumour label {plan.tumour_label}, backend {plan.backend}",
+             f"  shapes: {dataclasses.asdict(plan.shapes)}; placement: {dataclasses.asdict(plan.placement)}"]
+    if sizes.count:
+        lines.append(f"  real tumours: {sizes.count} in {sizes.cases} cases ({sizes.rule}), equivalent diameter mm "
+                     f"{ {k: round(v, 1) for k, v in sizes.equivalent_diameter_mm.items()} }")
+    else:
+        lines.append("  real tumours: 0 (label-free: modality defaults)")
+    for ch in plan.channels:
+        lo, hi = ch.contrast_range
+        lines.append(f"  channel {ch.name} ({ch.normalization}): tumour minus {around} [{lo:.3f}, {hi:.3f}] "
+                     f"normalised units; {ch.contrast_source}")
     return "\n".join(lines)

@@ -14,8 +14,10 @@ import torch  # noqa: E402
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from nnunet_synth.generators.lesions import placement_region  # noqa: E402
 from nnunet_synth.injection import SynthTumourTransform  # noqa: E402
 from nnunet_synth.planning import load_synth_plan, preprocessed_dir  # noqa: E402
+from nnunet_synth.synth_plan import SynthPlan  # noqa: E402
 
 PLANES = ("axial", "coronal", "sagittal")
 
@@ -94,15 +96,15 @@ class SyntheticPatch:
     lesion: np.ndarray
 
 
-def draw_synthetic_patch(data: np.ndarray, seg: np.ndarray, plan: dict, transform: SynthTumourTransform,
+def draw_synthetic_patch(data: np.ndarray, seg: np.ndarray, plan: SynthPlan, transform: SynthTumourTransform,
                          patch: tuple[int, ...], rng: np.random.Generator) -> SyntheticPatch | None:
-    """Cuts a patch around a random placement voxel (organ, or intensity band without organ label) of a
-    preprocessed case and inserts one synthetic tumour.
+    """Cuts a patch around a random placement voxel (organ, or tissue region without organ label) of a
+    preprocessed case and inserts the synthetic tumours of one sample.
 
     Args:
         data: (C, *spatial) preprocessed image of the case.
         seg: (1, *spatial) preprocessed segmentation of the case.
-        plan: flat synth plan (organ and tumour label).
+        plan: the synth plan.
         transform: the transform whose ``insert`` places and synthesises the lesion.
         patch: patch size; two axes for a 2d configuration (a slice of the 3D case).
         rng: random generator (centre, placement and texture).
@@ -110,8 +112,8 @@ def draw_synthetic_patch(data: np.ndarray, seg: np.ndarray, plan: dict, transfor
     Returns:
         The patch before and after synthesis, or None when the case has no placement voxel or nothing fits.
     """
-    # the transform's own placement region: the organ label, or the intensity band where there is none
-    region = np.argwhere(transform.placement_region(torch.from_numpy(np.asarray(data)), np.asarray(seg[0])))
+    # the pipeline's own placement region: the organ label, or the tissue region where there is none
+    region = np.argwhere(placement_region(np.asarray(data), np.asarray(seg[0]), plan))
     if len(region) == 0:
         return None
     centre = region[rng.integers(len(region))]
@@ -125,7 +127,7 @@ def draw_synthetic_patch(data: np.ndarray, seg: np.ndarray, plan: dict, transfor
     new_image, new_labels = transform.insert(image, labels, rng)
     if new_image is None:
         return None
-    lesion = (new_labels[0] == plan["tumour_label"]).numpy() & (labels[0] != plan["tumour_label"]).numpy()
+    lesion = (new_labels[0] == plan.tumour_label).numpy() & (labels[0] != plan.tumour_label).numpy()
     return SyntheticPatch(bbox, slice_index, image, labels, new_image, new_labels, lesion)
 
 
@@ -148,7 +150,13 @@ def write_previews(dataset: str | int, configuration: str = "3d_fullres", num: i
     folder = base / conf.data_identifier
     ds = infer_dataset_class(str(folder))(str(folder))
     patch = tuple(conf.patch_size)
-    transform = SynthTumourTransform(plan, 1.0, patch, seed)
+    templates = None
+    if plan.shapes.deformation == "template":  # real tumour masks of fold 0's training cases, as its trainer uses
+        from nnunet_synth.generators.splits import split_cases
+        from nnunet_synth.generators.templates import fold_templates
+
+        templates, _ = fold_templates(base, conf, plan, split_cases(dataset, configuration, 0, plans_identifier)[0])
+    transform = SynthTumourTransform(plan, 1.0, patch, seed, templates=templates)
     rng = np.random.default_rng(seed)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,15 +170,15 @@ def write_previews(dataset: str | int, configuration: str = "3d_fullres", num: i
             if drawn is not None:
                 break
         else:
-            where = (f"organ label {plan['organ_label']}" if plan["organ_label"] is not None
-                     else f"intensity band {plan['intensity_band']}")
+            where = (f"organ label {plan.organ_label}" if plan.organ_label is not None
+                     else f"tissue region {plan.tissue}")
             raise RuntimeError(f"no synthetic tumour could be placed in 20 patches of {base.name}: is the {where} "
                                f"of nnUNetSynthPlans.json right? (nnUNetv2_synth_plan --organ-label N)")
         image, labels, new_image, lesion = drawn.image, drawn.labels, drawn.new_image, drawn.lesion
         path = out / f"preview_{i:02d}_{case}.png"
-        render_preview(image.numpy(), (labels[0] == plan["tumour_label"]).numpy(), new_image.numpy(), lesion,
-                       tuple(plan["spacing"][-len(patch):]),
-                       f"{base.name} {case} ({configuration}), {plan['backend']}: synthetic tumour in red, "
+        render_preview(image.numpy(), (labels[0] == plan.tumour_label).numpy(), new_image.numpy(), lesion,
+                       tuple(plan.spacing[-len(patch):]),
+                       f"{base.name} {case} ({configuration}), {plan.backend}: synthetic tumour in red, "
                        f"real in blue", path)
         written.append(path)
     return written

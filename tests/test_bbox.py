@@ -96,6 +96,13 @@ def read(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
+def refused(main, argv: list[str]) -> int:
+    """Exit status of a console entry that refuses (one line on stderr, status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code
+
+
 def leftovers(raw: Path) -> list[str]:
     return sorted(p.name for p in raw.iterdir() if p.name.startswith("."))
 
@@ -269,14 +276,14 @@ def test_bbox_dataset_cli_refuses_existing_output_and_box_input(raw, capsys):
     atlas_like(raw)
     assert bbox_dataset_main(["-i", "935", "-d", "936", "--quiet"]) == 0
     capsys.readouterr()
-    assert bbox_dataset_main(["-i", "935", "-d", "936", "--quiet"]) == 1
+    assert refused(bbox_dataset_main, ["-i", "935", "-d", "936", "--quiet"]) == 2
     assert "Dataset936_ATLASLikeBoxes already exists; pass --overwrite" in capsys.readouterr().err
     assert bbox_dataset_main(["-i", "935", "-d", "936", "--quiet", "--overwrite", "--margin-vox", "2"]) == 0
     out = raw / "Dataset936_ATLASLikeBoxes"
     assert json.loads((out / "bbox_source.json").read_text())["margin_vox"] == [2, 2, 2]
-    assert bbox_dataset_main(["-i", "936", "-d", "937", "--quiet"]) == 1
+    assert refused(bbox_dataset_main, ["-i", "936", "-d", "937", "--quiet"]) == 2
     assert "already has a box channel" in capsys.readouterr().err
-    assert bbox_dataset_main(["-i", "935", "-d", "935", "--quiet", "--name", "Other"]) == 1
+    assert refused(bbox_dataset_main, ["-i", "935", "-d", "935", "--quiet", "--name", "Other"]) == 2
     assert "dataset ID 935 is already used" in capsys.readouterr().err
     assert leftovers(raw) == []
 
@@ -361,7 +368,7 @@ def test_pseudolabel_cli_needs_exactly_one_model_form(raw, capsys):
         bbox_pseudolabel_main(["-i", "937", "-o", "938"])
     assert exc.value.code == 2 and "either as -m MODEL_FOLDER or as -d DATASET" in capsys.readouterr().err
     box_cohort(raw)
-    assert bbox_pseudolabel_main(["-d", "999", "-i", "937", "-o", "938", "--device", "cpu", "--quiet"]) == 1
+    assert refused(bbox_pseudolabel_main, ["-d", "999", "-i", "937", "-o", "938", "--device", "cpu", "--quiet"]) == 2
     assert "model dataset '999'" in capsys.readouterr().err
 
 
@@ -448,7 +455,7 @@ def test_bbox_pipeline_end_to_end_on_phantoms(nnunet_dirs, monkeypatch):
     assert not list((out / "imagesTr").glob("*_0001.nii.gz")), "the box channel is not part of the output"
 
     again = subprocess.run(command, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
-    assert again.returncode == 1
+    assert again.returncode == 2
     assert f"{out} already exists; pass --overwrite to replace it" in again.stderr
 
     # The model folder form with the boxes of lesion_boxes.json, in-process.

@@ -345,7 +345,11 @@ def leftovers(raw_dir: Path) -> list[str]:
 
 
 def convert_cli(args: list[str], capsys) -> tuple[int, str]:
-    rc = main(args + ["--quiet"])
+    """Exit status and stderr of the command (a refusal exits with status 2, as argparse does)."""
+    try:
+        rc = main(args + ["--quiet"])
+    except SystemExit as exit_info:
+        rc = exit_info.code
     return rc, capsys.readouterr().err
 
 
@@ -721,7 +725,7 @@ def test_input_errors_name_case_and_file_and_leave_nothing(raw, tmp_path, capsys
     src = build_msd(tmp_path / "in")
     damage(src)
     rc, err = convert_cli(["msd_pancreas", "-i", str(src), "-d", "501"], capsys)
-    assert rc == 1
+    assert rc == 2
     assert err.startswith("nnUNetv2_synth_convert msd_pancreas: error: ")
     import re
 
@@ -748,11 +752,11 @@ def test_existing_dataset_needs_overwrite(raw, tmp_path, capsys):
     marker = raw / "Dataset501_MSDPancreas" / "imagesTr" / "pancreas_001_0000.nii.gz"
     mtime = marker.stat().st_mtime_ns
     rc, err = convert_cli(["msd_pancreas", "-i", str(src), "-d", "501"], capsys)
-    assert rc == 1 and "already exists; pass --overwrite" in err
+    assert rc == 2 and "already exists; pass --overwrite" in err
     assert marker.stat().st_mtime_ns == mtime
     # a failed --overwrite keeps the old dataset
     _bad_values(src)
-    assert convert_cli(["msd_pancreas", "-i", str(src), "-d", "501", "--overwrite"], capsys)[0] == 1
+    assert convert_cli(["msd_pancreas", "-i", str(src), "-d", "501", "--overwrite"], capsys)[0] == 2
     assert marker.stat().st_mtime_ns == mtime and leftovers(raw) == ["Dataset501_MSDPancreas"]
     (src / "labelsTr" / "pancreas_003.nii.gz").unlink()
     (src / "imagesTr" / "pancreas_003.nii.gz").unlink()
@@ -879,7 +883,7 @@ def test_atlas_btcv_input_errors(raw, tmp_path, capsys, cohort, damage, match):
     build_atlas(root) if cohort == "atlas" else build_btcv(root)
     damage(root)
     rc, err = convert_cli([cohort, "-i", str(root), "-d", "512"], capsys)
-    assert rc == 1 and re.search(match, err), err
+    assert rc == 2 and re.search(match, err), err
     assert leftovers(raw) == []
 
 
@@ -902,7 +906,7 @@ def test_raw_dir_option_without_environment(tmp_path, monkeypatch, capsys):
         monkeypatch.delenv(name, raising=False)
     src = build_msd(tmp_path / "in")
     rc, err = convert_cli(["msd_pancreas", "-i", str(src), "-d", "501"], capsys)
-    assert rc == 1 and "nnUNet_raw is not set" in err
+    assert rc == 2 and "nnUNet_raw is not set" in err
     rc, err = convert_cli(["msd_pancreas", "-i", str(src), "-d", "501", "--raw-dir", str(tmp_path / "out")], capsys)
     assert rc == 0, err
     assert (tmp_path / "out" / "Dataset501_MSDPancreas" / "dataset.json").is_file()

@@ -16,22 +16,18 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
-from nnunet_synth.bank import (
-    bank_dir,
-    bank_identifiers,
-    generate_bank,
-    is_bank_identifier,
-    parse_bank_identifier,
-)
+from nnunet_synth.bank import bank_identifiers, generate_bank, is_bank_identifier, parse_bank_identifier
 from nnunet_synth.bank import main as generate_main
-from nnunet_synth.generator_training import generator_output_dir, split_cases
 from nnunet_synth.generator_training import main as train_main
 from nnunet_synth.generators import get_backend
 from nnunet_synth.generators.checkpoints import GeneratorCheckpointError
 from nnunet_synth.generators.ddpm.model import PRESETS, build_model, build_sampling_scheduler, get_preset
 from nnunet_synth.generators.ddpm.sampling import inpaint, masked_noisy_sample
+from nnunet_synth.generators.paths import bank_dir, generator_output_dir
+from nnunet_synth.generators.splits import split_cases
 from nnunet_synth.injection import SynthTumourTransform
 from nnunet_synth.planning import load_synth_plan, preprocessed_dir
+from nnunet_synth.synth_plan import SynthPlan
 from nnunet_synth.trainers import nnUNetTrainerSynth20DDPM, nnUNetTrainerSynth60DDPM, nnUNetTrainerSynthBank
 
 from .conftest import run, train_as_the_readme_says, training_log
@@ -119,17 +115,20 @@ def test_training_loss_falls_and_outputs_are_written(phantom_ct, generator):
     assert not set(config["train_cases"]) & set(config["val_cases"])
     assert not (set(config["train_cases"]) | set(config["val_cases"])) & set(val)
     plan = load_synth_plan(phantom_ct, "3d_fullres")
-    assert config["spacing"] == plan["spacing"] and config["normalization_schemes"] == ["CTNormalization"]
+    assert tuple(config["spacing"]) == plan.spacing and config["normalization_schemes"] == ["CTNormalization"]
     best = torch.load(generator / "checkpoint_best.pth", weights_only=False)
     assert best["best_val_loss"] == min(h["val_loss"] for h in log["history"])
 
 
-def test_resumed_training_continues_from_its_checkpoint(phantom_ct, generator):
+def test_resumed_training_continues_from_its_checkpoint(phantom_ct, generator, capsys):
     # fold 1 keeps the fold-0 generator of the other tests untouched
     args = ["-d", str(phantom_ct), "-g", "ddpm", "--preset", "tiny", "--device", "cpu", "-f", "1"]
     out = generator_output_dir(phantom_ct, "ddpm", "3d_fullres", 1)
-    with pytest.raises(GeneratorCheckpointError, match="does not exist"):
+    with pytest.raises(SystemExit) as exit_info:  # a user error: one line, exit status 2
         train_main(args + ["--iterations", "2", "--c"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "nnUNetv2_synth_train_generator: error: --c given but" in err
+    assert "does not exist" in err and "Traceback" not in err
     train_main(args + ["--iterations", "4"])
     straight = torch.load(out / "checkpoint_final.pth", weights_only=False)
     shutil.rmtree(out)
@@ -147,11 +146,10 @@ def test_resumed_training_continues_from_its_checkpoint(phantom_ct, generator):
     assert "resumed at iteration 2" in (out / "training_log.txt").read_text(encoding="utf-8")
 
 
-def _plan_with(phantom_ct, **changes) -> dict:
+def _plan_with(phantom_ct, **changes) -> SynthPlan:
     plan = load_synth_plan(phantom_ct, "3d_fullres")
     params = changes.pop("backend_params", {})
-    plan.update(backend="ddpm", backend_params={"device": "cpu", "sampling_steps": 2, **params}, **changes)
-    return plan
+    return plan.replace(backend="ddpm", backend_params={"device": "cpu", "sampling_steps": 2, **params}, **changes)
 
 
 def test_checkpoint_errors_name_the_file_and_the_mismatch(phantom_ct, generator, tmp_path, capsys):
@@ -171,7 +169,7 @@ def test_checkpoint_errors_name_the_file_and_the_mismatch(phantom_ct, generator,
     with pytest.raises(GeneratorCheckpointError, match="configuration = '3d_fullres'.*'3d_lowres'"):
         ddpm(_plan_with(phantom_ct, configuration="3d_lowres", backend_params={"checkpoint": str(best)}))
     plan = _plan_with(phantom_ct)
-    plan["intensity"] = {"channels": plan["intensity"]["channels"] * 2}
+    plan = plan.replace(channels=plan.channels * 2)
     with pytest.raises(GeneratorCheckpointError, match=r"checkpoint_best.pth does not fit.*num_channels = 1.*2"):
         ddpm(plan)
 
@@ -196,7 +194,7 @@ def test_bank_case_differs_from_its_source_only_inside_the_lesion(phantom_ct, ba
         data0, seg0, _, _ = real.load_case(source)
         data, seg, data0, seg0 = (np.asarray(a) for a in (data, seg, data0, seg0))
         lesion = (seg[0] == TUMOUR) & (seg0[0] != TUMOUR)
-        assert lesion.sum() == props["synth"]["lesion"]["voxels"] > 0
+        assert lesion.sum() == sum(item["voxels"] for item in props["synth"]["lesions"]) > 0
         assert np.array_equal(seg[0][~lesion], seg0[0][~lesion])
         changed = (data != data0)[0]
         assert not (changed & ~lesion).any(), "a voxel outside the lesion changed"
@@ -314,3 +312,31 @@ def test_generator_training_runs_distributed_under_torchrun(phantom_ct, generato
     state = torch.load(out / "checkpoint_final.pth", weights_only=False)
     assert state["iteration"] == 2 and state["config"]["world_size"] == 2
     assert "2 process(es)" in (out / "training_log.txt").read_text(encoding="utf-8")
+
+
+def test_bank_with_the_liver_mri_preset_has_its_semi_axes(nnunet_dirs, one_torch_thread):
+    """The liver-MRI paper's own size preset (every semi-axis ~ N(27, 4.5) mm) through the ddpm bank, on a coarse
+    phantom (12 x 6 x 6 mm voxels) where such lesions fit the tiny model's patch."""
+    from nnunet_synth.phantom import PhantomConfig, write_phantom_dataset
+
+    from .conftest import plan_and_preprocess
+
+    dataset = 911
+    write_phantom_dataset(dataset, num_train=3, num_test=0, seed=11,
+                          config=PhantomConfig(shape=(14, 40, 40), spacing=(12.0, 6.0, 6.0), tumour_radii_mm=(15.0,)))
+    plan_and_preprocess(dataset)
+    train_main(["-d", str(dataset), "-g", "ddpm", "--preset", "tiny", "--iterations", "2", "--device", "cpu",
+                "-f", "all"])
+    load_synth_plan(dataset, "3d_fullres")  # the plan file, then the preset as a user sets it
+    path = preprocessed_dir(dataset) / "nnUNetSynthPlans.json"
+    raw = json.loads(path.read_text())
+    raw["shapes"].update(size_preset="liver_mri", size_class="any")
+    raw["placement"].update(min_inside=0.3)
+    path.write_text(json.dumps(raw))
+    written = generate_bank(dataset, "ddpm", 6, fold="all", sampling_steps=2, device="cpu", progress=False)
+    assert len(written) == 6
+    bank = nnUNetDatasetBlosc2(str(bank_dir(dataset, "ddpm", "3d_fullres")))
+    lesions = [lesion for i in written for lesion in bank.load_case(i)[3]["synth"]["lesions"]]
+    assert {lesion["size_class"] for lesion in lesions} == {"liver_mri"}
+    axes = [a for lesion in lesions for a in lesion["semi_axes_mm"]]
+    assert abs(np.mean(axes) - 27.0) < 3.0, np.mean(axes)

@@ -6,6 +6,7 @@ online trainers (refuse without CUDA; their batch inpainting, called directly on
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -16,8 +17,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from scipy.ndimage import binary_dilation
 
-from nnunet_synth.bank import bank_dir, bank_identifiers, generate_bank, is_bank_identifier, parse_bank_identifier
-from nnunet_synth.generator_training import generator_output_dir, split_cases
+from nnunet_synth.bank import bank_identifiers, generate_bank, is_bank_identifier, parse_bank_identifier
 from nnunet_synth.generator_training import main as train_main
 from nnunet_synth.generators import get_backend
 from nnunet_synth.generators.checkpoints import GeneratorCheckpointError
@@ -26,7 +26,10 @@ from nnunet_synth.generators.ldm.model import PRESETS, build_sampling_scheduler,
 from nnunet_synth.generators.ldm.online import inpaint_batch
 from nnunet_synth.generators.ldm.sampling import LDMModels, decode_volume, encode_volume, soft_mask
 from nnunet_synth.generators.ldm.training import stage_dir
+from nnunet_synth.generators.paths import bank_dir, generator_output_dir
+from nnunet_synth.generators.splits import split_cases
 from nnunet_synth.planning import load_synth_plan, preprocessed_dir
+from nnunet_synth.synth_plan import SynthPlan
 from nnunet_synth.trainers import (
     nnUNetTrainerSynth20LDM,
     nnUNetTrainerSynth20LDMOnline,
@@ -166,13 +169,16 @@ def test_diffusion_loss_falls_and_the_checkpoint_holds_everything(phantom_ct, ge
     assert all(f"[{s}] finished" in text for s in ("vqvae", "vqvae-volume", "diffusion"))
 
 
-def test_stages_resume_and_need_their_predecessor(phantom_ct, generator):
+def test_stages_resume_and_need_their_predecessor(phantom_ct, generator, capsys):
     # fold 1 keeps the fold-0 generator of the other tests untouched
     args = ["-d", str(phantom_ct), "-g", "ldm", "--preset", "tiny", "--device", "cpu", "-f", "1"]
     out = generator_output_dir(phantom_ct, "ldm", "3d_fullres", 1)
-    with pytest.raises(GeneratorCheckpointError, match=r"stage_vqvae/checkpoint_best.pth does not exist.*"
-                                                       r"-g ldm -c 3d_fullres -f 1 --stage vqvae"):
+    with pytest.raises(SystemExit) as exit_info:  # a user error: one line, exit status 2
         train_main(args + ["--stage", "vqvae-volume"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert re.search(r"nnUNetv2_synth_train_generator: error: .*stage_vqvae/checkpoint_best.pth does not exist.*"
+                     r"-g ldm -c 3d_fullres -f 1 --stage vqvae", err), err
     with pytest.raises(SystemExit):
         train_main(args + ["--stage", "decoder"])
     train_main(args + ["--stage", "vqvae", "--iterations", "4"])
@@ -205,10 +211,9 @@ def test_optional_adversarial_loss_trains_a_discriminator(phantom_ct, generator,
         assert state["config"]["preset_params"]["adversarial_weight"] == 0.01
 
 
-def _plan(phantom_ct, **params) -> dict:
+def _plan(phantom_ct, **params) -> SynthPlan:
     plan = load_synth_plan(phantom_ct, "3d_fullres")
-    plan.update(backend="ldm", backend_params={"device": "cpu", "sampling_steps": 2, **params})
-    return plan
+    return plan.replace(backend="ldm", backend_params={"device": "cpu", "sampling_steps": 2, **params})
 
 
 def test_checkpoint_errors_name_the_file_and_the_mismatch(phantom_ct, generator):
@@ -218,8 +223,7 @@ def test_checkpoint_errors_name_the_file_and_the_mismatch(phantom_ct, generator)
     stage1 = stage_dir(generator, "vqvae") / "checkpoint_best.pth"
     with pytest.raises(GeneratorCheckpointError, match="from the ldm stage 'vqvae'.*diffusion stage"):
         ldm(_plan(phantom_ct, checkpoint=str(stage1)))
-    plan = _plan(phantom_ct, checkpoint=str(generator / "checkpoint_best.pth"))
-    plan["dataset_name"] = "Dataset942_Other"
+    plan = _plan(phantom_ct, checkpoint=str(generator / "checkpoint_best.pth")).replace(dataset_name="Dataset942_Other")
     with pytest.raises(GeneratorCheckpointError, match="checkpoint_best.pth does not fit.*Dataset942_Other"):
         ldm(plan)
     with pytest.raises(GeneratorCheckpointError, match="fold_4/checkpoint_best.pth does not exist.*-g ldm"):
@@ -239,13 +243,32 @@ def test_bank_case_differs_from_its_source_only_near_the_lesion(phantom_ct, bank
         data0, seg0, _, _ = real.load_case(source)
         data, seg, data0, seg0 = (np.asarray(a) for a in (data, seg, data0, seg0))
         lesion = (seg[0] == TUMOUR) & (seg0[0] != TUMOUR)
-        assert lesion.sum() == props["synth"]["lesion"]["voxels"] > 0
+        assert lesion.sum() == sum(item["voxels"] for item in props["synth"]["lesions"]) > 0
         assert np.array_equal(seg[0][~lesion], seg0[0][~lesion])
         near = binary_dilation(lesion, np.ones((3, 3, 3), bool), iterations=margin)
         changed = (data != data0)[0]
         assert not (changed & ~near).any(), "a voxel farther than the blend margin from the lesion changed"
         assert changed[lesion].mean() > 0.9
         assert props["synth"]["backend"] == "ldm" and props["synth"]["sampling_steps"] == SAMPLING_STEPS
+
+
+def test_template_masks_in_the_ldm_bank(phantom_ct, generator):
+    """The SynBT paper's template masks (real tumours of the fold's training cases) through the ldm bank."""
+    from scipy.ndimage import label
+
+    written = generate_bank(phantom_ct, "ldm", 2, fold=1, sampling_steps=SAMPLING_STEPS, device="cpu",
+                            checkpoint=str(generator / "checkpoint_best.pth"), deformation="template", progress=False)
+    assert len(written) == 2
+    folder = bank_dir(phantom_ct, "ldm", "3d_fullres")
+    manifest = json.loads((folder / "manifest" / "fold_1.json").read_text())
+    assert manifest["shapes"]["deformation"] == "template"
+    synthetic = nnUNetDatasetBlosc2(str(folder))
+    real = nnUNetDatasetBlosc2(str(split_cases(phantom_ct, "3d_fullres", 1)[2]))
+    for identifier in written:
+        _, seg, _, props = synthetic.load_case(identifier)
+        seg0 = np.asarray(real.load_case(parse_bank_identifier(identifier)[0])[1])
+        lesion = (np.asarray(seg)[0] == TUMOUR) & (seg0[0] != TUMOUR)
+        assert lesion.any() and label(lesion, np.ones((3, 3, 3)))[1] == len(props["synth"]["lesions"])
 
 
 def _trainer(cls, dataset: int, fold: int = 0):

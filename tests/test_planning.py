@@ -47,33 +47,33 @@ def test_plan_of_ct_phantom_has_hypodense_contrast_and_sizes(phantom_ct):
     path = plan_synth(phantom_ct)
     assert path.name == SYNTH_PLANS_FILE and path.parent == preprocessed_dir(phantom_ct)
     plan = load_synth_plan(phantom_ct, "3d_fullres", create=False)
-    assert (plan["organ_label"], plan["tumour_label"]) == (1, 2)
-    sizes = plan["tumour_sizes"]
-    assert sizes["count"] >= 4 and plan["shapes"]["size_preset"] == "quartile"
-    d = sizes["equivalent_diameter_mm"]
+    assert (plan.organ_label, plan.tumour_label) == (1, 2)
+    sizes = plan.tumour_sizes
+    assert sizes.count >= 4 and plan.shapes.size_preset == "quartile"
+    d = sizes.equivalent_diameter_mm
     assert d["min"] <= d["q25"] <= d["median"] <= d["q75"] <= d["max"]
     assert 5 < d["median"] < 25  # the phantom's tumour radii are 4-8 mm
-    (channel,) = plan["intensity"]["channels"]
-    lo, hi = channel["contrast_range"]
+    (channel,) = plan.channels
+    lo, hi = channel.contrast_range
     # phantom tumour 20 HU vs organ 90 HU, CT-normalised by the foreground std (tens of HU)
-    assert lo <= hi < 0 and "real tumours" in channel["contrast_source"]
-    assert channel["clip"] is not None and channel["clip"][0] < lo
+    assert lo <= hi < 0 and "real tumours" in channel.contrast_source
+    assert channel.clip is not None and channel.clip[0] < lo
 
 
 def test_healthy_ct_dataset_gets_the_ct_default(phantom_healthy):
     plan = load_synth_plan(phantom_healthy, "3d_fullres")  # created on demand, as a trainer does
-    assert plan["tumour_sizes"]["count"] == 0 and plan["shapes"]["size_preset"] == "labelfree"
-    (channel,) = plan["intensity"]["channels"]
-    assert channel["contrast_source"].startswith("CT default")
-    lo, hi = channel["contrast_range"]
+    assert plan.tumour_sizes.count == 0 and plan.shapes.size_preset == "labelfree"
+    (channel,) = plan.channels
+    assert channel.contrast_source.startswith("CT default")
+    lo, hi = channel.contrast_range
     assert lo < hi < 0
 
 
 def test_mri_plan_has_one_contrast_per_channel_with_the_right_sign(phantom_mri):
     plan = load_synth_plan(phantom_mri, "3d_fullres")
-    t1, t2 = plan["intensity"]["channels"]
-    assert max(t1["contrast_range"]) < 0 < min(t2["contrast_range"])  # T1 dark, T2 bright tumours
-    assert t1["clip"] is None and t1["normalization"] == "ZScoreNormalization"
+    t1, t2 = plan.channels
+    assert max(t1.contrast_range) < 0 < min(t2.contrast_range)  # T1 dark, T2 bright tumours
+    assert t1.clip is None and t1.normalization == "ZScoreNormalization"
 
 
 def test_plan_command_error_names_labels_and_flag(phantom_ct):

@@ -3,7 +3,7 @@ on known distributions, and the command on the preprocessed phantoms, with a mod
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -79,15 +79,14 @@ def test_classifier_is_at_chance_for_one_distribution_and_separates_a_shifted_on
 
 def test_realism_auc_ranks_a_bad_generator_above_a_closer_one(phantom_ct, tmp_path):
     plan = load_synth_plan(phantom_ct, "3d_fullres")
-    bad = copy.deepcopy(plan)  # hyperintense and three times too strong where the phantom's tumours are hypodense
-    for ch in bad["intensity"]["channels"]:
-        lo, hi = ch["contrast_range"]
-        ch["contrast_range"], ch["clip"] = [-3 * hi, -3 * lo], None
+    # hyperintense and three times too strong where the phantom's tumours are hypodense
+    bad = plan.replace(channels=tuple(
+        dataclasses.replace(ch, contrast_range=(-3 * ch.contrast_range[1], -3 * ch.contrast_range[0]), clip=None)
+        for ch in plan.channels))
     # the phantom's tumours are homogeneous with a ~1 mm partial-volume edge: the synth plan with the analytic
     # texture flattened and its edge blur matched (plan edits a user makes in nnUNetSynthPlans.json)
-    closer = copy.deepcopy(plan)
-    closer["backend_params"] = {"texture_base": [0.93, 0.95], "texture_scale": [0.0, 0.01],
-                                "edge_sigma_mm": [0.4, 0.6]}
+    closer = plan.replace(backend_params={"texture_base": [0.93, 0.95], "texture_scale": [0.0, 0.01],
+                                          "edge_sigma_mm": [0.4, 0.6]})
     results = {name: assess_quality(phantom_ct, "analytic", tmp_path / name, num=24, synth_plan=p, settings=FAST,
                                     progress=False)
                for name, p in (("bad", bad), ("closer", closer))}
@@ -175,8 +174,8 @@ def test_unbuilt_backend_is_a_clean_error(phantom_ct, tmp_path, capsys, monkeypa
 
 
 def test_learned_backend_without_its_checkpoint_is_a_clean_error(phantom_ct, tmp_path):
-    plan = load_synth_plan(phantom_ct, "3d_fullres")
-    plan["backend_params"] = {"checkpoint": str(tmp_path / "missing.pth")}
+    missing = {"checkpoint": str(tmp_path / "missing.pth")}
+    plan = load_synth_plan(phantom_ct, "3d_fullres").replace(backend_params=missing)
     with pytest.raises(QualityError, match="missing.pth does not exist; train it with: nnUNetv2_synth_train_generator"):
         assess_quality(phantom_ct, "ddpm", tmp_path / "out", synth_plan=plan, progress=False)
     assert not (tmp_path / "out").exists()

@@ -1,6 +1,7 @@
 """Real multi-channel brain MRI (BraTS 2013 sample in ../shared/data): synth plan, injection and preview on
 nnU-Net's own preprocessing of real scans. Skipped, saying why, where the data is absent."""
 
+import json
 import os
 import subprocess
 
@@ -8,15 +9,17 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy.ndimage import label
 
 from nnunet_synth.injection import SynthTumourTransform
 from nnunet_synth.planning import load_synth_plan, preprocessed_dir
 
-from .conftest import BRATS_DIR, plan_and_preprocess
+from .conftest import BRATS_DIR, plan_and_preprocess, run
 
 pytestmark = pytest.mark.skipif(not BRATS_DIR.is_dir(), reason=f"real MRI sample not found at {BRATS_DIR} "
                                 "(set NNUNET_SYNTH_BRATS_DIR to the brats2013_sample folder)")
 DATASET_ID = 920
+TUMOUR_ONLY_ID = 921
 CHANNELS = {"0": "FLAIR", "1": "T1c"}
 FILES = {"FLAIR": "Flair", "T1c": "T1c"}  # file-name prefixes of the channels in the sample
 SHRINK = 2  # 1 mm -> 2 mm keeps nnU-Net's preprocessing of six cases to seconds
@@ -53,17 +56,93 @@ def brats(nnunet_dirs) -> int:
     return DATASET_ID
 
 
+@pytest.fixture(scope="module")
+def brats_tumour_only(nnunet_dirs) -> int:
+    """The sample converted without a brain label (tumour 1 only), as a tumour-only cohort arrives."""
+    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+
+    root = nnunet_dirs / "nnUNet_raw" / f"Dataset{TUMOUR_ONLY_ID}_BraTSTumourOnly"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for case in sorted(p for p in BRATS_DIR.iterdir() if p.is_dir()):
+        for c, modality in CHANNELS.items():
+            sitk.WriteImage(_shrunk(case / f"{FILES[modality]}_subtrMeanDivStd.nii.gz"),
+                            str(root / "imagesTr" / f"{case.name}_{int(c):04d}.nii.gz"))
+        reference = _shrunk(case / "OTMultiClass.nii.gz")
+        out = sitk.GetImageFromArray((sitk.GetArrayFromImage(reference) > 0.5).astype(np.uint8))
+        out.CopyInformation(reference)
+        sitk.WriteImage(out, str(root / "labelsTr" / f"{case.name}.nii.gz"))
+    generate_dataset_json(str(root), CHANNELS, {"background": 0, "tumour": 1}, 6, ".nii.gz", dataset_name=root.name)
+    plan_and_preprocess(TUMOUR_ONLY_ID)
+    return TUMOUR_ONLY_ID
+
+
+def _brain(case: str) -> np.ndarray:
+    """The sample's brain mask of a case on the shrunk grid (z, y, x): True where a voxel holds any brain."""
+    return sitk.GetArrayFromImage(_shrunk(BRATS_DIR / case / "brainmask.nii.gz")) > 0
+
+
+def test_tumours_are_counted_as_tumours_not_fragments(brats_tumour_only):
+    plan = load_synth_plan(brats_tumour_only, "3d_fullres")
+    sizes = plan.tumour_sizes
+    assert plan.organ_label is None and plan.tissue is not None
+    assert 6 <= sizes.count <= 9 and sizes.cases == 6, sizes  # one glioma per case, the odd satellite
+    assert sizes.equivalent_diameter_mm["q25"] > 15, "label fragments counted as tumours"
+
+
+def test_no_synthetic_lesion_outside_the_head_without_a_brain_label(brats_tumour_only):
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from nnunet_synth.preview import draw_synthetic_patch
+
+    # glioma with oedema is 5-7 cm across: the label-free paper's sizes give many more draws that fit a patch
+    plan = load_synth_plan(brats_tumour_only, "3d_fullres").replace(shapes={"size_preset": "labelfree"})
+    folder = preprocessed_dir(brats_tumour_only) / "nnUNetPlans_3d_fullres"
+    transpose = json.loads((preprocessed_dir(brats_tumour_only) / "nnUNetPlans.json").read_text())["transpose_forward"]
+    ds = infer_dataset_class(str(folder))(str(folder))
+    transform = SynthTumourTransform(plan, 1.0, (64, 64, 64), seed=0)
+    rng = np.random.default_rng(0)
+    drawn = 0
+    for case in sorted(ds.identifiers):
+        data, seg, _, properties = ds.load_case(case)
+        crop = tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
+        brain = _brain(case).transpose(transpose)[crop]
+        assert brain.shape == seg.shape[1:], "the preprocessed grid is the shrunk grid (same spacing, no crop)"
+        for _ in range(5):
+            patch = draw_synthetic_patch(np.asarray(data), np.asarray(seg), plan, transform, (64, 64, 64), rng)
+            if patch is None:
+                continue
+            lesion = np.argwhere(patch.lesion) + [lo for lo, _ in patch.bbox]
+            assert brain[tuple(lesion.T)].all(), f"{case}: synthetic lesion voxels outside the head"
+            drawn += 1
+    assert drawn >= 15
+
+
+def test_bank_without_organ_label_writes_every_case_with_whole_lesions(brats_tumour_only, tmp_path):
+    out = tmp_path / "raw_export"
+    run(["nnUNetv2_synth_generate", "-d", str(brats_tumour_only), "-g", "analytic", "-f", "all", "-n", "6",
+         "--export-raw", str(out)])
+    masks = sorted((out / "synthetic_masksTr").glob("*.nii.gz"))
+    assert len(masks) == 6 and len(list((out / "imagesTr").glob("*.nii.gz"))) == 12
+    for path in masks:
+        synthetic = sitk.GetArrayFromImage(sitk.ReadImage(str(path))) > 0
+        source = path.name.split("__synth")[0]
+        pieces = label(synthetic, np.ones((3, 3, 3)))[1]
+        assert synthetic.any() and pieces == 1, f"{path.name}: {pieces} pieces"
+        assert _brain(source)[synthetic].all(), f"{path.name}: synthetic voxels outside the head"
+
+
 def test_synth_plan_reads_real_tumours(brats):
     plan = load_synth_plan(brats, "3d_fullres")
-    assert (plan["organ_label"], plan["tumour_label"]) == (1, 2)
-    sizes = plan["tumour_sizes"]
-    assert sizes["count"] >= 6 and plan["shapes"]["size_preset"] == "quartile"
+    assert (plan.organ_label, plan.tumour_label) == (1, 2)
+    sizes = plan.tumour_sizes
+    assert sizes.count >= 6 and plan.shapes.size_preset == "quartile"
     # glioma plus oedema: several centimetres across
-    assert 20 < sizes["equivalent_diameter_mm"]["max"] < 150
-    flair, t1c = plan["intensity"]["channels"]
-    assert flair["name"] == "FLAIR" and flair["normalization"] == "ZScoreNormalization"
-    assert min(flair["contrast_range"]) > 0, "tumour and oedema are bright on FLAIR"
-    assert "real tumours" in flair["contrast_source"]
+    assert 20 < sizes.equivalent_diameter_mm["max"] < 150
+    flair, t1c = plan.channels
+    assert flair.name == "FLAIR" and flair.normalization == "ZScoreNormalization"
+    assert min(flair.contrast_range) > 0, "tumour and oedema are bright on FLAIR"
+    assert "real tumours" in flair.contrast_source
 
 
 def test_injection_on_real_patch(brats):

@@ -16,20 +16,22 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
-from nnunet_synth.bank import bank_dir, bank_identifiers, generate_bank, is_bank_identifier, parse_bank_identifier
+from nnunet_synth.bank import bank_identifiers, generate_bank, is_bank_identifier, parse_bank_identifier
 from nnunet_synth.bank import main as generate_main
-from nnunet_synth.generator_training import generator_output_dir, split_cases
 from nnunet_synth.generator_training import main as train_main
 from nnunet_synth.generators import get_backend
 from nnunet_synth.generators.base import Lesion
 from nnunet_synth.generators.checkpoints import GeneratorCheckpointError
+from nnunet_synth.generators.paths import bank_dir, generator_output_dir
 from nnunet_synth.generators.sd_inversion.captions import caption, caption_of_mask, size_class_of_area
 from nnunet_synth.generators.sd_inversion.components import load_lora_state, load_parts, to_model
 from nnunet_synth.generators.sd_inversion.insertion import smoothed_mask
 from nnunet_synth.generators.sd_inversion.inversion import edit_timesteps, invert, regenerate
 from nnunet_synth.generators.sd_inversion.tiny import build_tiny_base_model
+from nnunet_synth.generators.splits import split_cases
 from nnunet_synth.phantom import write_phantom_dataset
 from nnunet_synth.planning import load_synth_plan, preprocessed_dir
+from nnunet_synth.synth_plan import SynthPlan
 from nnunet_synth.trainers import (
     nnUNetTrainerSynth20SD,
     nnUNetTrainerSynth20SDRealFinetune,
@@ -70,10 +72,9 @@ def generator(phantom_2d, base_model) -> Path:
     return generator_output_dir(phantom_2d, "sd_inversion", "2d", 0)
 
 
-def _plan(dataset: int, **params) -> dict:
+def _plan(dataset: int, **params) -> SynthPlan:
     plan = load_synth_plan(dataset, "2d")
-    plan.update(backend="sd_inversion", backend_params={"device": "cpu", "sampling_steps": STEPS, **params})
-    return plan
+    return plan.replace(backend="sd_inversion", backend_params={"device": "cpu", "sampling_steps": STEPS, **params})
 
 
 def _trainer(cls, dataset: int, num_epochs: int | None = None):
@@ -260,12 +261,12 @@ def test_bank_inserts_a_tumour_of_the_requested_class_into_one_slice(phantom_2d,
         data, seg, _, props = synthetic.load_case(identifier)
         data0, seg0, _, _ = real.load_case(source)
         data, seg, data0, seg0 = (np.asarray(a) for a in (data, seg, data0, seg0))
-        lesion_info = props["synth"]["lesion"]
-        z = lesion_info["slice"]
+        (lesion_info,) = props["synth"]["lesions"]
+        z = props["synth"]["slice"]
         lesion = (seg[0] == TUMOUR) & (seg0[0] != TUMOUR)
-        assert lesion.sum() == lesion_info["area_px"] == lesion[z].sum()
+        assert lesion.sum() == lesion_info["voxels"] == lesion[z].sum()
         assert lesion_info["size_class"] == "small" == size_class_of_area(int(lesion[z].sum()))
-        assert lesion_info["prompt"] == caption("small")
+        assert caption_of_mask(lesion[z]) == caption("small")  # the prompt the slice was generated with
         changed = (data != data0)[0]
         assert not np.delete(changed, z, axis=0).any(), "only the chosen slice changes"
         soft = smoothed_mask(lesion[z], 1.5)

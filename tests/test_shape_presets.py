@@ -10,16 +10,15 @@ from nnunet_synth.generators.sizes import LABELFREE_COUNTS, SLICE_AREA_BINS_PX, 
 from nnunet_synth.generators.templates import draw_template
 from nnunet_synth.injection import SynthTumourTransform
 from nnunet_synth.label_noise import LABEL_NOISE_MM, NoisyTumourLabelTransform, displacement
+from nnunet_synth.synth_plan import TissueRegion, TumourSizes
 
 from .test_injection import ORGAN, TUMOUR, make_patch, make_plan
 
 
 def _plan(preset, size_class, radii=None):
-    plan = make_plan(size_class=size_class)
-    plan["shapes"]["size_preset"] = preset
-    if radii:
-        plan["tumour_sizes"] = {"count": 40, "class_radius_mm": radii}
-    return plan
+    sizes = TumourSizes(count=40, cases=10, class_radius_mm=radii) if radii else TumourSizes()
+    return make_plan(size_class="any").replace(shapes={"size_preset": preset, "size_class": size_class},
+                                               tumour_sizes=sizes)
 
 
 def _mean_radius(plan, spacing, n, seed=0):
@@ -28,7 +27,7 @@ def _mean_radius(plan, spacing, n, seed=0):
     radii = []
     while len(radii) < n:
         for request in lesion_requests(plan, spacing, rng)[: n - len(radii)]:
-            mask = lesion_mask(request.radii_mm, spacing, rng, plan["shapes"]["deformation"])
+            mask = lesion_mask(request.radii_mm, spacing, rng, plan.shapes.deformation)
             radii.append(equivalent_diameter_mm(int(mask.sum()), spacing) / 2)
     return float(np.mean(radii))
 
@@ -137,46 +136,64 @@ def test_noisy_label_transform_moves_the_boundary_only():
     assert distance[changed.numpy()].max() <= 3 * 2.0 * 3 + 1
 
 
-def test_dataset_without_organ_label_places_in_the_intensity_band():
-    from nnunet_synth.planning import _tumour_shell, guess_labels
+def _tissue_patch():
+    """A breast-like patch: background fill, a box of tissue, one real tumour, no organ label."""
+    image, seg = make_patch(shape=(24, 48, 48))
+    seg[0][seg[0] == ORGAN] = 0
+    image[0] = -3.0
+    box = np.zeros(seg.shape[1:], bool)
+    box[4:20, 8:40, 8:40] = True  # the "tissue" the tumours sit in: textured, as real tissue is
+    image[0][torch.from_numpy(box)] = torch.from_numpy(np.random.default_rng(0).normal(0.5, 0.05, int(box.sum()))
+                                                       .astype(np.float32))
+    plan = make_plan(size_class="tiny", organ_label=None, tissue=TissueRegion(0, (0.0, 1.0)),
+                     labels={"background": 0, "tumour": TUMOUR})
+    return image, seg, plan, box
+
+
+def test_dataset_without_organ_label_places_whole_lesions_in_the_tissue():
+    from nnunet_synth.planning import guess_labels, tumour_shell
 
     assert guess_labels({"background": 0, "tumor": 1}) == (None, 1)
     with pytest.raises(Exception, match="--organ-label"):
         guess_labels({"background": 0, "vessel": 1, "tumor": 2})  # an unknown label still needs the flag
-    image, seg = make_patch(shape=(24, 48, 48))
-    seg[0][seg[0] == ORGAN] = 0  # breast-like: only background and tumour
-    image[0] = -3.0
-    image[0, 4:20, 8:40, 8:40] = 0.5  # the "tissue" the tumours sit in
-    shell = _tumour_shell(seg[0].numpy() == TUMOUR, seg[0].numpy(), (1.0, 1.0, 1.0))
+    image, seg, plan, box = _tissue_patch()
+    shell = tumour_shell(seg[0].numpy() == TUMOUR, seg[0].numpy(), (1.0, 1.0, 1.0))
     assert shell.any() and not (shell & (seg[0].numpy() != 0)).any()
-    plan = make_plan(size_class="tiny")
-    plan["organ_label"] = None
-    plan["intensity_band"] = {"channel": 0, "range": [0.0, 1.0]}
     transform = SynthTumourTransform(plan, 1.0, None, seed=0)
     rng = np.random.default_rng(0)
-    for _ in range(5):
+    for _ in range(8):
         new_image, new_seg = transform.insert(image, seg, rng)
         assert new_image is not None
-        synthetic = (new_seg[0] == TUMOUR) & (seg[0] != TUMOUR)
+        synthetic = ((new_seg[0] == TUMOUR) & (seg[0] != TUMOUR)).numpy()
         assert synthetic.any()
-        assert (seg[0][synthetic] == 0).all() and (image[0][synthetic] == 0.5).all(), "lesion outside the band"
+        assert (seg[0].numpy()[synthetic] == 0).all() and box[synthetic].all(), "lesion outside the tissue"
+        pieces, n = label(synthetic, np.ones((3, 3, 3)))
+        sizes = np.bincount(pieces.ravel())[1:]
+        assert sizes.min() >= 7, f"a clipped sliver of {sizes.min()} voxels: lesions must be placed whole"
 
 
-def test_preview_patch_centres_on_the_band_without_organ_label():
+def test_tissue_region_excludes_background_fill_whatever_its_value():
+    """A background fill inside the tissue's intensity range (z-scored skull-stripped MRI) is never tissue."""
+    from nnunet_synth.generators.lesions import placement_region
+
+    image, seg, plan, box = _tissue_patch()
+    image[0][image[0] == -3.0] = 0.5  # the fill now looks like tissue by value
+    region = placement_region(image.numpy(), seg[0].numpy(), plan)
+    assert region.any() and not (region & ~box).any()
+
+
+def test_preview_patch_centres_on_the_tissue_without_organ_label():
+    from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+
     from nnunet_synth.preview import draw_synthetic_patch
 
-    image, seg = make_patch(shape=(24, 48, 48))
-    seg[0][seg[0] == ORGAN] = 0
-    image[0] = -3.0
-    image[0, 4:20, 8:40, 8:40] = 0.5
-    plan = make_plan(size_class="tiny")
-    plan["organ_label"] = None
-    plan["intensity_band"] = {"channel": 0, "range": [0.0, 1.0]}
+    image, seg, plan, box = _tissue_patch()
     transform = SynthTumourTransform(plan, 1.0, None, seed=0)
     rng = np.random.default_rng(1)
     drawn = [draw_synthetic_patch(image.numpy(), seg.numpy(), plan, transform, (16, 24, 24), rng) for _ in range(4)]
     assert all(d is not None and d.lesion.any() for d in drawn)
     for d in drawn:
         centre = [(lo + hi) // 2 for lo, hi in d.bbox]
-        assert image[0][tuple(centre)] == 0.5 and seg[0][tuple(centre)] == 0, "patch not centred in the band"
-        assert (d.image[0][torch.from_numpy(d.lesion)] == 0.5).all()
+        assert box[tuple(centre)] and seg[0][tuple(centre)] == 0, "patch not centred in the tissue"
+        inside = crop_and_pad_nd(box, d.bbox, False)
+        assert not (d.lesion & ~inside).any(), "lesion outside the tissue"

@@ -11,7 +11,8 @@ import SimpleITK as sitk
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from nnunet_synth.generators.templates import template_cases, template_file
+from nnunet_synth.generators.paths import template_file
+from nnunet_synth.generators.templates import template_cases
 from nnunet_synth.injection import achieved_rates
 from nnunet_synth.planning import preprocessed_dir
 from nnunet_synth.trainers import nnUNetTrainerSynth20RealFinetune, nnUNetTrainerSynth20Template

@@ -34,6 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from nnunet_synth.cli import exit_on_user_error
 from nnunet_synth.dataset_conversion.common import (
     CaseTask,
     ConversionError,
@@ -703,11 +704,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(prog: str, func, args: argparse.Namespace) -> int:
-    try:
+    with exit_on_user_error(prog):  # a refusal: one line on stderr, exit status 2
         folder = func(args)
-    except ConversionError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1
     print(f"wrote {folder}")
     return 0
 
@@ -732,7 +730,7 @@ def build_bbox_dataset_parser() -> argparse.ArgumentParser:
 
 
 def bbox_dataset_main(argv: Sequence[str] | None = None) -> int:
-    """Console entry ``nnUNetv2_synth_bbox_dataset``; returns 1 with one message when refused."""
+    """Console entry ``nnUNetv2_synth_bbox_dataset``; exits with status 2 and one message when refused."""
     args = build_bbox_dataset_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     return _run("nnUNetv2_synth_bbox_dataset", lambda a: make_bbox_dataset(
         a.input, a.dataset_id, name=a.name, tumour_label=a.tumour_label, organ_label=a.organ_label,
@@ -779,7 +777,7 @@ def build_bbox_pseudolabel_parser() -> argparse.ArgumentParser:
 
 
 def bbox_pseudolabel_main(argv: Sequence[str] | None = None) -> int:
-    """Console entry ``nnUNetv2_synth_bbox_pseudolabel``; returns 1 with one message when refused."""
+    """Console entry ``nnUNetv2_synth_bbox_pseudolabel``; exits with status 2 and one message when refused."""
     parser = build_bbox_pseudolabel_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     if (args.model is None) == (args.model_dataset is None):

@@ -1,7 +1,7 @@
 """``nnUNetv2_synth_convert COHORT -i INPUT -d DATASET_ID [options]``: one sub-command per cohort.
 
 Each cohort module provides ``add_arguments(parser)`` for its own options and ``run(args)``; the options every
-cohort shares are added here. Input problems end with exit status 1 and one message naming case and file.
+cohort shares are added here. Input problems end with exit status 2 and one message naming case and file.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from nnunet_synth.dataset_conversion.common import ConversionError
+from nnunet_synth.cli import exit_on_user_error
 
 #: cohort -> (module, one-line help)
 COHORTS: dict[str, tuple[str, str]] = {
@@ -63,14 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments without the program name; ``sys.argv[1:]`` when None.
 
     Returns:
-        0 on success, 1 when the conversion was refused (the message is printed to stderr).
+        0 on success; a refused conversion (ConversionError, a missing file, ...) exits with status 2 and one
+        line ``nnUNetv2_synth_convert COHORT: error: <message>`` on stderr.
     """
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    try:
+    with exit_on_user_error(f"nnUNetv2_synth_convert {args.cohort}"):
         folder = _module(args.cohort).run(args)
-    except ConversionError as err:
-        print(f"nnUNetv2_synth_convert {args.cohort}: error: {err}", file=sys.stderr)
-        return 1
     print(f"wrote {folder}")
     return 0
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from nnunet_synth.cli import exit_on_user_error
+
 from .cases import guess_tumour_label
 
 
@@ -75,7 +77,8 @@ def evaluate_entry(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
     if args.names is not None and len(args.names) != len(prediction_folders):
         parser.error(f"--names gives {len(args.names)} names for {len(prediction_folders)} prediction folders")
-    try:
+    # besides the common user errors: unreadable or mismatching segmentations (ValueError, RuntimeError)
+    with exit_on_user_error(parser.prog, also=(ValueError, RuntimeError)):
         label, note = args.l, f"tumour label {args.l} (-l)"
         if label is None:
             label, note = guess_tumour_label(args.ref, prediction_folders)
@@ -94,8 +97,6 @@ def evaluate_entry(argv: Sequence[str] | None = None) -> int:
             args.ref, prediction_folders, args.o, config=config, run_names=args.names,
             file_ending=args.file_ending, num_processes=args.num_processes, progress=not args.quiet, label_note=note,
         )
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        parser.exit(2, f"nnUNetv2_synth_evaluate: error: {e}\n")
     print(f"nnUNetv2_synth_evaluate: {summary['n_cases']} cases, report in {args.o}", file=sys.stderr)
     return 0
 

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
@@ -31,6 +32,7 @@ from scipy.ndimage import find_objects
 from scipy.ndimage import label as connected_components
 from tqdm import tqdm
 
+from nnunet_synth.cli import exit_on_user_error
 from nnunet_synth.evaluation.lesion_features import (
     CHANNEL_FEATURES,
     central_slice,
@@ -40,7 +42,8 @@ from nnunet_synth.evaluation.lesion_features import (
 from nnunet_synth.evaluation.realism import CLASSIFIERS, one_class_svm_scores, realism_auc
 from nnunet_synth.generators.shapes import equivalent_diameter_mm
 
-NNUNET_SPLIT_SEED = 12345  # nnU-Net's seed of splits_final.json and of its 80:20 fallback split
+if TYPE_CHECKING:
+    from nnunet_synth.synth_plan import SynthPlan
 
 
 class QualityError(ValueError):
@@ -130,34 +133,25 @@ def resolve_dataset(dataset: str | int) -> Path:
     return base
 
 
-def training_cases(base: Path, identifiers: Sequence[str], fold: int | str | None) -> list[str]:
-    """The cases a fold trains on, as nnU-Net's trainer chooses them (all cases for None or ``"all"``).
+def training_cases(dataset: str | int, configuration: str, plans_identifier: str, identifiers: Sequence[str],
+                   fold: int | str | None) -> list[str]:
+    """The cases a fold trains on, split by nnU-Net's own ``do_split``
+    (:func:`~nnunet_synth.generators.splits.split_cases`); every preprocessed case for None.
 
-    Uses ``splits_final.json`` when it exists, else the split nnU-Net would create (5-fold, seed 12345); a fold
-    beyond the splits gets nnU-Net's seeded 80:20 split.
+    Raises:
+        QualityError: for a negative fold, or a split that lists cases that are not preprocessed.
     """
-    identifiers = sorted(identifiers)
-    if fold is None or fold == "all":
-        return identifiers
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    from nnunet_synth.generators.splits import split_cases
 
-    fold = int(fold)
-    if fold < 0:
+    if fold is None:
+        return sorted(identifiers)
+    if fold != "all" and int(fold) < 0:
         raise QualityError(f"fold must be >= 0 or 'all', got {fold}")
-    splits_file = base / "splits_final.json"
-    splits = load_json(splits_file) if splits_file.is_file() else generate_crossval_split(identifiers,
-                                                                                          NNUNET_SPLIT_SEED, 5)
-    if fold < len(splits):
-        cases = sorted(splits[fold]["train"])
-    else:
-        rnd = np.random.RandomState(seed=NNUNET_SPLIT_SEED + fold)
-        keys = np.sort(identifiers)
-        cases = sorted(str(k) for k in keys[rnd.choice(len(keys), int(len(keys) * 0.8), replace=False)])
+    cases, _, _ = split_cases(dataset, configuration, fold if fold == "all" else int(fold), plans_identifier)
     missing = sorted(set(cases) - set(identifiers))
     if missing:
-        raise QualityError(f"{splits_file} lists training cases of fold {fold} that are not preprocessed in "
-                           f"{base.name}: {', '.join(missing[:5])}")
+        raise QualityError(f"splits_final.json lists training cases of fold {fold} that are not preprocessed for "
+                           f"{configuration}: {', '.join(missing[:5])}")
     return cases
 
 
@@ -182,7 +176,7 @@ def _crop(volume: np.ndarray, labels: np.ndarray, coords: tuple[np.ndarray, ...]
 class _CropMaker:
     """Cuts, measures and (with an encoder) embeds tumours of one dataset."""
 
-    def __init__(self, plan: dict, spacing: tuple[float, ...], settings: QualitySettings, encoder=None):
+    def __init__(self, plan: SynthPlan, spacing: tuple[float, ...], settings: QualitySettings, encoder=None):
         self.plan, self.spacing, self.settings, self.encoder = plan, spacing, settings, encoder
         self.margin = [int(math.ceil(settings.context_mm / s)) + 1 for s in spacing]
 
@@ -190,7 +184,8 @@ class _CropMaker:
                  coords: tuple[np.ndarray, ...], values: np.ndarray, slice_index: int | None) -> LesionCrop:
         box = [[int(c.min()) - m, int(c.max()) + 1 + m] for c, m in zip(coords, self.margin)]
         image, lesion, crop_labels = _crop(volume, labels, coords, values, box)
-        organ = (crop_labels == self.plan["organ_label"]) & ~lesion
+        organ_label = self.plan.organ_label  # None: no organ label, the lesion's surrounding is unlabelled tissue
+        organ = (crop_labels == organ_label) & ~lesion if organ_label is not None else np.zeros_like(lesion)
         features = volume_features(image, lesion, organ, self.spacing, self.settings.shell_mm)
         if lesion.ndim == 3:
             z = central_slice(lesion)
@@ -229,7 +224,7 @@ def _real_tumours(seg0: np.ndarray, tumour_label: int, two_d: bool
     return out
 
 
-def collect_crops(ds, cases: Sequence[str], plan: dict, transform, patch_size: tuple[int, ...], num_synthetic: int,
+def collect_crops(ds, cases: Sequence[str], plan: SynthPlan, transform, patch_size: tuple[int, ...], num_synthetic: int,
                   settings: QualitySettings, rng: np.random.Generator, dataset_name: str, encoder=None,
                   progress: bool = True) -> tuple[list[LesionCrop], list[LesionCrop], dict[str, int]]:
     """Real tumours of ``cases`` and ``num_synthetic`` synthetic ones inserted into organ patches of the same cases.
@@ -242,7 +237,7 @@ def collect_crops(ds, cases: Sequence[str], plan: dict, transform, patch_size: t
     """
     from nnunet_synth.preview import draw_synthetic_patch
 
-    spacing = tuple(float(s) for s in plan["spacing"][-len(patch_size):])
+    spacing = tuple(float(s) for s in plan.spacing[-len(patch_size):])
     two_d = len(patch_size) == 2
     make = _CropMaker(plan, spacing, settings, encoder)
     per_case = [num_synthetic // len(cases) + (i < num_synthetic % len(cases)) for i in range(len(cases))]
@@ -256,7 +251,7 @@ def collect_crops(ds, cases: Sequence[str], plan: dict, transform, patch_size: t
         except Exception as e:  # nnU-Net's loaders raise many kinds; name the case
             raise QualityError(f"{dataset_name}: cannot load preprocessed case {case}: {e}") from e
         try:
-            for coords, z in _real_tumours(seg[0], plan["tumour_label"], two_d):
+            for coords, z in _real_tumours(seg[0], plan.tumour_label, two_d):
                 if len(coords[0]) < settings.min_voxels:
                     counts["real_too_small"] += 1
                     continue
@@ -345,7 +340,7 @@ class _SizeLimited:
         self.generator.synthesize(image, lesion, spacing, rng)
 
 
-def _build_transform(plan: dict, backend: str, patch_size: tuple[int, ...], seed: int):
+def _build_transform(plan: SynthPlan, backend: str, patch_size: tuple[int, ...], seed: int):
     """The synth plan with ``backend`` set and the transform that inserts its tumours.
 
     Raises:
@@ -356,12 +351,12 @@ def _build_transform(plan: dict, backend: str, patch_size: tuple[int, ...], seed
     from nnunet_synth.injection import SynthTumourTransform
 
     check_backend(backend)
-    plan = {**plan, "backend": backend}
+    plan = plan.replace(backend=backend)
     try:
         transform = SynthTumourTransform(plan, 1.0, patch_size, seed)
     except (GeneratorCheckpointError, FileNotFoundError) as e:
         raise QualityError(f"generator backend {backend!r}: {e}") from e
-    if getattr(transform.generator, "max_lesion_shape", None) is not None:
+    if transform.generator.max_lesion_shape is not None:
         transform.generator = _SizeLimited(transform.generator)
     return plan, transform
 
@@ -370,7 +365,7 @@ def assess_quality(dataset: str | int, backend: str, output_dir: str | Path, num
                    configuration: str = "3d_fullres", plans_identifier: str = "nnUNetPlans",
                    fold: int | str | None = None, model_folder: str | Path | None = None,
                    checkpoint_name: str = "checkpoint_final.pth", device: str | None = None, seed: int = 0,
-                   settings: QualitySettings | None = None, synth_plan: dict | None = None,
+                   settings: QualitySettings | None = None, synth_plan: SynthPlan | dict | None = None,
                    progress: bool = True) -> dict:
     """Runs the generator-quality checks and writes the report.
 
@@ -387,8 +382,9 @@ def assess_quality(dataset: str | int, backend: str, output_dir: str | Path, num
         device: torch device of the encoder (default CUDA when available).
         seed: seed of placement, synthesis and cross-validation.
         settings: measurement and classifier settings.
-        synth_plan: a flat synth plan to use instead of the dataset's ``nnUNetSynthPlans.json`` (e.g. an edited
-            copy, to compare generator settings).
+        synth_plan: a synth plan to use instead of the dataset's ``nnUNetSynthPlans.json`` (e.g. an edited copy
+            made with :meth:`SynthPlan.replace`, or its flat JSON form, to compare generator settings); it is
+            validated against the dataset.
         progress: show progress bars.
 
     Returns:
@@ -403,7 +399,8 @@ def assess_quality(dataset: str | int, backend: str, output_dir: str | Path, num
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_synth.evaluation.quality_report import write_report
-    from nnunet_synth.planning import MAX_CASES_FOR_STATISTICS, SynthPlanError, load_synth_plan
+    from nnunet_synth.planning import MAX_CASES_FOR_STATISTICS, load_synth_plan
+    from nnunet_synth.synth_plan import SynthPlan, SynthPlanError
 
     settings = settings or QualitySettings()
     settings.check()
@@ -425,23 +422,27 @@ def assess_quality(dataset: str | int, backend: str, output_dir: str | Path, num
         raise QualityError(f"{folder} does not exist: run nnUNetv2_plan_and_preprocess -d {dataset} "
                            f"-c {configuration} first")
     try:
-        plan = dict(synth_plan) if synth_plan is not None else load_synth_plan(dataset, configuration,
-                                                                               plans_identifier)
+        if synth_plan is None:
+            plan = load_synth_plan(dataset, configuration, plans_identifier)
+        else:
+            source = "the synth_plan argument of assess_quality"
+            plan = synth_plan if isinstance(synth_plan, SynthPlan) else SynthPlan.from_dict(synth_plan, source)
+            plan = plan.validated(source, load_json(base / "dataset.json"))
     except SynthPlanError as e:
         raise QualityError(f"{base.name}: {e}") from e
     ds = infer_dataset_class(str(folder))(str(folder))
     identifiers = list(ds.identifiers)
     # the plan's statistics saw every case unless there are more than it samples: then no tumour means none
-    if plan["tumour_sizes"].get("count", 0) == 0 and len(identifiers) <= MAX_CASES_FOR_STATISTICS:
-        raise QualityError(f"{base.name} has no real tumours (label {plan['tumour_label']}) in its preprocessed "
+    if plan.tumour_sizes.count == 0 and len(identifiers) <= MAX_CASES_FOR_STATISTICS:
+        raise QualityError(f"{base.name} has no real tumours (label {plan.tumour_label}) in its preprocessed "
                            f"cases: no real tumours to compare the synthetic ones with")
     patch_size = tuple(int(p) for p in conf.patch_size)
     plan, transform = _build_transform(plan, backend, patch_size, seed)
-    cases = training_cases(base, identifiers, fold)
+    cases = training_cases(dataset, configuration, plans_identifier, identifiers, fold)
     if not cases:
         raise QualityError(f"{base.name} has no preprocessed cases" + (f" in fold {fold}'s training split"
                                                                         if fold not in (None, "all") else ""))
-    channel_names = [ch["name"] for ch in plan["intensity"]["channels"]]
+    channel_names = [ch.name for ch in plan.channels]
 
     encoder = None
     if model_folder is not None:
@@ -468,7 +469,7 @@ def assess_quality(dataset: str | int, backend: str, output_dir: str | Path, num
     if len(synthetic) < 2:
         raise QualityError(f"{base.name}: only {len(synthetic)} of {num} synthetic tumours could be placed in "
                            f"{where} ({settings.attempts} patches tried per tumour): is organ label "
-                           f"{plan['organ_label']} right? (nnUNetv2_synth_plan --organ-label N)")
+                           f"{plan.organ_label} right? (nnUNetv2_synth_plan --organ-label N)")
     crops = real + synthetic
     texture_ranges = add_texture(crops, settings.glcm_levels)
     x, names = feature_matrix(crops, channel_names)
@@ -505,7 +506,7 @@ def assess_quality(dataset: str | int, backend: str, output_dir: str | Path, num
         "seed": seed,
         "num_requested": num,
         "settings": asdict(settings),
-        "spacing": [float(s) for s in plan["spacing"][-len(patch_size):]],
+        "spacing": [float(s) for s in plan.spacing[-len(patch_size):]],
         "patch_size": list(patch_size),
         "channels": channel_names,
         "counts": {"real": len(real), "synthetic": len(synthetic), **counts},
@@ -556,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@exit_on_user_error("nnUNetv2_synth_quality")
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``nnUNetv2_synth_quality``; ``argv`` defaults to ``sys.argv[1:]``.
 
@@ -575,12 +577,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = QualitySettings(context_mm=args.context_mm, shell_mm=args.shell_mm, min_voxels=args.min_voxels,
                                classifier=args.classifier, n_repeats=args.repeats, nu=args.nu,
                                examples=args.examples)
-    try:
-        summary = assess_quality(args.dataset, args.generator, args.output, args.num, args.configuration, args.plans,
-                                 fold, args.model, args.checkpoint, args.device, args.seed, settings,
-                                 progress=not args.quiet)
-    except QualityError as e:
-        parser.exit(2, f"nnUNetv2_synth_quality: error: {e}\n")
+    summary = assess_quality(args.dataset, args.generator, args.output, args.num, args.configuration, args.plans,
+                             fold, args.model, args.checkpoint, args.device, args.seed, settings,
+                             progress=not args.quiet)
     line = (f"nnUNetv2_synth_quality: {summary['backend']} on {summary['dataset']}: realism AUC "
             f"{summary['realism']['auc']:.3f} ({summary['counts']['real']} real, {summary['counts']['synthetic']} "
             f"synthetic tumours)")

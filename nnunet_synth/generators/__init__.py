@@ -1,6 +1,9 @@
-"""Registry of tumour generator backends.
+"""Registry of tumour generator backends: the one list of backends and of which of them train a model.
 
-Backends register under a name; trainers and commands look them up with :func:`get_backend`.
+Backends register under a name; trainers and commands look them up with :func:`get_backend`. A backend with a
+learned model names its training module in its class attribute ``training_module``;
+``nnUNetv2_synth_train_generator`` offers exactly the backends of :func:`trainable_backends`. Where their files
+live is :mod:`nnunet_synth.generators.paths`; how to add one is in docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from nnunet_synth.generators.base import Lesion, TumourGenerator
 
 _BACKENDS: dict[str, type[TumourGenerator]] = {}
 
-# Learned backends described in DESIGN.md that this version does not ship yet, with what they need.
+# Backends of the design that this version does not ship yet, with what they need.
 _NOT_BUILT: dict[str, str] = {}
 
 
@@ -33,6 +36,11 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
+def trainable_backends() -> list[str]:
+    """Names of the backends with a training module (``nnUNetv2_synth_train_generator -g``)."""
+    return sorted(name for name, cls in _BACKENDS.items() if cls.training_module is not None)
+
+
 def get_backend(name: str) -> type[TumourGenerator]:
     """Returns the backend class registered under ``name``.
 
@@ -51,4 +59,4 @@ def get_backend(name: str) -> type[TumourGenerator]:
 # Importing the modules registers the backends they define.
 from nnunet_synth.generators import analytic, ddpm, ldm, sd_inversion  # noqa: E402,F401
 
-__all__ = ["Lesion", "TumourGenerator", "available_backends", "get_backend", "register_backend"]
+__all__ = ["Lesion", "TumourGenerator", "available_backends", "get_backend", "register_backend", "trainable_backends"]

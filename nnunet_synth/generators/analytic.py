@@ -9,12 +9,17 @@ as hypodense CT ones.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from nnunet_synth.generators import register_backend
 from nnunet_synth.generators.base import Lesion, TumourGenerator
 from nnunet_synth.generators.shapes import smooth_field
+
+if TYPE_CHECKING:
+    from nnunet_synth.synth_plan import SynthPlan
 
 # Parameter ranges of the paper's texture generator (its voxels are ~1 mm, so we read them as mm).
 DEFAULT_PARAMS = {
@@ -47,10 +52,10 @@ def texture(shape: tuple[int, ...], spacing: np.ndarray, params: dict, rng: np.r
 class AnalyticGenerator(TumourGenerator):
     """Texture model of the label-free liver paper, contrast per channel from the synth plan."""
 
-    def __init__(self, synth_plan: dict):
+    def __init__(self, synth_plan: SynthPlan):
         super().__init__(synth_plan)
-        self.params = {**DEFAULT_PARAMS, **synth_plan.get("backend_params", {})}
-        self.channels = synth_plan["intensity"]["channels"]
+        self.params = {**DEFAULT_PARAMS, **synth_plan.backend_params}
+        self.channels = synth_plan.channels
 
     def synthesize(self, image: np.ndarray, lesion: Lesion, spacing: tuple[float, ...],
                    rng: np.random.Generator) -> None:
@@ -67,9 +72,9 @@ class AnalyticGenerator(TumourGenerator):
         profile /= max(float(profile.mean()), 1e-6)
         quantile = rng.uniform()  # one draw for all channels keeps multi-channel contrast coherent
         for c, channel in enumerate(self.channels):
-            lo, hi = channel["contrast_range"]
+            lo, hi = channel.contrast_range
             region = image[c][lesion.bbox]
             values = region[mask] + (lo + quantile * (hi - lo)) * profile
-            if channel.get("clip") is not None:
-                values = np.clip(values, *channel["clip"])
+            if channel.clip is not None:
+                values = np.clip(values, *channel.clip)
             region[mask] = values

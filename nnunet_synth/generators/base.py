@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from nnunet_synth.synth_plan import SynthPlan
 
 
 @dataclass(frozen=True)
@@ -29,15 +33,39 @@ class Lesion:
 class TumourGenerator(abc.ABC):
     """Inserts one synthetic tumour into a patch.
 
-    A backend is built once per data-loader worker from the synth plan (a dict, see
-    :mod:`nnunet_synth.planning`) and must be picklable. It only changes image voxels inside the lesion
+    A backend is built once per data-loader worker from the synth plan (a validated
+    :class:`~nnunet_synth.synth_plan.SynthPlan`) and must be picklable. It only changes image voxels inside the lesion
     mask; the caller writes the tumour label.
+
+    Besides :meth:`synthesize`, a backend may set the optional hooks below; callers read them as plain
+    attributes and treat None as "not applicable".
+
+    Attributes:
+        name: the registry name, set by :func:`nnunet_synth.generators.register_backend`.
+        training_module: dotted name of the module that trains this backend's model for
+            ``nnUNetv2_synth_train_generator`` (see :class:`nnunet_synth.generators.training_utils.BackendTraining`
+            for what it defines); None for backends without training (analytic).
+        checkpoint: the model file the backend loaded (recorded in bank manifests); None without one.
+        sampling_steps: sampling steps of the backend's generative model (recorded in bank manifests); None
+            when it has none.
     """
 
     name: ClassVar[str]
+    training_module: ClassVar[str | None] = None
+    checkpoint: Path | None = None
+    sampling_steps: int | None = None
 
-    def __init__(self, synth_plan: dict):
+    def __init__(self, synth_plan: SynthPlan):
         self.synth_plan = synth_plan
+
+    @property
+    def max_lesion_shape(self) -> tuple[int, ...] | None:
+        """Largest lesion bounding box in voxels (per spatial axis) the backend can fill; None: no limit.
+
+        Backends that work in a fixed window around the lesion (ddpm, ldm) set it; callers draw another lesion
+        when one exceeds it.
+        """
+        return None
 
     @abc.abstractmethod
     def synthesize(self, image: np.ndarray, lesion: Lesion, spacing: tuple[float, ...],

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.ndimage import distance_transform_edt
+from scipy.ndimage import label as connected_components
 
 from nnunet_synth.generators.base import Lesion
 
@@ -21,7 +22,8 @@ class PlacementRules:
     Attributes:
         margin_mm: the lesion centre lies at least this far inside the organ.
         gap_mm: no lesion voxel within this distance of an existing tumour voxel.
-        min_inside: share of the lesion that must fall inside the allowed region before it is clipped to it.
+        min_inside: share of the lesion that must fall inside the allowed region before it is clipped to it
+            (organ-label datasets; without an organ label a lesion is placed whole or not at all).
     """
 
     margin_mm: float = 2.0
@@ -29,8 +31,8 @@ class PlacementRules:
     min_inside: float = 0.8
 
     def relaxed(self) -> PlacementRules:
-        """The one relaxation tried when nothing fits: no margin, touching allowed, half inside."""
-        return PlacementRules(margin_mm=0.0, gap_mm=0.0, min_inside=0.5)
+        """The one relaxation tried when nothing fits: no margin, half inside; the gap to tumours stays."""
+        return PlacementRules(margin_mm=0.0, gap_mm=self.gap_mm, min_inside=min(self.min_inside, 0.5))
 
 
 def central_window(shape: tuple[int, ...], window: tuple[int, ...] | None) -> tuple[slice, ...]:
@@ -43,8 +45,11 @@ def central_window(shape: tuple[int, ...], window: tuple[int, ...] | None) -> tu
 
 def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumour: np.ndarray,
                  spacing: tuple[float, ...], rng: np.random.Generator, rules: PlacementRules,
-                 window: tuple[slice, ...], attempts: int = 20) -> Lesion | None:
+                 window: tuple[slice, ...], attempts: int = 20, whole: bool = False) -> Lesion | None:
     """Places a lesion mask in a patch, trying the rules, then their relaxation once.
+
+    A placed lesion is always one connected piece: clipped to ``allowed`` and reduced to its largest component
+    (which must hold ``min_inside`` of the mask), or with ``whole`` placed only where every voxel is allowed.
 
     Args:
         mask: bool lesion mask cropped to its bounding box.
@@ -56,9 +61,10 @@ def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumou
         rules: placement constraints.
         window: slices of the central window the lesion centre must lie in.
         attempts: candidate centres tried per rule set.
+        whole: place the lesion unclipped, entirely inside ``allowed``, or not at all.
 
     Returns:
-        The placed lesion, clipped to ``allowed``, or None when nothing fits.
+        The placed lesion, or None when nothing fits.
     """
     candidates = np.flatnonzero(allowed[window])
     if candidates.size == 0:
@@ -69,7 +75,7 @@ def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumou
         halo = _halo(mask, sp, rule.gap_mm)
         for centre_flat in rng.choice(candidates, size=min(attempts, candidates.size), replace=False):
             centre = np.array(np.unravel_index(centre_flat, window_shape)) + [s.start for s in window]
-            lesion = _try(mask, halo, centre, allowed, organ, tumour, sp, rule)
+            lesion = _try(mask, halo, centre, allowed, organ, tumour, sp, rule, whole)
             if lesion is not None:
                 return lesion
     return None
@@ -96,7 +102,7 @@ def _crop(array: np.ndarray, start: np.ndarray, shape: tuple[int, ...]) -> tuple
 
 
 def _try(mask: np.ndarray, halo: np.ndarray, centre: np.ndarray, allowed: np.ndarray, organ: np.ndarray,
-         tumour: np.ndarray, spacing: np.ndarray, rule: PlacementRules) -> Lesion | None:
+         tumour: np.ndarray, spacing: np.ndarray, rule: PlacementRules, whole: bool) -> Lesion | None:
     if rule.margin_mm > 0:
         r = np.ceil(rule.margin_mm / spacing).astype(int)
         local, _, _ = _crop(organ, centre - r, tuple(2 * r + 1))
@@ -112,8 +118,20 @@ def _try(mask: np.ndarray, halo: np.ndarray, centre: np.ndarray, allowed: np.nda
             return None
     start = centre - np.array(mask.shape) // 2
     local_allowed, src, dst = _crop(allowed, start, mask.shape)
-    placed = mask[dst] & local_allowed
     total = int(mask.sum())
+    if whole:
+        if local_allowed.shape != mask.shape or (mask & ~local_allowed).any():
+            return None
+        return Lesion(bbox=src, mask=mask.copy())
+    placed = largest_component(mask[dst] & local_allowed)
     if total == 0 or placed.sum() < rule.min_inside * total:
         return None
     return Lesion(bbox=src, mask=placed)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component (full connectivity) of a boolean mask."""
+    components, n = connected_components(mask, structure=np.ones((3,) * mask.ndim, bool))
+    if n <= 1:
+        return mask
+    return components == (np.argmax(np.bincount(components.ravel())[1:]) + 1)

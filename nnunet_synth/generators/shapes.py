@@ -26,28 +26,6 @@ SIMPLEX_FEATURE = 1.2
 MIN_SMOOTHING_MM = 1.5
 
 
-def class_radii_mm(synth_plan: dict) -> dict[str, float]:
-    """Radius in mm of each size class, from the plan's size preset."""
-    shapes = synth_plan["shapes"]
-    if shapes["size_preset"] == "quartile":
-        radii = synth_plan["tumour_sizes"].get("class_radius_mm")
-        if radii:
-            return {k: float(v) for k, v in radii.items()}
-        # planning records the fallback; a hand-edited plan without real tumours gets the same one
-    return dict(LABELFREE_RADIUS_MM)
-
-
-def choose_radius_mm(synth_plan: dict, rng: np.random.Generator) -> tuple[str, float]:
-    """Draws a size class as the plan asks ('any' draws one of the four uniformly)."""
-    radii = class_radii_mm(synth_plan)
-    size_class = synth_plan["shapes"]["size_class"]
-    if size_class == "any":
-        size_class = SIZE_CLASSES[rng.integers(len(SIZE_CLASSES))]
-    if size_class not in radii:
-        raise ValueError(f"synth plan size_class {size_class!r} is not one of {sorted(radii)} or 'any'")
-    return size_class, radii[size_class]
-
-
 def sample_axis_radii(radius_mm: float, ndim: int, rng: np.random.Generator,
                       spread: float = RADIUS_SPREAD) -> np.ndarray:
     """Per-axis radii ~ U((1 - spread) r, (1 + spread) r)."""

@@ -18,10 +18,14 @@ Presets (``shapes.size_preset`` of the synth plan):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nnunet_synth.generators.shapes import LABELFREE_RADIUS_MM, RADIUS_SPREAD, SIZE_CLASSES, class_radii_mm
+from nnunet_synth.generators.shapes import LABELFREE_RADIUS_MM, RADIUS_SPREAD, SIZE_CLASSES
+
+if TYPE_CHECKING:
+    from nnunet_synth.synth_plan import SynthPlan
 
 PRESETS = ("labelfree", "quartile", "liver_mri", "slice_area")
 LABELFREE_COUNTS = {"tiny": (3, 10), "small": (3, 10), "medium": (2, 5), "large": (1, 3)}
@@ -40,6 +44,23 @@ class LesionRequest:
     radii_mm: np.ndarray
 
 
+def slice_area_class(area_px: int) -> str | None:
+    """The ``slice_area`` class of a pixel area; None for an empty slice."""
+    if area_px <= 0:
+        return None
+    for name, (_, upper) in SLICE_AREA_BINS_PX.items():
+        if name == "very_large" or area_px < upper:
+            return name
+    raise AssertionError("unreachable")
+
+
+def class_radii_mm(plan: SynthPlan) -> dict[str, float]:
+    """Radius in mm of each size class: the real tumours' quartiles (``quartile``) or the label-free paper's."""
+    if plan.shapes.size_preset == "quartile" and plan.tumour_sizes.class_radius_mm:
+        return {k: float(v) for k, v in plan.tumour_sizes.class_radius_mm.items()}
+    return dict(LABELFREE_RADIUS_MM)
+
+
 def class_names(preset: str) -> tuple[str, ...]:
     """The size classes a preset knows (besides 'any' and 'mixed')."""
     if preset == "slice_area":
@@ -53,19 +74,18 @@ def _axes(radius: float, ndim: int, rng: np.random.Generator) -> np.ndarray:
     return rng.uniform((1 - RADIUS_SPREAD) * radius, (1 + RADIUS_SPREAD) * radius, size=ndim)
 
 
-def lesion_requests(synth_plan: dict, spacing: tuple[float, ...], rng: np.random.Generator,
+def lesion_requests(plan: SynthPlan, spacing: tuple[float, ...], rng: np.random.Generator,
                     room_mm3: float | None = None) -> list[LesionRequest]:
     """The lesions one synthetic sample gets, as the plan's size preset and class say.
 
     Args:
-        synth_plan: flat synth plan.
+        plan: the synth plan (its ``shapes`` and tumour sizes).
         spacing: voxel spacing of the patch (its length gives 2D or 3D).
         rng: random generator.
         room_mm3: volume (area in 2D) of the placement region in the patch; lesion counts are scaled down
             so the lesions take at most ``ROOM_FRACTION`` of it.
     """
-    shapes = synth_plan["shapes"]
-    preset, size_class, ndim = shapes["size_preset"], shapes["size_class"], len(spacing)
+    preset, size_class, ndim = plan.shapes.size_preset, plan.shapes.size_class, len(spacing)
     if preset not in PRESETS:
         raise ValueError(f"synth plan size_preset {preset!r} is not one of {PRESETS}")
     names = class_names(preset)
@@ -82,7 +102,7 @@ def lesion_requests(synth_plan: dict, spacing: tuple[float, ...], rng: np.random
         area_px = rng.uniform(*SLICE_AREA_BINS_PX[chosen])
         radius = np.sqrt(area_px / np.pi) * float(np.sqrt(spacing[0] * spacing[1]))
         return [LesionRequest(chosen, _axes(radius, ndim, rng))]
-    radii = class_radii_mm(synth_plan) if preset == "quartile" else dict(LABELFREE_RADIUS_MM)
+    radii = class_radii_mm(plan)
     if preset == "quartile" or size_class == "any":
         return [LesionRequest(chosen, _axes(radii[chosen], ndim, rng))]
     classes = SIZE_CLASSES if size_class == "mixed" else (chosen,)

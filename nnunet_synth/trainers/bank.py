@@ -18,13 +18,8 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
-from nnunet_synth.bank import (
-    RealAndBankDataset,
-    bank_dir,
-    bank_identifiers,
-    generate_command,
-    is_bank_identifier,
-)
+from nnunet_synth.bank import RealAndBankDataset, bank_identifiers, is_bank_identifier
+from nnunet_synth.generators.paths import bank_dir, generate_command
 from nnunet_synth.trainers.schedules import DEBUG_SCHEDULE, apply_schedule_override, set_schedule
 
 
@@ -32,7 +27,8 @@ class nnUNetTrainerSynthBank(nnUNetTrainer):
     """nnU-Net training on real + bank cases, the bank drawn with total probability ``synth_probability``.
 
     Raises (at the start of training) a RuntimeError naming ``nnUNetv2_synth_generate`` when the bank of
-    ``synth_backend`` for this configuration and fold is missing or holds no case of this fold's training cases.
+    ``synth_backend`` for this configuration, plans and fold is missing or holds no case of this fold's training
+    cases.
     """
 
     synth_probability: float = 0.2
@@ -47,7 +43,8 @@ class nnUNetTrainerSynthBank(nnUNetTrainer):
 
     @property
     def bank_folder(self) -> Path:
-        return bank_dir(self.plans_manager.dataset_name, self.synth_backend, self.configuration_name)
+        return bank_dir(self.plans_manager.dataset_name, self.synth_backend, self.configuration_name,
+                        self.plans_manager.plans_name)
 
     def get_tr_and_val_datasets(self):
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
@@ -55,8 +52,10 @@ class nnUNetTrainerSynthBank(nnUNetTrainer):
         ids = bank_identifiers(folder, self.fold, dataset_tr.identifiers)
         if not ids:
             state = "does not exist" if not folder.is_dir() else "holds no case of this fold's training cases"
+            command = generate_command(self.plans_manager.dataset_name, self.synth_backend, self.configuration_name,
+                                       self.fold, self.plans_manager.plans_name)
             raise RuntimeError(f"{self.__class__.__name__} trains on the {self.synth_backend} bank {folder}, which "
-                               f"{state}. Make it with: {generate_command(self.plans_manager.dataset_name, self.synth_backend, self.configuration_name, self.fold)}")  # noqa: E501
+                               f"{state}. Make it with: {command}")
         if self.dataset_class is None:
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         bank = self.dataset_class(str(folder), ids)

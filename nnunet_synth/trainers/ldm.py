@@ -11,11 +11,13 @@ without CUDA the online trainers refuse to start and name the bank trainers.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_synth.synth_plan import SynthPlan
 from nnunet_synth.trainers.bank import nnUNetTrainerSynthBank
 from nnunet_synth.trainers.schedules import DEBUG_SCHEDULE, apply_schedule_override, set_schedule
 
@@ -87,7 +89,7 @@ class nnUNetTrainerSynthLDMOnline(nnUNetTrainer):
         self._require_cuda(device)
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule_override(self)
-        self.synth_plan: dict | None = None
+        self.synth_plan: SynthPlan | None = None
         self._ldm = None
         self._synth_seen = [0, 0]
         self._seconds = [0.0, 0.0]  # generation, whole training step: the generation share of step time
@@ -108,27 +110,36 @@ class nnUNetTrainerSynthLDMOnline(nnUNetTrainer):
         super().initialize()
 
     def _load_ldm(self) -> None:
-        from nnunet_synth.generator_training import train_command
-        from nnunet_synth.generators.ddpm.backend import resolve_checkpoint
         from nnunet_synth.generators.ldm.backend import load_models
         from nnunet_synth.generators.ldm.model import build_sampling_scheduler
+        from nnunet_synth.generators.paths import resolve_checkpoint, train_command
         from nnunet_synth.planning import load_synth_plan
+        from nnunet_synth.synth_plan import synth_plan_file
 
-        plan = load_synth_plan(self.plans_manager.dataset_name, self.configuration_name,
-                               self.plans_manager.plans_name)
-        params = dict(plan.get("backend_params", {})) if plan.get("backend") == "ldm" else {}
+        plans_name = self.plans_manager.plans_name
+        plan = load_synth_plan(self.plans_manager.dataset_name, self.configuration_name, plans_name)
+        params = dict(plan.backend_params) if plan.backend == "ldm" else {}
         params["fold"] = self.fold  # the generator of this fold: it never saw this fold's validation cases
-        plan.update(backend="ldm", backend_params=params)
-        checkpoint, _ = resolve_checkpoint(plan, "ldm")
+        plan = plan.replace(backend="ldm", backend_params=params).validated(
+            f"{synth_plan_file(self.preprocessed_dataset_folder_base, plans_name)} with backend 'ldm' of "
+            f"{self.__class__.__name__}", self.dataset_json)
+        checkpoint, _ = resolve_checkpoint(plan.dataset_name, "ldm", plan.configuration, params, plans_name)
+        command = train_command(plan.dataset_name, "ldm", plan.configuration, self.fold, plans_name)
         models, config = load_models(checkpoint, {
-            "dataset_name": plan["dataset_name"], "configuration": plan["configuration"],
-            "num_channels": len(plan["intensity"]["channels"]), "spacing": plan.get("spacing")}, self.device,
-            hint=f"train it with: {train_command(plan['dataset_name'], 'ldm', plan['configuration'], self.fold)}")
+            "dataset_name": plan.dataset_name, "configuration": plan.configuration,
+            "num_channels": len(plan.channels), "spacing": plan.spacing}, self.device,
+            hint=f"train it with: {command}")
         steps = int(params.get("sampling_steps") or self.sampling_steps)
         self.synth_plan = plan
+        self._templates = None
+        if plan.shapes.deformation == "template":  # real tumour masks of this fold's training cases only
+            from nnunet_synth.generators.templates import fold_templates
+
+            self._templates, _ = fold_templates(Path(self.preprocessed_dataset_folder_base),
+                                                self.configuration_manager, plan, self.do_split()[0])
         self._ldm = (models, build_sampling_scheduler(steps), config)
-        self._rng = np.random.default_rng([int(plan["seed"]), self.fold if isinstance(self.fold, int) else 0])
-        self._noise = torch.Generator(device=self.device).manual_seed(int(plan["seed"]))
+        self._rng = np.random.default_rng([int(plan.seed), self.fold if isinstance(self.fold, int) else 0])
+        self._noise = torch.Generator(device=self.device).manual_seed(int(plan.seed))
         self.print_to_log_file(f"LDM inpainting on the fly: probability {self.synth_probability} per training "
                                f"sample, {steps} DDIM steps, checkpoint {checkpoint}")
 
@@ -142,7 +153,7 @@ class nnUNetTrainerSynthLDMOnline(nnUNetTrainer):
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
         data, target, chosen = inpaint_batch(models, scheduler, data, target, self.synth_plan, self.synth_probability,
-                                             self._rng, self._noise, config["intensity_range"])
+                                             self._rng, self._noise, config["intensity_range"], self._templates)
         self._synth_seen[0] += data.shape[0]
         self._synth_seen[1] += len(chosen)
         generated = self._elapsed(start)

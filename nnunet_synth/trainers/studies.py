@@ -11,6 +11,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_synth.label_noise import LABEL_NOISE_MM, NoisyTumourLabelTransform
 from nnunet_synth.planning import load_synth_plan
+from nnunet_synth.synth_plan import SynthPlan
 from nnunet_synth.trainers.ratios import nnUNetTrainerSynth20
 from nnunet_synth.trainers.schedules import apply_schedule_override
 
@@ -73,13 +74,14 @@ class nnUNetTrainerNoisyLabels(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule_override(self)
-        self.synth_plan: dict | None = None
+        self.synth_plan: SynthPlan | None = None
 
     def initialize(self) -> None:
         if not self.was_initialized:
+            # the validated plan (SynthPlanError before training starts): its labels, spacing and seed
             self.synth_plan = load_synth_plan(self.plans_manager.dataset_name, self.configuration_name,
                                               self.plans_manager.plans_name)
-            self.print_to_log_file(f"label noise: tumour label {self.synth_plan['tumour_label']} deformed by a mean "
+            self.print_to_log_file(f"label noise: tumour label {self.synth_plan.tumour_label} deformed by a mean "
                                    f"boundary displacement of {self.label_noise_mm} mm")
         super().initialize()
 
@@ -87,8 +89,8 @@ class nnUNetTrainerNoisyLabels(nnUNetTrainer):
         transforms = super().get_training_transforms(patch_size, *args, **kwargs)
         plan = self.synth_plan
         transforms.transforms.insert(0, NoisyTumourLabelTransform(
-            plan["tumour_label"], plan["organ_label"] or 0, self.label_noise_mm, tuple(plan["spacing"]),
-            int(plan["seed"]) + 1000 * (self.fold if isinstance(self.fold, int) else 0),
+            plan.tumour_label, plan.organ_label or 0, self.label_noise_mm, tuple(plan.spacing),
+            int(plan.seed) + 1000 * (self.fold if isinstance(self.fold, int) else 0),
             self.label_manager.ignore_label))
         return transforms
 

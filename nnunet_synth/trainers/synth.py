@@ -9,9 +9,10 @@ import torch
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_synth.generators.templates import build_template_bank, load_templates, template_file
+from nnunet_synth.generators.templates import fold_templates
 from nnunet_synth.injection import SynthTumourTransform, achieved_rates, new_counters
-from nnunet_synth.planning import SYNTH_PLANS_FILE, format_plan, load_synth_plan, write_json_atomic
+from nnunet_synth.planning import format_plan, load_synth_plan, write_json_atomic
+from nnunet_synth.synth_plan import SYNTH_PLANS_FILE, SynthPlan, synth_plan_file
 from nnunet_synth.trainers.schedules import apply_schedule_override
 
 
@@ -31,7 +32,7 @@ class nnUNetTrainerSynth(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule_override(self)
-        self.synth_plan: dict | None = None
+        self.synth_plan: SynthPlan | None = None
         self.synth_counters = new_counters()
         self._synth_counted = achieved_rates(self.synth_counters)
         self.synth_transform: SynthTumourTransform | None = None
@@ -39,23 +40,30 @@ class nnUNetTrainerSynth(nnUNetTrainer):
 
     def initialize(self) -> None:
         if not self.was_initialized:
+            # before the network, the loaders and the first epoch: an invalid plan stops here (SynthPlanError)
             self.synth_plan = self.load_synth_plan()
         super().initialize()
 
-    def load_synth_plan(self) -> dict:
-        """The dataset's synth plan for this configuration (created with defaults if absent), logged and
-        copied into the output folder so the training records what it used."""
-        plan = load_synth_plan(self.plans_manager.dataset_name, self.configuration_name,
-                               self.plans_manager.plans_name)
-        if plan["backend"] != self.synth_backend:
-            self.print_to_log_file(f"synth plan names backend {plan['backend']!r}; {self.__class__.__name__} "
+    def load_synth_plan(self) -> SynthPlan:
+        """The dataset's synth plan for this configuration (created with defaults if absent) with this trainer's
+        backend, shapes and per-fold seed, validated against the dataset, logged and copied into the output
+        folder so the training records what it used.
+
+        Raises:
+            SynthPlanError: a plan, or this trainer's overrides of it, that does not fit the dataset.
+        """
+        plans_name = self.plans_manager.plans_name
+        plan = load_synth_plan(self.plans_manager.dataset_name, self.configuration_name, plans_name)
+        if plan.backend != self.synth_backend:
+            self.print_to_log_file(f"synth plan names backend {plan.backend!r}; {self.__class__.__name__} "
                                    f"uses {self.synth_backend!r}")
-            plan["backend"] = self.synth_backend
-        if self.synth_shapes:
-            plan["shapes"] = {**plan["shapes"], **self.synth_shapes}
-        plan["seed"] = int(plan["seed"]) + 1000 * (self.fold if isinstance(self.fold, int) else 0)
+        fold_seed = int(plan.seed) + 1000 * (self.fold if isinstance(self.fold, int) else 0)
+        plan = plan.replace(backend=self.synth_backend, shapes=dict(self.synth_shapes), seed=fold_seed)
+        source = (f"{synth_plan_file(self.preprocessed_dataset_folder_base, plans_name)} with the settings of "
+                  f"{self.__class__.__name__} (backend {self.synth_backend!r}, shapes {self.synth_shapes})")
+        plan = plan.validated(source, self.dataset_json)
         if self.local_rank == 0:
-            write_json_atomic(plan, Path(self.output_folder) / SYNTH_PLANS_FILE)
+            write_json_atomic(plan.to_dict(), Path(self.output_folder) / SYNTH_PLANS_FILE)
         self.print_to_log_file(f"synthetic tumours: probability {self.synth_probability} per training sample, "
                                f"backend {self.synth_backend}\n" + format_plan(plan))
         return plan
@@ -65,27 +73,21 @@ class nnUNetTrainerSynth(nnUNetTrainer):
         transforms = super().get_training_transforms(patch_size, *args, **kwargs)
         assert isinstance(transforms, ComposeTransforms), type(transforms)
         self.synth_transform = SynthTumourTransform(self.synth_plan, self.synth_probability, patch_size,
-                                                    self.synth_plan["seed"], self.synth_counters,
+                                                    self.synth_plan.seed, self.synth_counters,
                                                     self.training_fold_templates())
         transforms.transforms.insert(0, self.synth_transform)
         return transforms
 
     def training_fold_templates(self) -> list | None:
         """Real tumour masks of the training fold's cases, where the plan asks for template shapes."""
-        if self.synth_plan["shapes"]["deformation"] != "template":
+        if self.synth_plan.shapes.deformation != "template":
             return None
-        base = Path(self.preprocessed_dataset_folder_base)
-        path = template_file(base, self.configuration_name)
-        if not path.is_file():
-            build_template_bank(base, self.configuration_name, self.configuration_manager.data_identifier,
-                                self.synth_plan["tumour_label"])
         train_cases, _ = self.do_split()
-        templates, self.synth_template_cases = load_templates(path, set(train_cases))
+        templates, self.synth_template_cases = fold_templates(Path(self.preprocessed_dataset_folder_base),
+                                                              self.configuration_manager, self.synth_plan,
+                                                              train_cases)
         self.print_to_log_file(f"template bank: {len(templates)} real tumour masks from "
                                f"{len(self.synth_template_cases)} training-fold cases")
-        if not templates:
-            raise RuntimeError(f"{self.__class__.__name__}: the training fold of {base.name} has no real tumour "
-                               f"to use as a template; use an elastic or simplex trainer")
         return templates
 
     def on_epoch_end(self) -> None:
@@ -95,7 +97,7 @@ class nnUNetTrainerSynth(nnUNetTrainer):
         rate = delta["synthetic"] / max(1, delta["seen"])
         self.print_to_log_file(f"synthetic tumours this epoch: {delta['synthetic']}/{delta['seen']} samples "
                                f"({rate:.1%}; target {self.synth_probability:.0%}), {delta['skipped']} skipped "
-                               f"(no room in the organ)")
+                               f"(no lesion fitted the placement region)")
         if self.local_rank == 0:
             self._append_synth_stats(dict(epoch=self.current_epoch, rate=rate, **delta))
         super().on_epoch_end()

@@ -2,35 +2,24 @@
 
 The checkpoint comes from the synth plan's ``backend_params``: ``checkpoint`` (a path, or ``best``/``final``/
 ``latest`` of the default training folder ``nnUNet_results/DatasetNNN/nnUNetSynthGenerator_ddpm__<config>/
-fold_<fold>/``; default ``best``), ``fold`` (default 0), ``sampling_steps`` (DDIM steps, default 250 as in
-the paper) and ``device`` (default cuda when available). Loading checks that the checkpoint was trained on
-this dataset, configuration, channel count and spacing.
+fold_<fold>/``, see :mod:`nnunet_synth.generators.paths`; default ``best``), ``fold`` (default 0),
+``sampling_steps`` (DDIM steps, default 250 as in the paper) and ``device`` (default cuda when available).
+Loading checks that the checkpoint was trained on this dataset, configuration, channel count and spacing.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from nnunet_synth.generators import register_backend
 from nnunet_synth.generators.base import Lesion, TumourGenerator
+from nnunet_synth.generators.paths import resolve_checkpoint
 
-DEFAULT_CHECKPOINT = "best"
-DEFAULT_FOLD = 0
-
-
-def resolve_checkpoint(synth_plan: dict, backend: str = "ddpm") -> tuple[Path, int | str]:
-    """Checkpoint path named by the plan's backend_params, and the fold of its default folder."""
-    from nnunet_synth.generator_training import CHECKPOINT_NAMES, default_checkpoint
-
-    params = synth_plan.get("backend_params", {})
-    fold = params.get("fold", DEFAULT_FOLD)
-    which = str(params.get("checkpoint") or DEFAULT_CHECKPOINT)
-    if which in CHECKPOINT_NAMES:
-        return default_checkpoint(synth_plan["dataset_name"], backend, synth_plan["configuration"], fold, which), fold
-    return Path(which).expanduser(), fold
+if TYPE_CHECKING:
+    from nnunet_synth.synth_plan import SynthPlan
 
 
 @register_backend("ddpm")
@@ -41,28 +30,31 @@ class DDPMGenerator(TumourGenerator):
     again lazily after unpickling in a data-loader worker.
     """
 
-    def __init__(self, synth_plan: dict):
+    training_module = "nnunet_synth.generators.ddpm.training"
+
+    def __init__(self, synth_plan: SynthPlan):
         super().__init__(synth_plan)
         from nnunet_synth.generators.ddpm.model import DEFAULT_SAMPLING_STEPS
 
-        params = synth_plan.get("backend_params", {})
-        self.checkpoint, self.fold = resolve_checkpoint(synth_plan)
+        params = synth_plan.backend_params
+        self.checkpoint, self.fold = resolve_checkpoint(synth_plan.dataset_name, "ddpm", synth_plan.configuration,
+                                                        params, synth_plan.plans_identifier)
         self.sampling_steps = int(params.get("sampling_steps") or DEFAULT_SAMPLING_STEPS)
         self.device = torch.device(params.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.num_channels = len(synth_plan["intensity"]["channels"])
+        self.num_channels = len(synth_plan.channels)
         self._model: torch.nn.Module | None = None
         self.config = self._load()
 
     def _load(self) -> dict:
-        from nnunet_synth.generator_training import train_command
         from nnunet_synth.generators.checkpoints import load_checkpoint
         from nnunet_synth.generators.ddpm.model import build_model, build_sampling_scheduler, preset_from_dict
+        from nnunet_synth.generators.paths import train_command
 
         plan = self.synth_plan
+        command = train_command(plan.dataset_name, "ddpm", plan.configuration, self.fold, plan.plans_identifier)
         state = load_checkpoint(self.checkpoint, "ddpm", {
-            "dataset_name": plan["dataset_name"], "configuration": plan["configuration"],
-            "num_channels": self.num_channels, "spacing": plan.get("spacing")},
-            hint=f"train it with: {train_command(plan['dataset_name'], 'ddpm', plan['configuration'], self.fold)}")
+            "dataset_name": plan.dataset_name, "configuration": plan.configuration,
+            "num_channels": self.num_channels, "spacing": plan.spacing}, hint=f"train it with: {command}")
         config = state["config"]
         model = build_model(preset_from_dict(config["preset_params"]), config["num_channels"])
         try:

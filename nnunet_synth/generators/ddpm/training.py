@@ -13,14 +13,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.ndimage import find_objects
-from scipy.ndimage import label as connected_components
 from tqdm import tqdm
 
 from nnunet_synth.generators.checkpoints import GeneratorCheckpointError, load_checkpoint, save_checkpoint
@@ -33,88 +29,24 @@ from nnunet_synth.generators.ddpm.model import (
     get_preset,
 )
 from nnunet_synth.generators.ddpm.sampling import masked_noise_loss, masked_noisy_sample
+from nnunet_synth.generators.training_utils import (
+    PatchSource,
+    TumourSite,
+    append_log,
+    find_tumours,
+    intensity_range,
+    plot_losses,
+    split_generator_cases,
+)
 
-__all__ = ["PRESETS", "PatchSource", "TumourSite", "find_tumours", "train"]
+__all__ = ["PRESETS", "train"]
 
 BACKEND = "ddpm"
-MIN_TUMOUR_VOXELS = 8
-VAL_CASE_SHARE = 0.1  # of the training-fold cases with tumours, held out of the generator's training
 MAX_VAL_CROPS = 32
 VAL_TIMESTEPS_PER_CROP = 4
-MAX_INTENSITY_CROPS = 64
 GRAD_CLIP_NORM = 1.0
 # config entries a resumed run must share with its checkpoint
 RESUME_KEYS = ("dataset_name", "configuration", "fold", "num_channels", "preset", "patch_size", "tumour_label")
-
-
-@dataclass(frozen=True)
-class TumourSite:
-    """One real tumour (connected component): its case, centre and bounding-box size in voxels."""
-
-    case: str
-    centre: tuple[int, ...]
-    size: tuple[int, ...]
-
-
-def find_tumours(dataset, cases: list[str], tumour_label: int, min_voxels: int = MIN_TUMOUR_VOXELS
-                 ) -> list[TumourSite]:
-    """Connected components of the tumour label with at least ``min_voxels`` voxels, per case."""
-    sites = []
-    for case in tqdm(cases, desc="finding tumours", unit="case", disable=_rank() != 0):
-        seg = np.asarray(dataset.load_case(case)[1][0])
-        components, n = connected_components(seg == tumour_label)
-        if not n:
-            continue
-        sizes = np.bincount(components.ravel())
-        for index, box in enumerate(find_objects(components), start=1):
-            if box is None or sizes[index] < min_voxels:
-                continue
-            sites.append(TumourSite(case, tuple((s.start + s.stop) // 2 for s in box),
-                                    tuple(s.stop - s.start for s in box)))
-    return sites
-
-
-class PatchSource:
-    """Crops (image, mask) training patches around tumour sites from nnU-Net's preprocessed cases.
-
-    Args:
-        dataset: nnU-Net dataset object of the configuration (``load_case``).
-        patch_size: spatial patch size (z, y, x).
-        tumour_label: label value of the tumour; its voxels in the patch form the mask.
-    """
-
-    def __init__(self, dataset, patch_size: tuple[int, ...], tumour_label: int):
-        self.dataset = dataset
-        self.patch_size = tuple(int(p) for p in patch_size)
-        self.tumour_label = tumour_label
-
-    def crop(self, site: TumourSite, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
-        """Patch around ``site``; with ``rng`` randomly shifted (the tumour stays inside if it fits) and flipped.
-
-        Returns:
-            float32 image (C, *patch) and float32 mask (1, *patch) in {0, 1}.
-        """
-        from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
-
-        data, seg, _, _ = self.dataset.load_case(site.case)
-        centre = np.array(site.centre)
-        if rng is not None:
-            slack = np.maximum(np.array(self.patch_size) - np.array(site.size), 0) // 2
-            centre = centre + rng.integers(-slack, slack + 1)
-        lower = centre - np.array(self.patch_size) // 2
-        bbox = [[0, data.shape[0]]] + [[int(lo), int(lo) + p] for lo, p in zip(lower, self.patch_size)]
-        image = np.asarray(crop_and_pad_nd(data, bbox, 0), dtype=np.float32)
-        seg_bbox = [[0, 1]] + bbox[1:]
-        mask = (np.asarray(crop_and_pad_nd(seg, seg_bbox, -1)) == self.tumour_label).astype(np.float32)
-        if rng is not None:
-            flips = tuple(a + 1 for a in range(len(self.patch_size)) if rng.uniform() < 0.5)
-            if flips:
-                image, mask = np.flip(image, flips), np.flip(mask, flips)
-        return np.ascontiguousarray(image), np.ascontiguousarray(mask)
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
@@ -137,26 +69,6 @@ def _barrier(world: int) -> None:
         import torch.distributed as dist
 
         dist.barrier()
-
-
-def split_generator_cases(sites: list[TumourSite], seed: int) -> tuple[list[str], list[str]]:
-    """Holds out about 10% (at least one) of the cases with tumours for the generator's validation loss."""
-    cases = sorted({s.case for s in sites})
-    if len(cases) < 2:
-        raise RuntimeError(f"the ddpm generator needs real tumours in at least two training cases (one is held out "
-                           f"for its validation loss); found tumours in {len(cases)}")
-    n_val = max(1, int(round(VAL_CASE_SHARE * len(cases))))
-    val = sorted(np.random.default_rng(seed).choice(cases, n_val, replace=False).tolist())
-    return [c for c in cases if c not in val], val
-
-
-def intensity_range(source: PatchSource, sites: list[TumourSite], seed: int) -> list[list[float]]:
-    """Per-channel 0.05/99.95 percentiles over training crops: generated values are clipped to it."""
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(sites), min(len(sites), MAX_INTENSITY_CROPS), replace=False)
-    images = np.stack([source.crop(sites[i], None)[0] for i in picks])
-    flat = images.transpose(1, 0, 2, 3, 4).reshape(images.shape[1], -1)
-    return [[float(v) for v in np.percentile(ch, [0.05, 99.95])] for ch in flat]
 
 
 class _Validation:
@@ -193,38 +105,8 @@ class _Validation:
         return total / max(weight, 1.0)
 
 
-def plot_losses(path: Path, train_loss: list[float], history: list[dict]) -> None:
-    """Loss plot: training loss (moving average) and validation loss against iterations."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    losses = np.asarray(train_loss)
-    window = max(1, len(losses) // 50)
-    smooth = np.convolve(losses, np.ones(window) / window, mode="valid") if len(losses) >= window else losses
-    ax.plot(np.arange(window, window + len(smooth)), smooth, label=f"training loss (mean of {window})")
-    if history:
-        ax.plot([h["iteration"] for h in history], [h["val_loss"] for h in history], "o-", label="validation loss")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("masked noise MSE")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def append_log(output_dir: Path, message: str) -> None:
-    with open(output_dir / "training_log.txt", "a", encoding="utf-8") as f:
-        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {message}\n")
-
-
 def train(job) -> Path:
-    """Trains the DDPM of ``job`` (a :class:`nnunet_synth.generator_training.GeneratorJob`).
+    """Trains the DDPM of ``job`` (a :class:`nnunet_synth.generators.training_utils.GeneratorJob`).
 
     Returns:
         Path of the final checkpoint.
@@ -245,8 +127,8 @@ def train(job) -> Path:
     if len(conf.patch_size) != 3:
         raise ValueError(f"the ddpm generator is 3D; configuration {job.configuration} is 2D")
     dataset = infer_dataset_class(str(job.preprocessed_folder))(str(job.preprocessed_folder), list(job.cases))
-    source = PatchSource(dataset, preset.patch_size, synth_plan["tumour_label"])
-    sites = find_tumours(dataset, list(job.cases), synth_plan["tumour_label"])
+    source = PatchSource(dataset, preset.patch_size, synth_plan.tumour_label)
+    sites = find_tumours(dataset, list(job.cases), synth_plan.tumour_label)
     train_cases, val_cases = split_generator_cases(sites, job.seed)
     train_sites = [s for s in sites if s.case in train_cases]
     val_sites = [s for s in sites if s.case in val_cases]
@@ -256,7 +138,7 @@ def train(job) -> Path:
         "dataset_name": str(job.dataset_name), "configuration": job.configuration,
         "plans_identifier": job.plans_identifier, "fold": job.fold, "num_channels": num_channels,
         "spacing": [float(s) for s in conf.spacing], "patch_size": list(preset.patch_size),
-        "normalization_schemes": list(conf.normalization_schemes), "tumour_label": synth_plan["tumour_label"],
+        "normalization_schemes": list(conf.normalization_schemes), "tumour_label": synth_plan.tumour_label,
         "intensity_range": intensity_range(source, train_sites, job.seed),
         "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_schedule": dict(BETA_SCHEDULE),
         "train_cases": train_cases, "val_cases": val_cases, "segmenter_val_excluded": True,

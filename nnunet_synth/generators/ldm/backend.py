@@ -11,6 +11,7 @@ in a window of the model's volume size around the lesion; the decoded window is 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,8 +19,11 @@ import torch
 from nnunet_synth.generators import register_backend
 from nnunet_synth.generators.base import Lesion, TumourGenerator
 from nnunet_synth.generators.checkpoints import GeneratorCheckpointError, load_checkpoint
-from nnunet_synth.generators.ddpm.backend import resolve_checkpoint
 from nnunet_synth.generators.ldm.sampling import LDMModels, inpaint_volume
+from nnunet_synth.generators.paths import resolve_checkpoint
+
+if TYPE_CHECKING:
+    from nnunet_synth.synth_plan import SynthPlan
 
 BACKEND = "ldm"
 
@@ -57,27 +61,31 @@ def load_models(path: Path, expected: dict | None = None, device: str | torch.de
 class LDMGenerator(TumourGenerator):
     """Latent-diffusion inpainting in a window of the model's volume size around the lesion."""
 
-    def __init__(self, synth_plan: dict):
+    training_module = "nnunet_synth.generators.ldm.training"
+
+    def __init__(self, synth_plan: SynthPlan):
         super().__init__(synth_plan)
         from nnunet_synth.generators.ldm.model import DEFAULT_SAMPLING_STEPS
 
-        params = synth_plan.get("backend_params", {})
-        self.checkpoint, self.fold = resolve_checkpoint(synth_plan, BACKEND)
+        params = synth_plan.backend_params
+        self.checkpoint, self.fold = resolve_checkpoint(synth_plan.dataset_name, BACKEND, synth_plan.configuration,
+                                                        params, synth_plan.plans_identifier)
         self.sampling_steps = int(params.get("sampling_steps") or DEFAULT_SAMPLING_STEPS)
         self.device = torch.device(params.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.num_channels = len(synth_plan["intensity"]["channels"])
+        self.num_channels = len(synth_plan.channels)
         self._models: LDMModels | None = None
         self.config = self._load()
 
     def _load(self) -> dict:
-        from nnunet_synth.generator_training import train_command
         from nnunet_synth.generators.ldm.model import build_sampling_scheduler
+        from nnunet_synth.generators.paths import train_command
 
         plan = self.synth_plan
+        command = train_command(plan.dataset_name, BACKEND, plan.configuration, self.fold, plan.plans_identifier)
         self._models, config = load_models(self.checkpoint, {
-            "dataset_name": plan["dataset_name"], "configuration": plan["configuration"],
-            "num_channels": self.num_channels, "spacing": plan.get("spacing")}, self.device,
-            hint=f"train it with: {train_command(plan['dataset_name'], BACKEND, plan['configuration'], self.fold)}")
+            "dataset_name": plan.dataset_name, "configuration": plan.configuration,
+            "num_channels": self.num_channels, "spacing": plan.spacing}, self.device,
+            hint=f"train it with: {command}")
         self._scheduler = build_sampling_scheduler(self.sampling_steps)
         return config
 

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_synth.generators.checkpoints import load_checkpoint
-from nnunet_synth.generators.ddpm.training import intensity_range
 from nnunet_synth.generators.ldm.model import NUM_TRAIN_TIMESTEPS, build_training_scheduler, build_unet, build_vqvae
 from nnunet_synth.generators.ldm.sampling import LDMModels, condition_of, encode
 from nnunet_synth.generators.ldm.stages import (
@@ -23,6 +22,7 @@ from nnunet_synth.generators.ldm.stages import (
     run_stage,
     stage_dir,
 )
+from nnunet_synth.generators.training_utils import intensity_range
 
 
 def _tumour_batch(data: StageData, sites: list, rng: np.random.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:

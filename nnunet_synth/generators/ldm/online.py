@@ -1,48 +1,33 @@
 """On-the-fly LDM inpainting of a training batch on the GPU (used by ``nnUNetTrainerSynth{N}LDMOnline``).
 
-Each sample of the batch carries a synthetic tumour with probability ``p``: a lesion mask from the shapes
-engine is placed in the organ of the sample's segmentation (CPU, cheap), then all flagged samples are
-inpainted together with a few DDIM steps on the batch's device, and the tumour label is written into every
-deep-supervision target. Voxels farther than the blend margin from a lesion stay unchanged.
+Each sample of the batch carries a synthetic tumour with probability ``p``: the lesion pipeline
+(:func:`nnunet_synth.generators.lesions.plan_lesions`) draws and places its lesion masks (CPU, cheap), then all
+flagged samples are inpainted together with a few DDIM steps on the batch's device, and the tumour label is
+written into every deep-supervision target. Voxels farther than the blend margin from a lesion stay unchanged.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nnunet_synth.generators.base import Lesion
 from nnunet_synth.generators.ldm.sampling import LDMModels, inpaint_volume
+from nnunet_synth.generators.lesions import plan_lesions
 
-MAX_LESION_DRAWS = 20
+if TYPE_CHECKING:
+    from nnunet_synth.synth_plan import SynthPlan
 
-
-def draw_lesion(seg0: np.ndarray, plan: dict, rng: np.random.Generator, limit: tuple[int, ...]) -> Lesion | None:
-    """A lesion of the plan's size distribution placed in the organ of ``seg0`` (spatial), or None if none fits."""
-    from nnunet_synth.generators.placement import PlacementRules, central_window, place_lesion
-    from nnunet_synth.generators.shapes import choose_radius_mm, lesion_mask
-
-    organ = seg0 == plan["organ_label"]
-    if not organ.any():
-        return None
-    spacing = tuple(plan["spacing"][-seg0.ndim:])
-    tumour, rules = seg0 == plan["tumour_label"], PlacementRules(**plan["placement"])
-    for _ in range(MAX_LESION_DRAWS):
-        _, radius = choose_radius_mm(plan, rng)
-        mask = lesion_mask(radius, spacing, rng, plan["shapes"]["deformation"])
-        if any(m > lim for m, lim in zip(mask.shape, limit)):
-            continue
-        lesion = place_lesion(mask, organ, organ, tumour, spacing, rng, rules, central_window(seg0.shape, None))
-        if lesion is not None:
-            return lesion
-    return None
+ONLINE_DRAWS = 5  # lesion draws per flagged sample: an augmented patch often shows little of the organ
 
 
 @torch.no_grad()
 def inpaint_batch(models: LDMModels, scheduler, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor],
-                  plan: dict, probability: float, rng: np.random.Generator, generator: torch.Generator | None = None,
-                  intensity_range: list[list[float]] | None = None
+                  plan: SynthPlan, probability: float, rng: np.random.Generator,
+                  generator: torch.Generator | None = None, intensity_range: list[list[float]] | None = None,
+                  templates: list[np.ndarray] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor], list[int]]:
     """Inpaints synthetic tumours into a share ``probability`` of the batch's samples.
 
@@ -51,11 +36,12 @@ def inpaint_batch(models: LDMModels, scheduler, data: torch.Tensor, target: torc
         scheduler: DDIM scheduler with its timesteps set (the number of steps).
         data: images (B, C, *patch) on the device.
         target: segmentation (B, 1, *patch) or nnU-Net's deep-supervision list (full resolution first).
-        plan: synth plan (organ/tumour labels, spacing, shapes, placement).
+        plan: the synth plan (labels, spacing, shapes, placement).
         probability: chance per sample of carrying a synthetic tumour.
         rng: numpy generator for the per-sample decisions and lesion shapes/positions.
         generator: torch generator on the device for the diffusion noise.
         intensity_range: per-channel [low, high] the generated voxels are clipped to (None: no clipping).
+        templates: real tumour masks of the training fold (deformation ``template``).
 
     Returns:
         (data, target, indices of the samples that got a tumour); inputs are not modified.
@@ -69,10 +55,13 @@ def inpaint_batch(models: LDMModels, scheduler, data: torch.Tensor, target: torc
     for b in range(data.shape[0]):
         if rng.uniform() >= probability:
             continue
-        lesion = draw_lesion(full[b, 0].detach().cpu().numpy(), plan, rng, limit)
-        if lesion is None:
+        placed = plan_lesions(data[b].detach().float().cpu().numpy(), full[b, 0].detach().cpu().numpy(), plan, rng,
+                              templates=templates, max_lesion_shape=limit, draws=ONLINE_DRAWS)
+        if not placed:
             continue
-        mask[(b, 0, *lesion.bbox)] = torch.from_numpy(lesion.mask).to(data.device, torch.float32)
+        for p in placed:
+            region = mask[(b, 0, *p.lesion.bbox)]
+            region[torch.from_numpy(p.lesion.mask).to(data.device)] = 1.0
         chosen.append(b)
     if not chosen:
         return data, target, chosen
@@ -88,7 +77,7 @@ def inpaint_batch(models: LDMModels, scheduler, data: torch.Tensor, target: torc
     for t in targets:
         t = t.clone()
         m = mask if t.shape[2:] == mask.shape[2:] else F.interpolate(mask, size=t.shape[2:], mode="nearest-exact")
-        t[index] = torch.where(m[index] > 0.5, torch.as_tensor(plan["tumour_label"], dtype=t.dtype,
+        t[index] = torch.where(m[index] > 0.5, torch.as_tensor(plan.tumour_label, dtype=t.dtype,
                                                                  device=t.device), t[index])
         new_targets.append(t)
     return data, (new_targets if isinstance(target, (list, tuple)) else new_targets[0]), chosen

@@ -13,14 +13,14 @@ import torch
 from tqdm import tqdm
 
 from nnunet_synth.generators.checkpoints import GeneratorCheckpointError, load_checkpoint, save_checkpoint
-from nnunet_synth.generators.ddpm.training import (
+from nnunet_synth.generators.ldm.model import NUM_TRAIN_TIMESTEPS
+from nnunet_synth.generators.training_utils import (
     PatchSource,
     append_log,
     find_tumours,
     plot_losses,
     split_generator_cases,
 )
-from nnunet_synth.generators.ldm.model import NUM_TRAIN_TIMESTEPS
 
 BACKEND = "ldm"
 STAGES = ("vqvae", "vqvae-volume", "diffusion")
@@ -54,7 +54,7 @@ class StageData:
             raise ValueError(f"the ldm generator is 3D; configuration {job.configuration} is 2D")
         self.dataset = infer_dataset_class(str(job.preprocessed_folder))(str(job.preprocessed_folder),
                                                                         list(job.cases))
-        self.tumour_label = plan["tumour_label"]
+        self.tumour_label = plan.tumour_label
         self.sites = find_tumours(self.dataset, list(job.cases), self.tumour_label)
         if len({s.case for s in self.sites}) < 2:
             raise RuntimeError(f"the ldm generator needs real tumours (label {self.tumour_label}) in at least two "
@@ -162,9 +162,10 @@ def run_stage(job, data: StageData, stage: str, modules: dict[str, torch.nn.Modu
 
 def previous_stage(job, data: StageData, stage: str) -> dict:
     """Best checkpoint of the stage before ``stage``; a clear error with the command that makes it."""
-    from nnunet_synth.generator_training import train_command
+    from nnunet_synth.generators.paths import train_command
 
     before = STAGES[STAGES.index(stage) - 1]
     path = stage_dir(job.output_dir, before) / "checkpoint_best.pth"
-    hint = f"train it with: {train_command(job.dataset_name, BACKEND, job.configuration, job.fold)} --stage {before}"
+    command = train_command(job.dataset_name, BACKEND, job.configuration, job.fold, job.plans_identifier)
+    hint = f"train it with: {command} --stage {before}"
     return load_checkpoint(path, BACKEND, {k: data.config[k] for k in RESUME_KEYS}, hint=hint)

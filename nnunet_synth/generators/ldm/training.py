@@ -20,11 +20,11 @@ import os
 from pathlib import Path
 
 from nnunet_synth.generators.checkpoints import GeneratorCheckpointError
-from nnunet_synth.generators.ddpm.training import append_log
 from nnunet_synth.generators.ldm.autoencoder_training import train_volume, train_vqvae
 from nnunet_synth.generators.ldm.diffusion_training import train_diffusion
 from nnunet_synth.generators.ldm.model import PRESETS, get_preset
 from nnunet_synth.generators.ldm.stages import STAGES, StageData, stage_dir
+from nnunet_synth.generators.training_utils import append_log
 
 __all__ = ["PRESETS", "STAGES", "stage_dir", "train"]
 

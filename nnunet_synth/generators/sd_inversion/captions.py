@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nnunet_synth.generators.sizes import SLICE_AREA_BINS_PX
+from nnunet_synth.generators.sizes import slice_area_class
 
 NO_TUMOUR = "none"
 # size class -> words used in the prompt
@@ -24,12 +24,7 @@ NO_TUMOUR_TEMPLATES = ("2D axial MRI view with no tumor", "2D axial MRI image, n
 
 def size_class_of_area(area_px: int) -> str:
     """Size class of a tumour area in pixels; ``'none'`` for 0 pixels."""
-    if area_px <= 0:
-        return NO_TUMOUR
-    for name, (_, upper) in SLICE_AREA_BINS_PX.items():
-        if name == "very_large" or area_px < upper:
-            return name
-    raise AssertionError("unreachable")
+    return slice_area_class(area_px) or NO_TUMOUR
 
 
 def caption(size_class: str, template: int = 0) -> str:

@@ -22,7 +22,6 @@ import torch
 from tqdm import tqdm
 
 from nnunet_synth.generators.checkpoints import GeneratorCheckpointError, load_checkpoint, save_checkpoint
-from nnunet_synth.generators.ddpm.training import append_log, plot_losses
 from nnunet_synth.generators.sd_inversion.captions import TUMOUR_TEMPLATES, caption, size_class_of_area
 from nnunet_synth.generators.sd_inversion.components import (
     BaseModelError,
@@ -33,6 +32,7 @@ from nnunet_synth.generators.sd_inversion.components import (
     to_model,
     to_unit,
 )
+from nnunet_synth.generators.training_utils import append_log, plot_losses
 
 __all__ = ["PRESETS", "USER_ERRORS", "FixedLoss", "SlicePreset", "SliceSource", "train"]
 
@@ -143,7 +143,7 @@ class FixedLoss:
 
 
 def train(job) -> Path:
-    """Fine-tunes LoRA adapters for ``job`` (a :class:`nnunet_synth.generator_training.GeneratorJob`).
+    """Fine-tunes LoRA adapters for ``job`` (a :class:`nnunet_synth.generators.training_utils.GeneratorJob`).
 
     Raises:
         BaseModelError: no ``job.base_model`` or an incomplete folder (the message names the layout needed).
@@ -172,14 +172,14 @@ def train(job) -> Path:
     parts = load_parts(folder, device, lora_rank=preset.lora_rank, seed=job.seed)
     resolution = int(preset.resolution or parts.native_resolution)
     dataset = infer_dataset_class(str(job.preprocessed_folder))(str(job.preprocessed_folder), list(job.cases))
-    source = SliceSource(dataset, list(job.cases), synth_plan["tumour_label"], preset.tumour_slice_share)
+    source = SliceSource(dataset, list(job.cases), synth_plan.tumour_label, preset.tumour_slice_share)
     config = {
         "backend": BACKEND, "preset": job.preset, "preset_params": asdict(preset),
         "dataset_name": str(job.dataset_name), "configuration": job.configuration,
         "plans_identifier": job.plans_identifier, "fold": job.fold,
         "num_channels": int(source.load(*source.draw(np.random.default_rng(0))[:2]).shape[0]),
         "spacing": [float(s) for s in conf.spacing], "normalization_schemes": list(conf.normalization_schemes),
-        "tumour_label": synth_plan["tumour_label"], "intensity_range": intensity_range(source, job.seed),
+        "tumour_label": synth_plan.tumour_label, "intensity_range": intensity_range(source, job.seed),
         "resolution": resolution, "lora_rank": preset.lora_rank, "base_model": str(folder),
         "base_model_fingerprint": base_model_fingerprint(folder),
         "prediction_type": parts.scheduler.config.prediction_type, "train_cases": list(job.cases),

@@ -1,0 +1,310 @@
+"""The lesion pipeline: size -> mask -> placement -> synthesis -> label, for one sample.
+
+Every path that makes synthetic tumours calls this module: the trainer transform, every bank, the online GPU
+trainers (which take the placed masks only), the 2D slice insertion of the Stable Diffusion backend, the
+``nnUNetv2_synth_masks`` command and the previews. Nothing else draws radii, builds lesion masks or decides
+where a lesion goes.
+
+Where the plan has an organ label the lesion goes into the organ (``min_inside`` of it, clipped to the organ
+and kept as one piece). Without one, the placement region is a smooth tissue region inside the body (see
+:func:`tissue_region`) and a lesion is placed whole or not at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy.ndimage import (
+    binary_closing,
+    binary_dilation,
+    binary_erosion,
+    binary_opening,
+    gaussian_filter,
+    maximum_filter,
+    minimum_filter,
+)
+
+from nnunet_synth.generators.base import Lesion
+from nnunet_synth.generators.placement import central_window, largest_component, place_lesion
+from nnunet_synth.generators.shapes import crop_to_mask, lesion_mask
+from nnunet_synth.generators.sizes import LesionRequest, lesion_requests, slice_area_class
+from nnunet_synth.generators.templates import draw_template
+
+if TYPE_CHECKING:
+    from nnunet_synth.generators.base import TumourGenerator
+    from nnunet_synth.synth_plan import SynthPlan, TissueRegion
+
+MAX_MASK_DRAWS = 10  # masks redrawn per request where a slice-area class is missed
+WHOLE_ATTEMPTS = 40  # candidate centres per rule set for lesions placed whole
+# relative spread below which a neighbourhood counts as constant fill (float32 resampling noise is ~1e-7)
+PLATEAU_TOLERANCE = 1e-5
+MAX_FILL_VALUES = 4  # the most common values of constant regions are fill values (background, clipped air/bone)
+
+
+@dataclass(frozen=True)
+class LesionInfo:
+    """What was inserted: one synthetic lesion.
+
+    Attributes:
+        centre: voxel index of the lesion's centre of mass in the array it was inserted into.
+        semi_axes_mm: the ellipsoid semi-axes it was drawn with (mm).
+        size_class: size class of the request (``liver_mri`` for that preset).
+        voxels: number of lesion voxels.
+        bbox: ``[start, stop)`` per spatial axis.
+    """
+
+    centre: tuple[int, ...]
+    semi_axes_mm: tuple[float, ...]
+    size_class: str
+    voxels: int
+    bbox: tuple[tuple[int, int], ...]
+
+    def to_dict(self) -> dict:
+        return {k: (list(map(list, v)) if k == "bbox" else list(v) if isinstance(v, tuple) else v)
+                for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class PlacedLesion:
+    """A lesion mask at its place (before synthesis) and its description."""
+
+    lesion: Lesion
+    info: LesionInfo
+
+
+def background_plateau(channel: np.ndarray) -> np.ndarray:
+    """Voxels of a constant fill (skull-stripped MRI, padding, clipped air), whatever normalisation made of its
+    value: voxels whose 3x3(x3) neighbourhood holds one value, which no imaged tissue does; the one layer of fill
+    next to tissue that this test misses (a dilation by one voxel, which never reaches tissue); and single fill
+    voxels in gaps of the tissue (their value is exactly a fill value)."""
+    spread = maximum_filter(channel, size=3) - minimum_filter(channel, size=3)
+    flat = spread <= PLATEAU_TOLERANCE * max(1.0, float(np.abs(channel).max()))
+    if not flat.any():
+        return flat
+    values, counts = np.unique(channel[flat], return_counts=True)
+    fill = values[np.argsort(counts)[-MAX_FILL_VALUES:]]
+    return binary_dilation(flat, np.ones((3,) * channel.ndim, bool)) | np.isin(channel, fill)
+
+
+def tissue_region(channel: np.ndarray, seg0: np.ndarray, tissue: TissueRegion, spacing: tuple[float, ...],
+                  margin_mm: float) -> np.ndarray:
+    """A smooth, closed tissue region inside the body, for datasets without an organ label.
+
+    Channel ``tissue.channel`` is smoothed at ``tissue.smoothing_mm`` and kept in ``tissue.range`` (the tissue
+    around the real tumours) and closed; background fill, voxels outside the image (-1) and labelled voxels are
+    removed; an opening removes specks and bridges, and an erosion by ``margin_mm`` (at least one voxel) keeps lesions
+    off the body's edge.
+    """
+    sp = np.asarray(spacing, dtype=float)
+    smooth = gaussian_filter(channel.astype(np.float32), tissue.smoothing_mm / sp)
+    lo, hi = tissue.range
+    ball = _ball(np.maximum(np.round(tissue.smoothing_mm / sp), 1).astype(int), sp)
+    # closing fills pores of the band, opening removes specks and thin bridges: a smooth, closed region
+    region = binary_closing((smooth >= lo) & (smooth <= hi), ball)
+    region = binary_opening(region & (seg0 == 0) & ~background_plateau(channel), ball)
+    erosion = _ball(np.maximum(np.round(margin_mm / sp), 1).astype(int), sp)
+    return binary_erosion(region, erosion, border_value=1)
+
+
+def _ball(radius_vox: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    grid = np.indices(tuple(2 * radius_vox + 1)) - radius_vox.reshape(-1, *[1] * len(radius_vox))
+    mm = (grid * spacing.reshape(-1, *[1] * len(spacing))) / (radius_vox * spacing).reshape(-1, *[1] * len(spacing))
+    return (mm ** 2).sum(0) <= 1.0
+
+
+def placement_region(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan,
+                     spacing: tuple[float, ...] | None = None) -> np.ndarray:
+    """Voxels a lesion may occupy before tumours and gaps: the organ label, or the tissue region without one.
+
+    Args:
+        image: (C, *spatial) image.
+        seg0: (*spatial) labels (-1 outside the image).
+        plan: the synth plan.
+        spacing: voxel spacing; default: the plan's, for the array's dimensionality.
+    """
+    if plan.organ_label is not None:
+        return seg0 == plan.organ_label
+    spacing = tuple(plan.spacing[-seg0.ndim:]) if spacing is None else tuple(spacing)
+    return tissue_region(np.asarray(image[plan.tissue.channel]), seg0, plan.tissue, spacing, plan.placement.margin_mm)
+
+
+def _mask_for(request: LesionRequest, spacing: tuple[float, ...], plan: SynthPlan, rng: np.random.Generator,
+              templates: list[np.ndarray] | None) -> np.ndarray:
+    """One connected lesion mask for a request, by the plan's deformation."""
+    if plan.shapes.deformation == "template":
+        mask = draw_template(templates, request.radii_mm, spacing, rng)
+    else:
+        mask = lesion_mask(request.radii_mm, spacing, rng, plan.shapes.deformation)
+    return crop_to_mask(largest_component(mask))
+
+
+def draw_masks(plan: SynthPlan, spacing: tuple[float, ...], rng: np.random.Generator,
+               templates: list[np.ndarray] | None = None, room_mm3: float | None = None
+               ) -> list[tuple[str, np.ndarray]]:
+    """The size and mask stages alone: (size class, mask) of the lesions one sample would get, unplaced."""
+    return [(r.size_class, _mask_for(r, spacing, plan, rng, templates))
+            for r in lesion_requests(plan, spacing, rng, room_mm3)]
+
+
+def plan_lesions(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, rng: np.random.Generator, *,
+                 spacing: tuple[float, ...] | None = None, templates: list[np.ndarray] | None = None,
+                 window: tuple[int, ...] | None = None, max_lesion_shape: tuple[int, ...] | None = None,
+                 region: np.ndarray | None = None, draws: int = 1) -> list[PlacedLesion]:
+    """Draws and places the lesions of one synthetic sample (no synthesis yet).
+
+    Args:
+        image: (C, *spatial) image (used without organ label, to find the tissue region).
+        seg0: (*spatial) labels; -1 (outside the image) and the ignore label are never used.
+        plan: the synth plan (labels, shapes, placement, tumour sizes).
+        rng: random generator.
+        spacing: voxel spacing; default: the plan's.
+        templates: real tumour masks of the training fold (deformation ``template``).
+        window: nnU-Net's final patch size: lesion centres lie in this central window (None: anywhere).
+        max_lesion_shape: largest lesion box (voxels) the backend can fill; larger masks are scaled down.
+        region: the :func:`placement_region` of this image when already known (repeated draws on one case).
+        draws: independent draws of the sample's lesions (sizes, shapes, positions) tried until one places any.
+
+    Returns:
+        The placed lesions, in order; empty when nothing fits.
+    """
+    seg0 = np.asarray(seg0)
+    spacing = tuple(plan.spacing[-seg0.ndim:]) if spacing is None else tuple(float(s) for s in spacing)
+    if plan.shapes.deformation == "template" and not templates:
+        raise ValueError("deformation 'template' needs the training fold's real tumour masks (templates=...); "
+                         "none were given")
+    region = placement_region(image, seg0, plan, spacing) if region is None else region
+    win = central_window(seg0.shape, None if window is None else tuple(window)[-seg0.ndim:])
+    room = int(region[win].sum())
+    if room == 0:
+        return []
+    ignore = plan.ignore_label
+    tumour = seg0 == plan.tumour_label
+    allowed = region & ~tumour & (seg0 >= 0)
+    if ignore is not None:
+        allowed &= seg0 != ignore
+    for _ in range(draws):
+        requests = lesion_requests(plan, spacing, rng, room * float(np.prod(spacing)))
+        placed = _place(requests, plan, spacing, rng, region, allowed.copy(), tumour.copy(), win, templates,
+                        max_lesion_shape)
+        if placed:
+            return placed
+    return []
+
+
+def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float, ...], rng: np.random.Generator,
+           region: np.ndarray, allowed: np.ndarray, tumour: np.ndarray, win: tuple[slice, ...],
+           templates: list[np.ndarray] | None, max_lesion_shape: tuple[int, ...] | None) -> list[PlacedLesion]:
+    """Masks for the requests, placed one after the other (``allowed`` and ``tumour`` are updated in place)."""
+    whole = plan.organ_label is None
+    placed: list[PlacedLesion] = []
+    for request in requests:
+        lesion, radii = None, np.asarray(request.radii_mm, dtype=float)
+        for _ in range(MAX_MASK_DRAWS):
+            mask = _mask_for(LesionRequest(request.size_class, radii), spacing, plan, rng, templates)
+            if max_lesion_shape is not None and any(m > lim for m, lim in zip(mask.shape, max_lesion_shape)):
+                radii = radii * 0.9 * min(lim / m for m, lim in zip(mask.shape, max_lesion_shape))
+                continue  # larger than the backend can fill: the same shape, smaller
+            if plan.shapes.size_preset == "slice_area" and slice_area_class(int(mask.sum())) != request.size_class:
+                same_class = plan.replace(shapes={"size_class": request.size_class})
+                radii = np.asarray(lesion_requests(same_class, spacing, rng)[0].radii_mm)
+                continue  # the paper's classes are pixel areas of the mask as drawn
+            lesion = place_lesion(mask, allowed, region, tumour, spacing, rng, plan.placement, win,
+                                  attempts=WHOLE_ATTEMPTS if whole else 20, whole=whole)
+            if lesion is not None and plan.shapes.size_preset == "slice_area" and \
+                    slice_area_class(lesion.num_voxels) != request.size_class:
+                lesion = None  # clipping to the organ changed the class
+            break
+        if lesion is None:
+            continue
+        starts = np.array([s.start for s in lesion.bbox])
+        centre = tuple(int(v) for v in np.round(np.argwhere(lesion.mask).mean(0) + starts))
+        info = LesionInfo(centre=centre, semi_axes_mm=tuple(float(r) for r in radii), size_class=request.size_class,
+                          voxels=lesion.num_voxels, bbox=tuple((int(s.start), int(s.stop)) for s in lesion.bbox))
+        placed.append(PlacedLesion(lesion, info))
+        # later lesions keep their gap to this one and never overlap it
+        tumour[lesion.bbox] |= lesion.mask
+        allowed[lesion.bbox] &= ~lesion.mask
+    return placed
+
+
+def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...] | None, plan: SynthPlan,
+                   rng: np.random.Generator, *, generator: TumourGenerator | None = None,
+                   templates: list[np.ndarray] | None = None, window: tuple[int, ...] | None = None,
+                   region: np.ndarray | None = None, draws: int = 1
+                   ) -> tuple[np.ndarray, np.ndarray, list[LesionInfo]]:
+    """Inserts the synthetic tumours of one sample into a whole case or a patch.
+
+    Args:
+        image: (C, *spatial) image, channels first, any number of channels (normalised as the plan's statistics).
+        seg: (*spatial) labels, or (S, *spatial) with the labels in channel 0 (nnU-Net's layout; other channels
+            are left alone).
+        spacing: voxel spacing in mm of the spatial axes (None: the plan's).
+        plan: the synth plan (e.g. :func:`nnunet_synth.load_synth_plan` or :meth:`SynthPlan.for_volume`).
+        rng: random generator; the same state gives the same tumours.
+        generator: the backend that fills the lesions (default: the plan's backend, built here).
+        templates: real tumour masks for the ``template`` deformation.
+        window: nnU-Net's final patch size when ``image`` is an enlarged patch (lesion centres in its centre).
+        region: the placement region when already known (see :func:`plan_lesions`).
+        draws: independent draws of the sample's lesions tried until one fits (see :func:`plan_lesions`).
+
+    Returns:
+        (new image, new seg, lesions); the inputs are never written to. When no lesion fits, the inputs
+        themselves and an empty list.
+    """
+    from nnunet_synth.generators import get_backend
+
+    image = np.asarray(image)
+    seg = np.asarray(seg)
+    with_channel = seg.ndim == image.ndim
+    seg0 = seg[0] if with_channel else seg
+    if seg0.shape != image.shape[1:]:
+        raise ValueError(f"image {image.shape} (channels first) and segmentation {seg.shape} do not match")
+    if generator is None:
+        generator = get_backend(plan.backend)(plan)
+    placed = plan_lesions(image, seg0, plan, rng, spacing=spacing, templates=templates, window=window,
+                          max_lesion_shape=generator.max_lesion_shape, region=region, draws=draws)
+    if not placed:
+        return image, seg, []
+    spacing = tuple(plan.spacing[-seg0.ndim:]) if spacing is None else tuple(float(s) for s in spacing)
+    new_image = np.array(image, dtype=np.float32, copy=True)
+    new_seg = np.array(seg, copy=True)
+    labels = new_seg[0] if with_channel else new_seg
+    for p in placed:
+        generator.synthesize(new_image, p.lesion, spacing, rng)
+        labels[p.lesion.bbox][p.lesion.mask] = plan.tumour_label
+    return new_image, new_seg, [p.info for p in placed]
+
+
+def insert_tumours_in_case(data: np.ndarray, seg: np.ndarray, plan: SynthPlan, rng: np.random.Generator,
+                           generator: TumourGenerator, templates: list[np.ndarray] | None = None, draws: int = 20
+                           ) -> tuple[np.ndarray, np.ndarray, list[LesionInfo], int | None]:
+    """Inserts tumours into a whole preprocessed case (C, Z, Y, X) for a bank.
+
+    A 3D plan inserts into the volume. A 2d plan inserts into one slice, drawn among the slices with
+    placement room and, where there are any, without real tumour (the breast 2D paper's healthy targets).
+
+    Returns:
+        (new data, new seg, lesions, slice index or None); lesions is empty when nothing fits.
+    """
+    data, seg = np.asarray(data), np.asarray(seg)
+    if len(plan.spacing) == seg.ndim - 1:
+        new_data, new_seg, lesions = insert_tumours(data, seg, None, plan, rng, generator=generator,
+                                                    templates=templates, draws=draws)
+        return new_data, new_seg, lesions, None
+    regions = [placement_region(data[:, z], seg[0, z], plan) for z in range(seg.shape[1])]
+    has_room = np.array([r.any() for r in regions])
+    healthy = has_room & ~(seg[0] == plan.tumour_label).any(axis=(1, 2))
+    # slices without real tumour first (the breast 2D paper's healthy targets), then the others
+    order = [*rng.permutation(np.flatnonzero(healthy)), *rng.permutation(np.flatnonzero(has_room & ~healthy))]
+    for z in order[:draws]:
+        new_slice, new_seg_slice, lesions = insert_tumours(data[:, z], seg[:, z], None, plan, rng,
+                                                           generator=generator, templates=templates,
+                                                           region=regions[z])
+        if lesions:
+            new_data = np.array(data, dtype=np.float32, copy=True)
+            new_seg = np.array(seg, copy=True)
+            new_data[:, z], new_seg[:, z] = new_slice, new_seg_slice
+            return new_data, new_seg, lesions, int(z)
+    return data, seg, [], None

@@ -1,0 +1,367 @@
+"""The synth plan as a typed, validated object (like nnU-Net's PlansManager over its JSON).
+
+``nnUNetSynthPlans.json`` (beside ``nnUNetPlans.json``; ``nnUNetSynthPlans__<plans>.json`` for any other plans
+identifier) holds dataset-level settings at the top and per-configuration statistics under ``configurations``.
+:func:`load_synth_plan` merges the two for one configuration into a :class:`SynthPlan` and validates every key
+against the dataset; every problem is one :class:`SynthPlanError` naming the file, the key, the bad value and
+what is allowed. Build statistics with :mod:`nnunet_synth.planning`; build a plan for a lone volume (no nnU-Net
+dataset) with :meth:`SynthPlan.for_volume`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nnunet_synth.generators.placement import PlacementRules
+
+DEFAULT_PLANS_IDENTIFIER = "nnUNetPlans"
+SYNTH_PLANS_FILE = "nnUNetSynthPlans.json"
+SIZE_PRESETS = ("labelfree", "quartile", "liver_mri", "slice_area")
+DEFORMATIONS = ("elastic", "simplex", "template", "none")
+DEFAULT_SEED = 12345
+
+
+class SynthPlanError(ValueError):
+    """A synth plan that is unreadable or does not fit its dataset; the message names file, key and value."""
+
+
+def synth_plan_file(preprocessed: Path, plans_identifier: str = DEFAULT_PLANS_IDENTIFIER) -> Path:
+    """The synth plan of ``plans_identifier``: ``nnUNetSynthPlans.json`` for nnU-Net's default plans."""
+    if plans_identifier == DEFAULT_PLANS_IDENTIFIER:
+        return Path(preprocessed) / SYNTH_PLANS_FILE
+    return Path(preprocessed) / f"nnUNetSynthPlans__{plans_identifier}.json"
+
+
+@dataclass(frozen=True)
+class ShapeSettings:
+    """How lesion masks are drawn (see :mod:`nnunet_synth.generators.sizes` and ``shapes``).
+
+    Attributes:
+        size_preset: labelfree, quartile, liver_mri or slice_area.
+        size_class: a class of the preset, ``any`` (one lesion of a random class) or ``mixed``.
+        deformation: elastic, simplex, template (real tumour masks of the training fold) or none.
+    """
+
+    size_preset: str = "labelfree"
+    size_class: str = "any"
+    deformation: str = "elastic"
+
+
+@dataclass(frozen=True)
+class ChannelPrior:
+    """Intensity prior of one input channel in nnU-Net's normalised space.
+
+    Attributes:
+        name: channel name from dataset.json.
+        normalization: nnU-Net's normalisation scheme of the channel.
+        organ_mean: mean of the placement region.
+        organ_std: standard deviation of the placement region.
+        contrast_range: tumour-minus-surrounding mean change, drawn uniformly in this range.
+        contrast_source: how the range was found (for the log).
+        clip: values the synthetic lesion is clipped to (CT window), or None.
+    """
+
+    name: str
+    normalization: str
+    organ_mean: float
+    organ_std: float
+    contrast_range: tuple[float, float]
+    contrast_source: str = ""
+    clip: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class TumourSizes:
+    """The dataset's real tumours as clinically counted (see :func:`nnunet_synth.planning.count_tumours`).
+
+    Attributes:
+        count: number of real tumours.
+        cases: number of cases they come from.
+        equivalent_diameter_mm: min/q25/median/q75/max of their equivalent diameters.
+        class_radius_mm: radius per quartile class (the ``quartile`` preset).
+        rule: how tumours were counted (for the log).
+    """
+
+    count: int = 0
+    cases: int = 0
+    equivalent_diameter_mm: dict[str, float] | None = None
+    class_radius_mm: dict[str, float] | None = None
+    rule: str = ""
+
+
+@dataclass(frozen=True)
+class TissueRegion:
+    """Placement region of a dataset without organ label: a smooth, closed tissue region inside the body.
+
+    Attributes:
+        channel: image channel the region is found on.
+        range: intensity range of the tissue around real tumours (on the smoothed image).
+        smoothing_mm: Gaussian smoothing of the channel before thresholding (mm).
+        source: how the range was found (for the log).
+    """
+
+    channel: int = 0
+    range: tuple[float, float] = (-np.inf, np.inf)
+    smoothing_mm: float = 2.0
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class SynthPlan:
+    """Everything the lesion pipeline needs for one dataset configuration.
+
+    Attributes:
+        dataset_name: nnU-Net dataset name (DatasetNNN_Name), or a free name for :meth:`for_volume`.
+        configuration: nnU-Net configuration the statistics belong to.
+        spacing: voxel spacing (mm) of the configuration.
+        tumour_label: label value written for synthetic tumours.
+        organ_label: placement region label, or None (then ``tissue`` describes the region).
+        channels: intensity prior per input channel.
+        plans_identifier: nnU-Net plans identifier the plan belongs to.
+        labels: dataset.json labels.
+        backend: generator backend name.
+        backend_params: backend-specific parameters.
+        shapes: size preset, size class, deformation.
+        placement: placement rules (margin, gap, share inside).
+        seed: base seed of the trainers' generators.
+        tumour_sizes: statistics of the real tumours.
+        tissue: placement region without organ label.
+    """
+
+    dataset_name: str
+    configuration: str
+    spacing: tuple[float, ...]
+    tumour_label: int
+    organ_label: int | None
+    channels: tuple[ChannelPrior, ...]
+    plans_identifier: str = DEFAULT_PLANS_IDENTIFIER
+    labels: dict[str, Any] = field(default_factory=dict)
+    backend: str = "analytic"
+    backend_params: dict[str, Any] = field(default_factory=dict)
+    shapes: ShapeSettings = ShapeSettings()
+    placement: PlacementRules = PlacementRules()
+    seed: int = DEFAULT_SEED
+    tumour_sizes: TumourSizes = TumourSizes()
+    tissue: TissueRegion | None = None
+
+    @property
+    def ignore_label(self) -> int | None:
+        value = self.labels.get("ignore")
+        return int(value) if isinstance(value, int) else None
+
+    def replace(self, **changes) -> SynthPlan:
+        """A copy with ``changes``; ``shapes`` and ``placement`` may be given as dicts of the fields to change."""
+        for key in ("shapes", "placement"):
+            if isinstance(changes.get(key), dict):
+                changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """The flat JSON form (as copied into a training's output folder)."""
+        return _jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, flat: dict, source: str = "synth plan") -> SynthPlan:
+        """Builds and validates a plan from its flat JSON form; errors name ``source`` and the key."""
+        check = _Checker(source)
+        known = {f.name for f in dataclasses.fields(cls)} | {"intensity", "intensity_band"}
+        for key in flat:
+            check.that(key in known, key, flat[key], f"a known key ({', '.join(sorted(known))})")
+        for key in ("dataset_name", "configuration", "spacing", "tumour_label", "organ_label"):
+            check.that(key in flat, key, "(missing)", "a value (rebuild with nnUNetv2_synth_plan --overwrite)")
+        channels = flat.get("channels", flat.get("intensity", {}).get("channels") if isinstance(
+            flat.get("intensity"), dict) else None)
+        check.that(isinstance(channels, list) and channels, "intensity.channels", channels, "a list of channel priors")
+        try:
+            priors = tuple(ChannelPrior(**{**c, "contrast_range": tuple(c["contrast_range"]),
+                                           "clip": None if c.get("clip") is None else tuple(c["clip"])})
+                           for c in channels)
+        except (TypeError, KeyError) as e:
+            raise SynthPlanError(f"{source}: key 'intensity.channels' = {channels!r} is malformed ({e}); "
+                                 f"rebuild it with nnUNetv2_synth_plan --overwrite") from e
+        shapes = _sub(check, ShapeSettings, flat.get("shapes", {}), "shapes")
+        placement = _sub(check, PlacementRules, flat.get("placement", {}), "placement")
+        sizes = _sub(check, TumourSizes, flat.get("tumour_sizes", {}), "tumour_sizes")
+        tissue = flat.get("tissue")
+        if tissue is None and flat.get("intensity_band"):  # plans written before the tissue region
+            band = flat["intensity_band"]
+            tissue = {"channel": band["channel"], "range": band["range"], "source": band.get("source", "")}
+        tissue = None if tissue is None else _sub(check, TissueRegion, {**tissue, "range": tuple(tissue["range"])},
+                                                  "tissue")
+        plan = cls(dataset_name=str(flat["dataset_name"]), configuration=str(flat["configuration"]),
+                   spacing=tuple(flat["spacing"]) if isinstance(flat["spacing"], (list, tuple)) else flat["spacing"],
+                   tumour_label=flat["tumour_label"], organ_label=flat["organ_label"], channels=priors,
+                   plans_identifier=flat.get("plans_identifier", DEFAULT_PLANS_IDENTIFIER),
+                   labels=flat.get("labels", {}), backend=flat.get("backend", "analytic"),
+                   backend_params=flat.get("backend_params", {}), shapes=shapes, placement=placement,
+                   seed=flat.get("seed", DEFAULT_SEED), tumour_sizes=sizes, tissue=tissue)
+        return plan.validated(source)
+
+    def validated(self, source: str = "synth plan", dataset_json: dict | None = None) -> SynthPlan:
+        """Checks ranges and names (and, given ``dataset_json``, labels and channels); returns ``self``.
+
+        Raises:
+            SynthPlanError: naming ``source``, the key, the bad value and what is allowed.
+        """
+        from nnunet_synth.generators import available_backends
+        from nnunet_synth.generators.sizes import class_names
+
+        check = _Checker(source)
+        check.that(isinstance(self.spacing, tuple) and len(self.spacing) in (2, 3)
+                   and all(_number(s) and s > 0 for s in self.spacing), "spacing", self.spacing,
+                   "2 or 3 positive numbers")
+        check.that(_integer(self.tumour_label) and self.tumour_label > 0, "tumour_label", self.tumour_label,
+                   "a positive integer label")
+        check.that(self.organ_label is None or (_integer(self.organ_label) and self.organ_label > 0), "organ_label",
+                   self.organ_label, "a positive integer label or null")
+        check.that(self.organ_label != self.tumour_label, "organ_label", self.organ_label,
+                   f"a label other than the tumour label {self.tumour_label}")
+        check.that(self.organ_label is not None or self.tissue is not None, "tissue", None,
+                   "a tissue region where organ_label is null (rebuild with nnUNetv2_synth_plan --overwrite)")
+        check.that(self.backend in available_backends(), "backend", self.backend,
+                   f"one of {', '.join(available_backends())}")
+        check.that(isinstance(self.backend_params, dict), "backend_params", self.backend_params, "an object")
+        check.that(_integer(self.seed), "seed", self.seed, "an integer")
+        shapes = self.shapes
+        check.that(shapes.size_preset in SIZE_PRESETS, "shapes.size_preset", shapes.size_preset,
+                   f"one of {', '.join(SIZE_PRESETS)}")
+        classes = (*class_names(shapes.size_preset), "any", "mixed")
+        check.that(shapes.size_class in classes, "shapes.size_class", shapes.size_class,
+                   f"one of {', '.join(classes)} for size_preset {shapes.size_preset!r}")
+        check.that(shapes.deformation in DEFORMATIONS, "shapes.deformation", shapes.deformation,
+                   f"one of {', '.join(DEFORMATIONS)}")
+        check.that(shapes.size_preset != "slice_area" or len(self.spacing) == 2, "shapes.size_preset",
+                   shapes.size_preset, "a 3D preset for the 3D configuration "
+                   f"{self.configuration!r} ('slice_area' bins per-slice pixel areas of 2d configurations)")
+        check.that(shapes.size_preset != "quartile" or bool(self.tumour_sizes.class_radius_mm),
+                   "shapes.size_preset", shapes.size_preset, "labelfree or liver_mri: 'quartile' needs real "
+                   "tumours, and this plan counted none")
+        rules = self.placement
+        check.that(_number(rules.margin_mm) and rules.margin_mm >= 0, "placement.margin_mm", rules.margin_mm,
+                   "a number >= 0 (mm)")
+        check.that(_number(rules.gap_mm) and rules.gap_mm >= 0, "placement.gap_mm", rules.gap_mm,
+                   "a number >= 0 (mm)")
+        check.that(_number(rules.min_inside) and 0 < rules.min_inside <= 1, "placement.min_inside",
+                   rules.min_inside, "a share in (0, 1]")
+        for i, c in enumerate(self.channels):
+            lo_hi = c.contrast_range
+            check.that(len(lo_hi) == 2 and all(_number(v) for v in lo_hi) and lo_hi[0] <= lo_hi[1],
+                       f"intensity.channels[{i}].contrast_range", list(lo_hi), "[low, high] with low <= high")
+        if self.tissue is not None:
+            lo, hi = self.tissue.range
+            check.that(_number(lo) and _number(hi) and lo < hi, "tissue.range", list(self.tissue.range),
+                       "[low, high] with low < high")
+            check.that(_integer(self.tissue.channel) and 0 <= self.tissue.channel < len(self.channels),
+                       "tissue.channel", self.tissue.channel, f"a channel index below {len(self.channels)}")
+        if dataset_json is not None:
+            self._check_dataset(check, dataset_json)
+        return self
+
+    def _check_dataset(self, check: _Checker, dataset_json: dict) -> None:
+        labels = dataset_json["labels"]
+        listing = ", ".join(f"{v}={k!r}" for k, v in labels.items())
+        values = {v for k, v in labels.items() if isinstance(v, int) and v != 0 and k != "ignore"}
+        check.that(self.tumour_label in values, "tumour_label", self.tumour_label,
+                   f"a foreground label of dataset.json ({listing})")
+        check.that(self.organ_label is None or self.organ_label in values, "organ_label", self.organ_label,
+                   f"null or a foreground label of dataset.json ({listing})")
+        n = len(dataset_json["channel_names"])
+        check.that(len(self.channels) == n, "intensity.channels", f"{len(self.channels)} channels",
+                   f"{n} channels as in dataset.json (rebuild with nnUNetv2_synth_plan --overwrite)")
+
+    @classmethod
+    def for_volume(cls, image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...], tumour_label: int = 1,
+                   organ_label: int | None = None, name: str = "volume", **settings) -> SynthPlan:
+        """A plan for one volume that has no nnU-Net dataset, measured on the volume itself.
+
+        Args:
+            image: (C, *spatial) float image (any intensity units).
+            seg: (*spatial) or (1, *spatial) integer labels (0 background).
+            spacing: voxel spacing in mm.
+            tumour_label: label value of tumours (real ones are measured, synthetic ones get it).
+            organ_label: label of the placement region; None places in tissue like that around the volume's real
+                tumours (which it then must have).
+            name: a name for messages.
+            **settings: other :class:`SynthPlan` fields (``backend``, ``shapes``, ``placement``, ``seed``; dicts
+                accepted for ``shapes`` and ``placement``).
+        """
+        from nnunet_synth.planning import case_statistics, summarise_statistics
+
+        image = np.asarray(image, dtype=np.float32)
+        seg = np.asarray(seg)
+        seg = seg[0] if seg.ndim == image.ndim else seg
+        spacing = tuple(float(s) for s in spacing)
+        stats = case_statistics(image, seg, spacing, organ_label, tumour_label)
+        if stats is None:
+            raise SynthPlanError(f"{name}: no placement region: " + (f"organ label {organ_label} is absent" if
+                                 organ_label is not None else f"no real tumour (label {tumour_label}) to measure the "
+                                 f"tissue around; pass organ_label"))
+        labels = {"background": 0, "tumour": tumour_label, **({"organ": organ_label} if organ_label else {})}
+        summary = summarise_statistics([stats], [f"c{i}" for i in range(image.shape[0])],
+                                       ["ZScoreNormalization"] * image.shape[0], None, organ_label)
+        plan = cls(dataset_name=name, configuration=f"{len(spacing)}d", spacing=spacing, tumour_label=tumour_label,
+                   organ_label=organ_label, labels=labels, **summary)
+        if plan.tumour_sizes.count >= 4 and "shapes" not in settings:
+            plan = plan.replace(shapes={"size_preset": "quartile"})
+        return plan.replace(**settings).validated(name)
+
+
+class _Checker:
+    def __init__(self, source: str):
+        self.source = source
+
+    def that(self, ok: bool, key: str, value, allowed: str) -> None:
+        if not ok:
+            raise SynthPlanError(f"{self.source}: key '{key}' = {value!r} is not allowed; expected {allowed}")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _sub(check: _Checker, cls, values, key: str):
+    """A nested settings dataclass from its JSON object, naming unknown keys."""
+    check.that(isinstance(values, dict), key, values, "an object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in values:
+        check.that(k in names, f"{key}.{k}", values[k], f"a key of {key} ({', '.join(sorted(names))})")
+    return cls(**values)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+def read_synth_plans_file(path: Path) -> dict:
+    """The raw JSON of a synth plans file; an unreadable or non-object file is a :class:`SynthPlanError`."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SynthPlanError(f"{path}: not valid JSON ({e}); rebuild it with nnUNetv2_synth_plan --overwrite") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("configurations"), dict):
+        raise SynthPlanError(f"{path}: not a synth plan (a JSON object with 'configurations' expected); rebuild it "
+                             f"with nnUNetv2_synth_plan --overwrite")
+    return raw
+
+
+def flat_plan(raw: dict, configuration: str) -> dict:
+    """Dataset-level settings merged with one configuration's statistics (the flat JSON form)."""
+    flat = {k: v for k, v in raw.items() if k != "configurations"}
+    flat.update(configuration=configuration, **raw["configurations"][configuration])
+    return flat
