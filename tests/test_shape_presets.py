@@ -197,3 +197,25 @@ def test_preview_patch_centres_on_the_tissue_without_organ_label():
         assert box[tuple(centre)] and seg[0][tuple(centre)] == 0, "patch not centred in the tissue"
         inside = crop_and_pad_nd(box, d.bbox, False)
         assert not (d.lesion & ~inside).any(), "lesion outside the tissue"
+
+
+def test_ct_clipped_fat_inside_the_body_is_tissue_air_outside_is_not():
+    """CTNormalization clips fat and air to the same floor: only the clipped region reaching the border is air."""
+    from nnunet_synth.generators.lesions import tissue_region
+    from nnunet_synth.synth_plan import TissueRegion
+
+    rng = np.random.default_rng(0)
+    shape = (24, 64, 64)
+    z, y, x = np.indices(shape)
+    body = ((y - 32) / 28) ** 2 + ((x - 32) / 28) ** 2 <= 1
+    fat = ((y - 32) / 12) ** 2 + ((x - 32) / 12) ** 2 <= 1
+    floor = -2.0  # the clip floor: air and fat alike
+    channel = np.where(body, rng.normal(0.5, 0.2, shape), floor).astype(np.float32)
+    channel[fat] = floor
+    seg0 = np.zeros(shape, np.int16)
+    tissue = TissueRegion(0, (-2.5, 1.5), 1.0)
+    clipped = tissue_region(channel, seg0, tissue, (1.0, 1.0, 1.0), 1.0, clipped=True)
+    assert clipped[fat & (z > 2) & (z < 21)].mean() > 0.9, "fat inside the body is tissue"
+    assert not clipped[~body].any(), "air is never tissue"
+    mri = tissue_region(channel, seg0, tissue, (1.0, 1.0, 1.0), 1.0, clipped=False)
+    assert not mri[fat].any(), "a fill value is background in a channel nnU-Net does not clip"

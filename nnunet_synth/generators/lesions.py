@@ -7,7 +7,8 @@ where a lesion goes.
 
 Where the plan has an organ label the lesion goes into the organ (``min_inside`` of it, clipped to the organ
 and kept as one piece). Without one, the placement region is a smooth tissue region inside the body (see
-:func:`tissue_region`) and a lesion is placed whole or not at all.
+:func:`tissue_region`) and a lesion is placed whole or not at all; one that finds no room is tried smaller (down
+to half its semi-axes; :class:`LesionInfo` records the semi-axes it was placed with).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from scipy.ndimage import (
     binary_dilation,
     binary_erosion,
     binary_opening,
+    distance_transform_edt,
     gaussian_filter,
     maximum_filter,
     minimum_filter,
 )
+from scipy.ndimage import label as connected_components
 
 from nnunet_synth.generators.base import Lesion
 from nnunet_synth.generators.placement import central_window, largest_component, place_lesion
@@ -38,6 +41,8 @@ if TYPE_CHECKING:
 
 MAX_MASK_DRAWS = 10  # masks redrawn per request where a slice-area class is missed
 WHOLE_ATTEMPTS = 40  # candidate centres per rule set for lesions placed whole
+DEEP_ENOUGH = 0.8  # of the smallest semi-axis: how deep inside the region a whole lesion's centre is drawn
+WHOLE_SHRINK, WHOLE_SHRINKS = 0.8, 3  # a whole lesion without room is tried at most 3 times, 0.8x smaller each
 # relative spread below which a neighbourhood counts as constant fill (float32 resampling noise is ~1e-7)
 PLATEAU_TOLERANCE = 1e-5
 MAX_FILL_VALUES = 4  # the most common values of constant regions are fill values (background, clipped air/bone)
@@ -74,28 +79,41 @@ class PlacedLesion:
     info: LesionInfo
 
 
-def background_plateau(channel: np.ndarray) -> np.ndarray:
+def background_plateau(channel: np.ndarray, clipped: bool = False) -> np.ndarray:
     """Voxels of a constant fill (skull-stripped MRI, padding, clipped air), whatever normalisation made of its
-    value: voxels whose 3x3(x3) neighbourhood holds one value, which no imaged tissue does; the one layer of fill
-    next to tissue that this test misses (a dilation by one voxel, which never reaches tissue); and single fill
-    voxels in gaps of the tissue (their value is exactly a fill value)."""
+    value.
+
+    Fill voxels are those whose 3x3(x3) neighbourhood holds one value, which no imaged tissue does; the one layer
+    of fill next to tissue that this test misses (a dilation by one voxel, which never reaches tissue); and single
+    fill voxels in gaps of the tissue (their value is exactly a fill value). A ``clipped`` channel (nnU-Net's
+    CTNormalization clips fat and air alike to its window's floor) keeps only the fill connected to the in-plane
+    border of its axial slice: clipped values the body encloses are fat (or bone), not air.
+    """
     spread = maximum_filter(channel, size=3) - minimum_filter(channel, size=3)
     flat = spread <= PLATEAU_TOLERANCE * max(1.0, float(np.abs(channel).max()))
     if not flat.any():
         return flat
     values, counts = np.unique(channel[flat], return_counts=True)
-    fill = values[np.argsort(counts)[-MAX_FILL_VALUES:]]
-    return binary_dilation(flat, np.ones((3,) * channel.ndim, bool)) | np.isin(channel, fill)
+    fill = binary_dilation(flat, np.ones((3,) * channel.ndim, bool)) | np.isin(
+        channel, values[np.argsort(counts)[-MAX_FILL_VALUES:]])
+    if not clipped:
+        return fill
+    # fill reaching the in-plane border of its axial slice is outside the body; fill the body encloses is tissue
+    in_plane = np.zeros((3,) * fill.ndim, bool)
+    in_plane[(1,) * (fill.ndim - 2)] = True
+    pieces, _ = connected_components(fill, structure=in_plane)
+    faces = np.concatenate([np.moveaxis(pieces, a, 0)[[0, -1]].ravel() for a in range(fill.ndim - 2, fill.ndim)])
+    return np.isin(pieces, np.unique(faces[faces > 0]))
 
 
 def tissue_region(channel: np.ndarray, seg0: np.ndarray, tissue: TissueRegion, spacing: tuple[float, ...],
-                  margin_mm: float) -> np.ndarray:
+                  margin_mm: float, clipped: bool = False) -> np.ndarray:
     """A smooth, closed tissue region inside the body, for datasets without an organ label.
 
     Channel ``tissue.channel`` is smoothed at ``tissue.smoothing_mm`` and kept in ``tissue.range`` (the tissue
     around the real tumours) and closed; background fill, voxels outside the image (-1) and labelled voxels are
     removed; an opening removes specks and bridges, and an erosion by ``margin_mm`` (at least one voxel) keeps lesions
-    off the body's edge.
+    off the body's edge. ``clipped``: the channel is CT-normalised (see :func:`background_plateau`).
     """
     sp = np.asarray(spacing, dtype=float)
     smooth = gaussian_filter(channel.astype(np.float32), tissue.smoothing_mm / sp)
@@ -103,7 +121,7 @@ def tissue_region(channel: np.ndarray, seg0: np.ndarray, tissue: TissueRegion, s
     ball = _ball(np.maximum(np.round(tissue.smoothing_mm / sp), 1).astype(int), sp)
     # closing fills pores of the band, opening removes specks and thin bridges: a smooth, closed region
     region = binary_closing((smooth >= lo) & (smooth <= hi), ball)
-    region = binary_opening(region & (seg0 == 0) & ~background_plateau(channel), ball)
+    region = binary_opening(region & (seg0 == 0) & ~background_plateau(channel, clipped), ball)
     erosion = _ball(np.maximum(np.round(margin_mm / sp), 1).astype(int), sp)
     return binary_erosion(region, erosion, border_value=1)
 
@@ -127,7 +145,9 @@ def placement_region(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan,
     if plan.organ_label is not None:
         return seg0 == plan.organ_label
     spacing = tuple(plan.spacing[-seg0.ndim:]) if spacing is None else tuple(spacing)
-    return tissue_region(np.asarray(image[plan.tissue.channel]), seg0, plan.tissue, spacing, plan.placement.margin_mm)
+    channel = plan.tissue.channel
+    clipped = plan.channels[channel].clip is not None  # CTNormalization's window
+    return tissue_region(np.asarray(image[channel]), seg0, plan.tissue, spacing, plan.placement.margin_mm, clipped)
 
 
 def _mask_for(request: LesionRequest, spacing: tuple[float, ...], plan: SynthPlan, rng: np.random.Generator,
@@ -198,9 +218,12 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
            templates: list[np.ndarray] | None, max_lesion_shape: tuple[int, ...] | None) -> list[PlacedLesion]:
     """Masks for the requests, placed one after the other (``allowed`` and ``tumour`` are updated in place)."""
     whole = plan.organ_label is None
+    # a whole lesion's centre lies at least its smallest semi-axis inside the region (most random centres in a
+    # large region would not hold it)
+    depth = distance_transform_edt(region, sampling=spacing) if whole else None
     placed: list[PlacedLesion] = []
     for request in requests:
-        lesion, radii = None, np.asarray(request.radii_mm, dtype=float)
+        lesion, radii, shrinks = None, np.asarray(request.radii_mm, dtype=float), 0
         for _ in range(MAX_MASK_DRAWS):
             mask = _mask_for(LesionRequest(request.size_class, radii), spacing, plan, rng, templates)
             if max_lesion_shape is not None and any(m > lim for m, lim in zip(mask.shape, max_lesion_shape)):
@@ -210,11 +233,15 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
                 same_class = plan.replace(shapes={"size_class": request.size_class})
                 radii = np.asarray(lesion_requests(same_class, spacing, rng)[0].radii_mm)
                 continue  # the paper's classes are pixel areas of the mask as drawn
+            centres = None if depth is None else depth >= DEEP_ENOUGH * float(radii.min())
             lesion = place_lesion(mask, allowed, region, tumour, spacing, rng, plan.placement, win,
-                                  attempts=WHOLE_ATTEMPTS if whole else 20, whole=whole)
+                                  attempts=WHOLE_ATTEMPTS if whole else 20, whole=whole, centres=centres)
             if lesion is not None and plan.shapes.size_preset == "slice_area" and \
                     slice_area_class(lesion.num_voxels) != request.size_class:
                 lesion = None  # clipping to the organ changed the class
+            if lesion is None and whole and shrinks < WHOLE_SHRINKS:
+                radii, shrinks = radii * WHOLE_SHRINK, shrinks + 1
+                continue  # a whole lesion that finds no room: the same request, smaller (tissue between tumours)
             break
         if lesion is None:
             continue

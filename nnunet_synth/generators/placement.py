@@ -45,11 +45,13 @@ def central_window(shape: tuple[int, ...], window: tuple[int, ...] | None) -> tu
 
 def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumour: np.ndarray,
                  spacing: tuple[float, ...], rng: np.random.Generator, rules: PlacementRules,
-                 window: tuple[slice, ...], attempts: int = 20, whole: bool = False) -> Lesion | None:
+                 window: tuple[slice, ...], attempts: int = 20, whole: bool = False,
+                 centres: np.ndarray | None = None) -> Lesion | None:
     """Places a lesion mask in a patch, trying the rules, then their relaxation once.
 
     A placed lesion is always one connected piece: clipped to ``allowed`` and reduced to its largest component
-    (which must hold ``min_inside`` of the mask), or with ``whole`` placed only where every voxel is allowed.
+    (which must hold ``min_inside`` of the mask), or with ``whole`` placed only where every voxel is allowed (the
+    array's edge may cut it, keeping ``min_inside`` of it: a patch's edge cuts real tumours too).
 
     Args:
         mask: bool lesion mask cropped to its bounding box.
@@ -62,11 +64,13 @@ def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumou
         window: slices of the central window the lesion centre must lie in.
         attempts: candidate centres tried per rule set.
         whole: place the lesion unclipped, entirely inside ``allowed``, or not at all.
+        centres: bool, where a centre may be drawn (default: anywhere in ``allowed``), e.g. deep enough inside
+            the region for a whole lesion.
 
     Returns:
         The placed lesion, or None when nothing fits.
     """
-    candidates = np.flatnonzero(allowed[window])
+    candidates = np.flatnonzero(allowed[window] if centres is None else (allowed & centres)[window])
     if candidates.size == 0:
         return None
     window_shape = tuple(s.stop - s.start for s in window)
@@ -119,10 +123,14 @@ def _try(mask: np.ndarray, halo: np.ndarray, centre: np.ndarray, allowed: np.nda
     start = centre - np.array(mask.shape) // 2
     local_allowed, src, dst = _crop(allowed, start, mask.shape)
     total = int(mask.sum())
-    if whole:
-        if local_allowed.shape != mask.shape or (mask & ~local_allowed).any():
+    if whole:  # every voxel allowed; the array's edge may cut it, as a patch's edge cuts a real tumour
+        part = mask[dst]
+        if (part & ~local_allowed).any():
             return None
-        return Lesion(bbox=src, mask=mask.copy())
+        placed = largest_component(part)
+        if total == 0 or placed.sum() < rule.min_inside * total:
+            return None
+        return Lesion(bbox=src, mask=placed.copy())
     placed = largest_component(mask[dst] & local_allowed)
     if total == 0 or placed.sum() < rule.min_inside * total:
         return None
