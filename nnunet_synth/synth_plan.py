@@ -239,6 +239,9 @@ class SynthPlan:
         check.that(shapes.size_preset != "slice_area" or len(self.spacing) == 2, "shapes.size_preset",
                    shapes.size_preset, "a 3D preset for the 3D configuration "
                    f"{self.configuration!r} ('slice_area' bins per-slice pixel areas of 2d configurations)")
+        check.that(shapes.deformation != "template" or len(self.spacing) == 3, "shapes.deformation",
+                   shapes.deformation, f"elastic, simplex or none for the 2d configuration {self.configuration!r} "
+                   f"(template masks are the real tumours' 3D components)")
         check.that(shapes.size_preset != "quartile" or bool(self.tumour_sizes.class_radius_mm),
                    "shapes.size_preset", shapes.size_preset, "labelfree or liver_mri: 'quartile' needs real "
                    "tumours, and this plan counted none")

@@ -113,6 +113,8 @@ def test_plan_round_trips_through_its_json_form_and_validates():
                                                     "channel_names": {"0": "c0"}})
     with pytest.raises(SynthPlanError, match="slice_area"):
         plan.replace(shapes={"size_preset": "slice_area"}).validated()
+    with pytest.raises(SynthPlanError, match="template masks are the real tumours' 3D components"):
+        plan.replace(spacing=(1.0, 1.0), shapes={"deformation": "template"}).validated()
 
 
 def test_for_volume_measures_the_volume():
