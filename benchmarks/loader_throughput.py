@@ -69,11 +69,13 @@ def finish(loader) -> None:
 
 
 def lesion_milliseconds(trainer, num: int, seed: int = 0) -> dict[str, float]:
-    """Milliseconds per inserted lesion by size class, on enlarged patches cropped around organ voxels."""
+    """Milliseconds per inserted lesion by size class, on enlarged patches cropped around placement-region voxels
+    (the organ, or the tissue region without an organ label)."""
     import torch
     from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
+    from nnunet_synth.generators.lesions import placement_region
     from nnunet_synth.generators.shapes import SIZE_CLASSES
     from nnunet_synth.injection import SynthTumourTransform
 
@@ -83,8 +85,10 @@ def lesion_milliseconds(trainer, num: int, seed: int = 0) -> dict[str, float]:
     patches = []
     for identifier in sorted(ds.identifiers):
         data, seg, _, _ = ds.load_case(identifier)
-        organ = np.argwhere(np.asarray(seg[0]) == trainer.synth_plan.organ_label)
-        centre = organ[rng.integers(len(organ))]
+        region = np.argwhere(placement_region(np.asarray(data), np.asarray(seg[0]), trainer.synth_plan))
+        if not len(region):
+            continue
+        centre = region[rng.integers(len(region))]
         bbox = [[int(c) - p // 2, int(c) - p // 2 + p] for c, p in zip(centre, initial_patch)]
         patches.append((torch.from_numpy(crop_and_pad_nd(np.asarray(data), bbox, 0).astype(np.float32)),
                         torch.from_numpy(crop_and_pad_nd(np.asarray(seg), bbox, -1).astype(np.int16))))

@@ -204,9 +204,12 @@ def plan_lesions(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, rng: np.r
     allowed = region & ~tumour & (seg0 >= 0)
     if ignore is not None:
         allowed &= seg0 != ignore
+    # a whole lesion's centre lies at least its smallest semi-axis inside the region (most random centres in a
+    # large region would not hold it)
+    depth = distance_transform_edt(region, sampling=spacing) if plan.organ_label is None else None
     for _ in range(draws):
         requests = lesion_requests(plan, spacing, rng, room * float(np.prod(spacing)))
-        placed = _place(requests, plan, spacing, rng, region, allowed.copy(), tumour.copy(), win, templates,
+        placed = _place(requests, plan, spacing, rng, region, depth, allowed.copy(), tumour.copy(), win, templates,
                         max_lesion_shape)
         if placed:
             return placed
@@ -214,13 +217,13 @@ def plan_lesions(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, rng: np.r
 
 
 def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float, ...], rng: np.random.Generator,
-           region: np.ndarray, allowed: np.ndarray, tumour: np.ndarray, win: tuple[slice, ...],
-           templates: list[np.ndarray] | None, max_lesion_shape: tuple[int, ...] | None) -> list[PlacedLesion]:
-    """Masks for the requests, placed one after the other (``allowed`` and ``tumour`` are updated in place)."""
-    whole = plan.organ_label is None
-    # a whole lesion's centre lies at least its smallest semi-axis inside the region (most random centres in a
-    # large region would not hold it)
-    depth = distance_transform_edt(region, sampling=spacing) if whole else None
+           region: np.ndarray, depth: np.ndarray | None, allowed: np.ndarray, tumour: np.ndarray,
+           win: tuple[slice, ...], templates: list[np.ndarray] | None, max_lesion_shape: tuple[int, ...] | None
+           ) -> list[PlacedLesion]:
+    """Masks for the requests, placed one after the other (``allowed`` and ``tumour`` are updated in place).
+
+    ``depth`` (mm from the region's edge) is given where lesions are placed whole (no organ label)."""
+    whole = depth is not None
     placed: list[PlacedLesion] = []
     for request in requests:
         lesion, radii, shrinks = None, np.asarray(request.radii_mm, dtype=float), 0
