@@ -43,6 +43,7 @@ MAX_MASK_DRAWS = 10  # masks redrawn per request where a slice-area class is mis
 WHOLE_ATTEMPTS = 40  # candidate centres per rule set for lesions placed whole
 DEEP_ENOUGH = 0.8  # of the smallest semi-axis: how deep inside the region a whole lesion's centre is drawn
 DEPTH_GRID_MM = 2.0  # grid of the region's depth map
+TISSUE_GRID_MM = 2.0  # grid the tissue region is found on (it is smooth at 2 mm: TISSUE_SMOOTHING_MM)
 WHOLE_SHRINK, WHOLE_SHRINKS = 0.8, 3  # a whole lesion without room is tried at most 3 times, 0.8x smaller each
 # relative spread below which a neighbourhood counts as constant fill (float32 resampling noise is ~1e-7)
 PLATEAU_TOLERANCE = 1e-5
@@ -117,14 +118,27 @@ def tissue_region(channel: np.ndarray, seg0: np.ndarray, tissue: TissueRegion, s
     off the body's edge. ``clipped``: the channel is CT-normalised (see :func:`background_plateau`).
     """
     sp = np.asarray(spacing, dtype=float)
-    smooth = gaussian_filter(channel.astype(np.float32), tissue.smoothing_mm / sp)
+    # the region is smooth at smoothing_mm: find it on a grid of about TISSUE_GRID_MM (the grid-spacing neighbourhood
+    # of the fill test and the one-step dilation of the fill grow accordingly) and bring it back to the voxels
+    step = np.maximum(1, np.round(TISSUE_GRID_MM / sp)).astype(int)
+    grid = tuple(slice(None, None, s) for s in step)
+    coarse_sp = sp * step
+    smooth = gaussian_filter(channel.astype(np.float32), tissue.smoothing_mm / sp)[grid]
     lo, hi = tissue.range
-    ball = _ball(np.maximum(np.round(tissue.smoothing_mm / sp), 1).astype(int), sp)
-    # closing fills pores of the band, opening removes specks and thin bridges: a smooth, closed region
-    region = binary_closing((smooth >= lo) & (smooth <= hi), ball)
-    region = binary_opening(region & (seg0 == 0) & ~background_plateau(channel, clipped), ball)
-    erosion = _ball(np.maximum(np.round(margin_mm / sp), 1).astype(int), sp)
-    return binary_erosion(region, erosion, border_value=1)
+    radius = np.maximum(np.round(tissue.smoothing_mm / coarse_sp), 1).astype(int)
+    ball = _ball(radius, coarse_sp)
+    # closing fills pores of the band, opening removes specks and thin bridges: a smooth, closed region (on an
+    # edge-padded array, so the array's own edge, a patch's border, does not erode it)
+    pad = [(int(r), int(r)) for r in 2 * radius]
+    inside = tuple(slice(int(r), -int(r)) for r in 2 * radius)
+    region = np.pad((smooth >= lo) & (smooth <= hi), pad, mode="edge")
+    keep = np.pad((seg0[grid] == 0) & ~background_plateau(channel[grid], clipped), pad, mode="edge")
+    region = binary_opening(binary_closing(region, ball) & keep, ball)[inside]
+    erosion = _ball(np.maximum(np.round(margin_mm / coarse_sp), 1).astype(int), coarse_sp)
+    region = binary_erosion(region, erosion, border_value=1)
+    for axis, s in enumerate(step):
+        region = np.repeat(region, s, axis=axis)
+    return region[tuple(slice(0, n) for n in channel.shape)] & (seg0 == 0)
 
 
 def _ball(radius_vox: np.ndarray, spacing: np.ndarray) -> np.ndarray:
