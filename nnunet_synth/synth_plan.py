@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from nnunet_synth.generators.paths import DEFAULT_PLANS_IDENTIFIER
 from nnunet_synth.generators.placement import PlacementRules
 
-DEFAULT_PLANS_IDENTIFIER = "nnUNetPlans"
 SYNTH_PLANS_FILE = "nnUNetSynthPlans.json"
 SIZE_PRESETS = ("labelfree", "quartile", "liver_mri", "slice_area")
 DEFORMATIONS = ("elastic", "simplex", "template", "none")
