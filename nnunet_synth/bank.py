@@ -140,62 +140,227 @@ def _save_case_atomic(dataset_class, data: np.ndarray, seg: np.ndarray, properti
         pass  # another part is writing a case right now
 
 
-def export_raw(data: np.ndarray, seg: np.ndarray, properties: dict, plans_manager, configuration_manager,
-               dataset_json: dict, out_dir: Path, identifier: str, synthetic: np.ndarray | None = None) -> list[Path]:
-    """Writes a preprocessed case back in raw space (resampled, uncropped, untransposed) as image + label files,
-    and with ``synthetic`` (bool, spatial) the synthetic lesion voxels as ``synthetic_masksTr/<id>``.
+def normalised_to_raw_affine(raw: np.ndarray, normalised: np.ndarray, scheme: str,
+                             intensity_properties: dict | None = None, mask: np.ndarray | None = None,
+                             max_voxels: int = 1 << 20) -> tuple[float, float]:
+    """(scale, offset) with ``raw = scale * normalised + offset``: the inverse of nnU-Net's normalisation of a channel.
 
-    CT-normalised channels are mapped back to HU; other channels stay in nnU-Net's normalised units.
+    ``normalised`` is ``raw`` (one channel) after nnU-Net's normalisation ``scheme``, on the same grid. Every
+    built-in scheme is affine on the voxels it does not clip or leave alone: all voxels for NoNormalization,
+    RescaleTo01Normalization, RGBTo01Normalization and ZScoreNormalization, only ``mask`` (nnU-Net's ``seg >= 0``)
+    with use_mask_for_norm, and for CTNormalization the voxels within the clipping bounds of
+    ``intensity_properties`` (the plans' foreground percentiles 0.5 and 99.5). The map is fitted there by least
+    squares in float64 (on at most ``max_voxels`` evenly spread voxels), so it is exact up to nnU-Net's float32
+    rounding and needs no knowledge of the statistics a scheme computed per case. Where those voxels hold a
+    single raw value the slope cannot be fitted: CT then takes the plans' std and mean, RGBTo01 255 and 0, any
+    other scheme a slope of 1. A map that is not affine (a custom scheme) gives a warning.
+    """
+    raw = np.asarray(raw)
+    normalised = np.asarray(normalised)
+    if raw.shape != normalised.shape:
+        raise ValueError(f"raw {raw.shape} and normalised {normalised.shape} channels differ in shape")
+    valid = np.isfinite(raw) & np.isfinite(normalised)
+    if mask is not None:
+        valid &= np.asarray(mask, dtype=bool)
+    if scheme == "CTNormalization":
+        if not intensity_properties:
+            raise ValueError("CTNormalization needs the plans' foreground intensity properties")
+        raw32 = raw.astype(np.float32, copy=False)  # nnU-Net clips the float32 image
+        valid &= (raw32 >= intensity_properties["percentile_00_5"]) & (raw32 <= intensity_properties["percentile_99_5"])
+    index = np.flatnonzero(valid)
+    if index.size > max_voxels:
+        index = index[:: index.size // max_voxels + 1]
+    x = raw.reshape(-1)[index].astype(np.float64)
+    y = normalised.reshape(-1)[index].astype(np.float64)
+    slope = 0.0
+    if x.size > 1:
+        dx = x - x.mean()
+        var = float(np.mean(dx * dx))
+        slope = float(np.mean(dx * (y - y.mean()))) / var if var > 0 else 0.0
+    if slope != 0.0 and np.isfinite(slope):
+        scale, offset = 1.0 / slope, float(x.mean() - y.mean() / slope)
+        residual = np.abs(x - (scale * y + offset))
+        if residual.size and residual.max() > 1e-3 * max(float(np.ptp(x)), 1e-6):
+            warnings.warn(f"{scheme} does not map raw to normalised intensities affinely (largest deviation "
+                          f"{residual.max():.3g} raw units); the raw export of the lesion is approximate",
+                          stacklevel=2)
+        return scale, offset
+    if scheme == "CTNormalization":
+        return max(float(intensity_properties["std"]), 1e-8), float(intensity_properties["mean"])
+    if scheme == "RGBTo01Normalization":
+        return 255.0, 0.0
+    value = (float(x[0]), float(y[0])) if x.size else (0.0, 0.0)
+    return 1.0, value[0] - value[1]
+
+
+def raw_lesion_region(mask: np.ndarray, spacing: list[float] | tuple[float, ...],
+                      grid_spacing: list[float] | tuple[float, ...] | None = None, edge_mm: float = 2.0) -> np.ndarray:
+    """``mask`` (on a grid of ``spacing``) dilated by a box of ``edge_mm``, and of at least one voxel of
+    ``grid_spacing`` (the grid the lesion was made on), per axis (never along axes of one voxel): the voxels a
+    resampled lesion and its blurred edge reach."""
+    mask = np.asarray(mask, dtype=bool)
+    grid_spacing = spacing if grid_spacing is None else grid_spacing
+    radius = [0 if n == 1 else max(1, int(np.ceil(max(edge_mm, g) / s - 1e-6)))
+              for n, s, g in zip(mask.shape, spacing, grid_spacing)]
+    out = np.zeros_like(mask)
+    if not mask.any():
+        return out
+    lo, hi = [], []
+    for axis, r in enumerate(radius):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        lo.append(max(int(hit[0]) - r, 0))
+        hi.append(min(int(hit[-1]) + r + 1, mask.shape[axis]))
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    from scipy.ndimage import maximum_filter
+
+    out[box] = maximum_filter(mask[box].astype(np.uint8), size=[2 * r + 1 for r in radius], mode="constant") > 0
+    return out
+
+
+def export_raw(data: np.ndarray, source_data: np.ndarray, synthetic: np.ndarray, properties: dict, plans_manager,
+               configuration_manager, dataset_json: dict, out_dir: Path, identifier: str, tumour_label: int,
+               raw_folder: Path | None = None) -> list[Path]:
+    """Writes a bank case as an nnU-Net raw case in the raw units of its source case.
+
+    ``imagesTr/<id>_XXXX`` is the source case's raw image (``properties["synth"]["source"]`` in
+    ``nnUNet_raw/<dataset>/imagesTr``, found as nnU-Net finds it), bit for bit outside the lesion region; inside
+    it, the raw value plus the synthetic change ``data - source_data``, mapped per channel from nnU-Net's
+    normalised units to raw units (the slope of :func:`normalised_to_raw_affine`, fitted on the raw source image
+    normalised as nnU-Net's preprocessor does, so it holds for every normalisation scheme) and resampled to the
+    raw grid with nnU-Net's data resampling (uncropped, untransposed). The lesion region is the synthetic mask
+    and every changed voxel, resampled to the raw grid and dilated by :func:`raw_lesion_region`. Each file keeps
+    the pixel type and geometry (spacing, origin, direction) of its raw source file; integer images get the
+    lesion values rounded and clipped to the type's range. ``labelsTr/<id>`` is the source raw label with the
+    synthetic voxels set to ``tumour_label``; ``synthetic_masksTr/<id>`` is 1 on the synthetic voxels (the mask
+    resampled to the raw grid). All files are written in a temporary folder in ``out_dir`` and moved into place
+    once every one is complete.
+
+    Args:
+        data: the bank case (C, *spatial), preprocessed.
+        source_data: its source case as preprocessed (same shape).
+        synthetic: bool (*spatial), the synthetic lesion voxels.
+        properties: the bank case's properties (the source case's plus ``synth``).
+        raw_folder: the raw dataset folder (default: ``nnUNet_raw/<dataset name>``).
+
+    Raises:
+        FileNotFoundError: the raw dataset folder or a raw source file is missing (named with its case).
+        ValueError: a dataset not read with SimpleITK, or a raw source case that does not fit its preprocessed case.
     """
     import SimpleITK as sitk
+    from nnunetv2.paths import nnUNet_raw
+    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     if "sitk_stuff" not in properties:
         raise ValueError("--export-raw needs a dataset read with SimpleITK (properties lack 'sitk_stuff')")
-    spacing_t = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+    source = properties["synth"]["source"]
+    raw_folder = Path(os.fspath(nnUNet_raw)) / plans_manager.dataset_name if raw_folder is None else Path(raw_folder)
+    where = f"source case {source} of bank case {identifier}"
+    if not raw_folder.is_dir() or ("dataset" not in dataset_json and not (raw_folder / "imagesTr").is_dir()):
+        raise FileNotFoundError(f"--export-raw: raw dataset folder {raw_folder} (with imagesTr) of the {where} "
+                                f"not found")
+    ending = dataset_json.get("file_ending", ".nii.gz")
+    files = get_filenames_of_train_images_and_targets(str(raw_folder), copy.deepcopy(dataset_json)).get(source)
+    channels = data.shape[0]
+    if files is None or len(files["images"]) != channels:
+        found = [] if files is None else [Path(f).name for f in files["images"]]
+        raise FileNotFoundError(f"--export-raw: raw image files of the {where} not found in {raw_folder}: expected "
+                                f"{channels} ({source}_0000{ending} ...), found {found}")
+    for path in [*files["images"], files["label"]]:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--export-raw: raw source file {path} of the {where} not found")
+    images = [sitk.ReadImage(str(p)) for p in files["images"]]
+    label_image = sitk.ReadImage(str(files["label"]))
+    arrays = [sitk.GetArrayFromImage(i) for i in images]
+    label_array = sitk.GetArrayFromImage(label_image)
+    forward, back = list(plans_manager.transpose_forward), list(plans_manager.transpose_backward)
+    shape_t = tuple(int(n) for n in properties["shape_before_cropping"])
+
+    def to_nnunet(array: np.ndarray, path: str) -> np.ndarray:
+        """nnU-Net's array layout (SimpleITKIO: a 2D image gets a leading axis), transposed as preprocessed."""
+        out = (array[None] if array.ndim == 2 else array).transpose(forward)
+        if out.shape != shape_t:
+            raise ValueError(f"--export-raw: raw source file {path} of the {where} has shape {array.shape}, but the "
+                             f"case was preprocessed from {shape_t} (transposed): was the raw dataset changed after "
+                             f"nnUNetv2_plan_and_preprocess?")
+        return out
+
+    raw_t = np.stack([to_nnunet(a, p) for a, p in zip(arrays, files["images"])]).astype(np.float32)
+    seg_t = to_nnunet(label_array, files["label"])[None].astype(np.int32)
+    # nnU-Net's own crop and normalisation of the raw source case: the raw-to-normalised map of each channel
+    cropped, seg_cropped, bbox = crop_to_nonzero(raw_t, seg_t)
+    if [list(map(int, b)) for b in bbox] != [list(map(int, b)) for b in properties["bbox_used_for_cropping"]]:
+        raise ValueError(f"--export-raw: the raw {where} crops to {bbox}, its preprocessed case to "
+                         f"{properties['bbox_used_for_cropping']}: was the raw dataset changed after "
+                         f"nnUNetv2_plan_and_preprocess?")
+    intensity = plans_manager.foreground_intensity_properties_per_channel
+    normalised = configuration_manager.preprocessor_class(verbose=False)._normalize(  # noqa: SLF001 - nnU-Net's own
+        cropped.copy(), seg_cropped, configuration_manager, intensity)
+    scales = [normalised_to_raw_affine(cropped[c], normalised[c], scheme, intensity.get(str(c)),
+                                       seg_cropped[0] >= 0 if configuration_manager.use_mask_for_norm[c] else None)[0]
+              for c, scheme in enumerate(configuration_manager.normalization_schemes)]
+
+    data = np.asarray(data, dtype=np.float32)
+    source_data = np.asarray(source_data, dtype=np.float32)
+    synthetic = np.asarray(synthetic, dtype=bool)
+    if data.shape != source_data.shape or data.shape[1:] != synthetic.shape:
+        raise ValueError(f"bank case {data.shape}, source case {source_data.shape} and synthetic mask "
+                         f"{synthetic.shape} differ in shape")
+    change = (data - source_data) * np.asarray(scales, dtype=np.float32).reshape(-1, *[1] * synthetic.ndim)
+    masks = np.stack([synthetic, synthetic | (data != source_data).any(0)]).astype(np.uint8)
+    # back to the raw grid: resampled, uncropped, untransposed
+    spacing_t = [properties["spacing"][i] for i in forward]
     shape = properties["shape_after_cropping_and_before_resampling"]
     current = configuration_manager.spacing if len(configuration_manager.spacing) == len(shape) \
         else [spacing_t[0], *configuration_manager.spacing]
-    image = np.asarray(configuration_manager.resampling_fn_data(np.asarray(data, dtype=np.float32), shape, current,
-                                                                spacing_t))
-    seg = np.maximum(np.asarray(seg[:1]), 0)
-    if synthetic is not None:  # a second channel, resampled with the labels (nearest neighbour)
-        seg = np.concatenate([seg, np.asarray(synthetic, dtype=seg.dtype)[None]])
-    labels = np.asarray(configuration_manager.resampling_fn_seg(seg, shape, current, spacing_t))
-    bbox = properties["bbox_used_for_cropping"]
-    region = tuple(slice(lo, hi) for lo, hi in bbox)
-    full_image = np.zeros((image.shape[0], *properties["shape_before_cropping"]), dtype=np.float32)
-    full_image[(slice(None), *region)] = image
-    full_seg = np.zeros((labels.shape[0], *properties["shape_before_cropping"]), dtype=np.uint8)
-    full_seg[(slice(None), *region)] = labels
-    intensity = plans_manager.foreground_intensity_properties_per_channel
-    for c, scheme in enumerate(configuration_manager.normalization_schemes):
-        if scheme == "CTNormalization":
-            props = intensity[str(c)]
-            full_image[c] = full_image[c] * max(props["std"], 1e-8) + props["mean"]
-    back = list(plans_manager.transpose_backward)
-    full_image = full_image.transpose([0] + [i + 1 for i in back])
-    full_seg = full_seg.transpose([0] + [i + 1 for i in back])
-    ending = dataset_json.get("file_ending", ".nii.gz")
-    (out_dir / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out_dir / "labelsTr").mkdir(parents=True, exist_ok=True)
-    if synthetic is not None:
-        (out_dir / "synthetic_masksTr").mkdir(parents=True, exist_ok=True)
-    written = []
+    region = (slice(None), *(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"]))
+    full_change = np.zeros((channels, *shape_t), dtype=np.float32)
+    full_change[region] = configuration_manager.resampling_fn_data(change, shape, current, spacing_t)
+    full_masks = np.zeros((2, *shape_t), dtype=np.uint8)
+    full_masks[region] = configuration_manager.resampling_fn_seg(masks, shape, current, spacing_t)
+    lesion_t = raw_lesion_region(full_masks[1] > 0, spacing_t, current)
 
-    def write(array: np.ndarray, path: Path) -> None:
-        itk = sitk.GetImageFromArray(array)
-        itk.SetSpacing(properties["sitk_stuff"]["spacing"])
-        itk.SetOrigin(properties["sitk_stuff"]["origin"])
-        itk.SetDirection(properties["sitk_stuff"]["direction"])
-        sitk.WriteImage(itk, str(path), True)
-        written.append(path)
+    def to_raw(array: np.ndarray, like: np.ndarray) -> np.ndarray:
+        return array.transpose(back).reshape(like.shape)
 
-    for c in range(full_image.shape[0]):
-        write(full_image[c], out_dir / "imagesTr" / f"{identifier}_{c:04d}{ending}")
-    write(full_seg[0], out_dir / "labelsTr" / f"{identifier}{ending}")
-    if synthetic is not None:
-        write(full_seg[1], out_dir / "synthetic_masksTr" / f"{identifier}{ending}")
-    return written
+    lesion = to_raw(lesion_t, label_array)
+    synthetic_raw = to_raw(full_masks[0] > 0, label_array)
+    out_dir = Path(out_dir)
+    tmp = out_dir / TMP_DIR / f"{identifier}.{os.getpid()}"
+    moves = []  # (temporary file, final file), in the order they are moved into place: images last
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+
+        def write(array: np.ndarray, reference, folder: str, name: str) -> None:
+            itk = sitk.GetImageFromArray(array)
+            itk.CopyInformation(reference)  # geometry of the raw source file
+            (tmp / folder).mkdir(exist_ok=True)
+            sitk.WriteImage(itk, str(tmp / folder / name), True)
+            moves.append((tmp / folder / name, out_dir / folder / name))
+
+        write(synthetic_raw.astype(np.uint8), label_image, "synthetic_masksTr", f"{identifier}{ending}")
+        labels = label_array.copy()
+        labels[synthetic_raw] = tumour_label
+        write(labels, label_image, "labelsTr", f"{identifier}{ending}")
+        for c, (raw, image) in enumerate(zip(arrays, images)):
+            values = raw[lesion].astype(np.float64) + to_raw(full_change[c], raw)[lesion]
+            if np.issubdtype(raw.dtype, np.integer):
+                info = np.iinfo(raw.dtype)
+                values = np.clip(np.rint(values), info.min, info.max)
+            out = raw.copy()
+            out[lesion] = values.astype(raw.dtype)
+            write(out, image, "imagesTr", f"{identifier}_{c:04d}{ending}")
+        for _, final in moves:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        for path, final in moves:
+            os.replace(path, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            (out_dir / TMP_DIR).rmdir()
+        except OSError:
+            pass  # another part is exporting a case right now
+    return [final for _, final in moves]
 
 
 def _fold_seed(fold: int | str) -> int:
@@ -300,12 +465,12 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
         props["synth"] = {"source": source, "fold": fold, "index": index, "backend": backend, "seed": seed,
                           "lesions": [lesion.to_dict() for lesion in lesions], "slice": z,
                           "checkpoint": manifest["checkpoint"], "sampling_steps": manifest["sampling_steps"]}
+        if export_raw_dir is not None:  # first: a failed export (e.g. a missing raw file) leaves no bank case behind
+            synthetic = (new_seg[0] == plan.tumour_label) & (np.asarray(seg)[0] != plan.tumour_label)
+            export_raw(new_data, np.asarray(data), synthetic, props, plans_manager, conf, dataset_json,
+                       Path(export_raw_dir), identifier, plan.tumour_label)
         _save_case_atomic(dataset_class, new_data, new_seg.astype(np.asarray(seg).dtype), props, out, identifier,
                           tuple(conf.patch_size))
-        if export_raw_dir is not None:
-            synthetic = (new_seg[0] == plan.tumour_label) & (np.asarray(seg)[0] != plan.tumour_label)
-            export_raw(new_data, new_seg, props, plans_manager, conf, dataset_json, Path(export_raw_dir), identifier,
-                       synthetic)
         written.append(identifier)
     if skipped:
         warnings.warn(f"{len(skipped)} bank case(s) skipped: no lesion fitted the placement region of their source "
@@ -328,7 +493,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--checkpoint", default=None, help="best (default), final, latest or a checkpoint path")
     parser.add_argument("--seed", type=int, default=None, help="default: the synth plan's seed")
-    parser.add_argument("--export-raw", type=Path, default=None, help="also write NIfTI image/label files here")
+    parser.add_argument("--export-raw", type=Path, default=None, help="also write each case as an nnU-Net raw case "
+                        "here (imagesTr/, labelsTr/, synthetic_masksTr/): the source case's raw files from "
+                        "nnUNet_raw, unchanged outside the lesion, with the lesion in raw intensity units")
     parser.add_argument("--size-class", default=None, help="size class of the lesions (default: the synth plan's "
                         "shapes.size_class); sd_inversion on a 2d configuration: tiny, small, medium, large, "
                         "very_large or any (per-slice tumour area bins)")

@@ -124,19 +124,23 @@ def demo_entry() -> None:
 
 @exit_on_user_error("nnUNetv2_synth_preview")
 def preview_entry() -> None:
-    """nnUNetv2_synth_preview -d DATASET [-c CONFIG] -n 8 -o DIR"""
-    parser = argparse.ArgumentParser(prog="nnUNetv2_synth_preview", description="PNGs of real preprocessed "
-                                     "patches before/after synthesis, the synthetic tumour outlined.")
+    """nnUNetv2_synth_preview -d DATASET [-c CONFIG] -n 8 -o DIR [-g BACKEND ...]"""
+    parser = argparse.ArgumentParser(prog="nnUNetv2_synth_preview", description="PNGs of a real tumour of the "
+                                     "dataset (blue) next to the synthetic tumour of each backend (red), zoomed, "
+                                     "at one grey window per channel.")
     parser.add_argument("-d", "--dataset", required=True)
     parser.add_argument("-c", "--configuration", default="3d_fullres")
     parser.add_argument("-p", "--plans", default="nnUNetPlans")
     parser.add_argument("-n", "--num", type=int, default=8)
     parser.add_argument("-o", "--output", default="synth_preview")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-g", "--generator", nargs="+", metavar="BACKEND",
+                        help="backends to compare, one row each (default: the synth plan's backend)")
     args = parser.parse_args()
     from nnunet_synth.preview import write_previews
 
-    paths = write_previews(args.dataset, args.configuration, args.num, args.output, args.plans, args.seed)
+    paths = write_previews(args.dataset, args.configuration, args.num, args.output, args.plans, args.seed,
+                           args.generator)
     print(f"wrote {len(paths)} previews to {args.output}")
 
 

@@ -39,7 +39,7 @@ def write_masks(dataset: str | int, num: int, output_dir: str | Path, configurat
     if "template" in deformations:
         conf = PlansManager(load_json(base / f"{plans_identifier}.json")).get_configuration(configuration)
         train_cases, _, _ = split_cases(dataset, configuration, fold, plans_identifier)
-        templates, _ = fold_templates(base, conf, plan, train_cases)
+        templates, _ = fold_templates(base, conf, plan, train_cases, textures=False)  # shapes only
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

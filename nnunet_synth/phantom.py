@@ -40,12 +40,17 @@ class PhantomConfig:
         spacing: mm (z, y, x).
         tumour_radii_mm: radii the tumours are drawn from (several sizes).
         tumours_per_case: inclusive range of tumours per case.
+        tumour_texture_mm: scale of a smooth texture the tumours carry on top of the tissue noise (Gaussian-
+            filtered noise of this standard deviation in mm); 0: none (homogeneous tumours).
+        tumour_texture_sd: its standard deviation, in units of the tissue noise of each channel.
     """
 
     shape: tuple[int, int, int] = (32, 56, 56)
     spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)
     tumour_radii_mm: tuple[float, ...] = (4.0, 6.0, 9.0, 12.0)
     tumours_per_case: tuple[int, int] = (1, 3)
+    tumour_texture_mm: float = 0.0
+    tumour_texture_sd: float = 2.0
 
 
 def make_case(rng: np.random.Generator, modality: str = "CT", healthy: bool = False,
@@ -84,6 +89,10 @@ def make_case(rng: np.random.Generator, modality: str = "CT", healthy: bool = Fa
         ch[body] = tissue["body"][c]
         ch[seg == LABELS["organ"]] = tissue["organ"][c]
         ch[seg == LABELS["tumour"]] = tissue["tumour"][c]
+        if config.tumour_texture_mm > 0:  # a smooth texture inside the tumours, of known scale and strength
+            smooth = gaussian_filter(rng.standard_normal(shape), config.tumour_texture_mm / sp)
+            ch += (config.tumour_texture_sd * tissue["noise"][c] / smooth.std() * smooth
+                   * (seg == LABELS["tumour"])).astype(np.float32)
         ch = gaussian_filter(ch, 0.7 / sp * sp.min())  # partial-volume edges
         texture = gaussian_filter(rng.standard_normal(shape).astype(np.float32), 1.0) * 2
         noise = rng.standard_normal(shape).astype(np.float32)

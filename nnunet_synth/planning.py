@@ -23,6 +23,7 @@ from scipy.ndimage import distance_transform_edt, gaussian_filter
 from scipy.ndimage import label as connected_components
 from tqdm import tqdm
 
+from nnunet_synth.generators.appearance import QUANTILE_LEVELS, RING_MM, measure_tumour
 from nnunet_synth.generators.placement import PlacementRules
 from nnunet_synth.generators.shapes import SIZE_CLASSES, equivalent_diameter_mm
 from nnunet_synth.synth_plan import (
@@ -34,7 +35,9 @@ from nnunet_synth.synth_plan import (
     SynthPlan,
     SynthPlanError,
     TissueRegion,
+    TumourAppearance,
     TumourSizes,
+    TumourTexture,
     _jsonable,
     flat_plan,
     read_synth_plans_file,
@@ -61,6 +64,8 @@ TISSUE_SMOOTHING_MM = 2.0
 MIN_TUMOUR_VOXELS = 8
 MIN_TUMOUR_DIAMETER_MM = 5.0
 MIN_TUMOUR_SHARE = 0.1
+MAX_TEXTURE_TUMOURS = 200  # appearance records kept in the plan
+DEFAULT_EDGE_SIGMA_MM = 1.0
 
 def preprocessed_dir(dataset: str | int) -> Path:
     """``nnUNet_preprocessed/DatasetNNN_Name`` for a dataset name or ID."""
@@ -111,19 +116,26 @@ def guess_labels(labels: dict[str, int | list], organ_label: int | None = None,
     return organ, tumour
 
 
-def count_tumours(tumour: np.ndarray, spacing: tuple[float, ...]) -> list[float]:
-    """Equivalent diameters (mm) of the tumours of one case, counted as clinically meant.
+def tumour_components(tumour: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, list[tuple[int, float]]]:
+    """The tumours of one case, counted as clinically meant: connected components (full connectivity) of at least
+    ``MIN_TUMOUR_DIAMETER_MM`` equivalent diameter and at least ``MIN_TUMOUR_SHARE`` of the case's largest
+    component (label fragments and satellite specks of a multi-class annotation are part of their tumour).
 
-    A tumour is a connected component (full connectivity) of at least ``MIN_TUMOUR_DIAMETER_MM`` equivalent
-    diameter and at least ``MIN_TUMOUR_SHARE`` of the case's largest component: label fragments and satellite
-    specks of a multi-class annotation are part of their tumour, not tumours of their own.
+    Returns:
+        (the component labels, (label, equivalent diameter in mm) of every counted tumour).
     """
     components, n = connected_components(tumour, structure=np.ones((3,) * tumour.ndim))
     if not n:
-        return []
+        return components, []
     sizes = np.bincount(components.ravel())[1:]
-    keep = sizes[(sizes >= MIN_TUMOUR_SHARE * sizes.max()) & (sizes >= MIN_TUMOUR_VOXELS)]
-    return [d for d in (equivalent_diameter_mm(int(v), spacing) for v in keep) if d >= MIN_TUMOUR_DIAMETER_MM]
+    keep = np.flatnonzero((sizes >= MIN_TUMOUR_SHARE * sizes.max()) & (sizes >= MIN_TUMOUR_VOXELS)) + 1
+    counted = [(int(k), equivalent_diameter_mm(int(sizes[k - 1]), spacing)) for k in keep]
+    return components, [(k, d) for k, d in counted if d >= MIN_TUMOUR_DIAMETER_MM]
+
+
+def count_tumours(tumour: np.ndarray, spacing: tuple[float, ...]) -> list[float]:
+    """Equivalent diameters (mm) of the tumours of one case (see :func:`tumour_components`)."""
+    return [d for _, d in tumour_components(tumour, spacing)[1]]
 
 
 TUMOUR_RULE = (f"connected components of >= {MIN_TUMOUR_DIAMETER_MM} mm equivalent diameter and >= "
@@ -149,11 +161,14 @@ def tumour_shell(tumour: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...]
 
 
 def case_statistics(data: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...], organ_label: int | None,
-                    tumour_label: int) -> dict | None:
+                    tumour_label: int, volume_spacing: tuple[float, ...] | None = None) -> dict | None:
     """Intensity and size statistics of one case (C, *spatial) with labels (*spatial).
 
     Without an organ label the unlabelled tissue within ``BAND_SHELL_MM`` of real tumours stands in for the
     organ, and the smoothed channel-0 intensities found there give the tissue region's range.
+
+    ``volume_spacing``: the spacing of all axes of ``seg`` where ``spacing`` has the in-plane ones only (2d
+    configurations store 3D cases); the tumours' appearance is measured with it.
 
     Returns:
         A dict of per-channel means/stds, tumour diameters and tissue percentiles; None when the case has no
@@ -173,10 +188,16 @@ def case_statistics(data: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
         organ = seg == organ_label
     if not organ.any():
         return None
+    components, counted = tumour_components(tumour, spacing)
+    # a tumour's ring is the organ around it, or without an organ label the unlabelled tissue (not padding)
+    around = seg == (0 if organ_label is None else organ_label)
+    volume_spacing = tuple(spacing) if volume_spacing is None else tuple(volume_spacing)
+    appearance = [measure_tumour(data, components == k, around, volume_spacing) for k, _ in counted]
     return {"organ_mean": [float(ch[organ].mean()) for ch in data],
             "organ_std": [float(ch[organ].std()) for ch in data],
             "tumour_mean": [float(ch[tumour].mean()) for ch in data] if tumour.any() else None,
-            "diameters": count_tumours(tumour, spacing), "tissue": tissue}
+            "diameters": [d for _, d in counted], "tissue": tissue,
+            "appearance": [a for a in appearance if a is not None]}
 
 
 def channel_priors(stats: list[dict], channel_names: list[str], schemes: list[str], intensity_properties: dict | None,
@@ -225,7 +246,31 @@ def summarise_statistics(stats: list[dict], channel_names: list[str], schemes: l
                                      f"{BAND_SHELL_MM} mm of real tumours, unlabelled voxels")
     diameters = [d for s in stats for d in s["diameters"]]
     return {"channels": channel_priors(stats, channel_names, schemes, intensity_properties, organ_label),
-            "tumour_sizes": tumour_sizes(diameters, sum(1 for s in stats if s["diameters"])), "tissue": tissue}
+            "tumour_sizes": tumour_sizes(diameters, sum(1 for s in stats if s["diameters"])), "tissue": tissue,
+            "texture": tumour_texture(stats)}
+
+
+def tumour_texture(stats: list[dict]) -> TumourTexture | None:
+    """The real tumours' appearance records (None without real tumours). A texture scale or edge that one tumour
+    does not show (too faint, too small) is the median of the others; a dataset where none shows an edge gets
+    ``DEFAULT_EDGE_SIGMA_MM``."""
+    records = [dict(a, case=s.get("case", "")) for s in stats for a in s.get("appearance", [])][:MAX_TEXTURE_TUMOURS]
+    if not records:
+        return None
+    fallback = {"texture_sigma_mm": 1.0, "nugget": 0.0, "edge_sigma_mm": DEFAULT_EDGE_SIGMA_MM, "edge_offset_mm": 0.0}
+    for key, default in fallback.items():
+        measured = [r[key] for r in records if np.isfinite(r[key])]
+        for r in records:
+            if not np.isfinite(r[key]):
+                r[key] = float(np.median(measured)) if measured else default
+    tumours = tuple(TumourAppearance(case=r["case"], quantiles=tuple(tuple(q) for q in r["quantiles"]),
+                                     texture_sigma_mm=float(r["texture_sigma_mm"]), nugget=float(r["nugget"]),
+                                     edge_sigma_mm=float(r["edge_sigma_mm"]),
+                                     edge_offset_mm=float(r["edge_offset_mm"])) for r in records)
+    return TumourTexture(levels=QUANTILE_LEVELS, tumours=tumours,
+                         source=f"{len(tumours)} real tumours: intensities in units of the tissue ring "
+                                f"{RING_MM[0]}-{RING_MM[1]} mm outside each (median, IQR/1.349), texture scale from "
+                                f"the in-plane autocorrelation, edge from a normal-CDF fit across the border")
 
 
 def configuration_statistics(dataset: str | int, configuration: str, organ_label: int | None, tumour_label: int,
@@ -253,9 +298,12 @@ def configuration_statistics(dataset: str | int, configuration: str, organ_label
     for identifier in tqdm(identifiers, desc=f"synth plan: statistics of {configuration}", unit="case"):
         data, seg, _, _ = ds.load_case(identifier)
         data, seg = np.asarray(data), np.asarray(seg[0])
-        case = case_statistics(data, seg, spacing[-seg.ndim:], organ_label, tumour_label)
+        # a 2d configuration stores 3D cases: their through-plane spacing is the dataset's median one
+        volume_spacing = spacing if len(spacing) == seg.ndim else (
+            *plans["original_median_spacing_after_transp"][:seg.ndim - len(spacing)], *spacing)
+        case = case_statistics(data, seg, spacing[-seg.ndim:], organ_label, tumour_label, volume_spacing)
         if case is not None:
-            stats.append(case)
+            stats.append(dict(case, case=identifier))
     if not stats:
         what = f"the organ label {organ_label}" if organ_label is not None else "a real tumour (needed to " \
             "find the tissue around tumours, as this dataset has no organ label)"
@@ -264,10 +312,11 @@ def configuration_statistics(dataset: str | int, configuration: str, organ_label
     channels = [name for _, name in sorted(dataset_json["channel_names"].items(), key=lambda kv: int(kv[0]))]
     summary = summarise_statistics(stats, channels, conf.normalization_schemes,
                                    plans.get("foreground_intensity_properties_per_channel"), organ_label)
-    tissue = summary["tissue"]
+    tissue, texture = summary["tissue"], summary["texture"]
     return _jsonable({"spacing": list(spacing), "tumour_sizes": dataclasses.asdict(summary["tumour_sizes"]),
                       "intensity": {"channels": [dataclasses.asdict(c) for c in summary["channels"]]},
-                      "tissue": None if tissue is None else dataclasses.asdict(tissue)})
+                      "tissue": None if tissue is None else dataclasses.asdict(tissue),
+                      "texture": None if texture is None else dataclasses.asdict(texture)})
 
 
 def default_plan(dataset_json: dict, dataset_name: str, plans_identifier: str, organ_label: int | None,
@@ -394,6 +443,18 @@ def format_plan(plan: SynthPlan) -> str:
                      f"{ {k: round(v, 1) for k, v in sizes.equivalent_diameter_mm.items()} }")
     else:
         lines.append("  real tumours: 0 (label-free: modality defaults)")
+    texture = plan.texture
+    if texture is not None:
+        lines.append(f"  texture of {len(texture.tumours)} real tumours ({texture.source}); median scale "
+                     f"{texture.median('texture_sigma_mm'):.2f} mm, white share {texture.median('nugget'):.2f}, edge "
+                     f"width {texture.median('edge_sigma_mm'):.2f} mm centred {texture.median('edge_offset_mm'):+.2f} "
+                     f"mm inside the border")
+        for c, ch in enumerate(plan.channels):
+            q = dict(zip(texture.levels, texture.median_quantiles(c)))
+            lines.append(f"  channel {ch.name}: median tumour quantiles in ring units "
+                         f"{ {round(k, 2): round(v, 2) for k, v in q.items()} }")
+    else:
+        lines.append("  texture: no real tumours measured, the label-free paper's texture")
     for ch in plan.channels:
         lo, hi = ch.contrast_range
         lines.append(f"  channel {ch.name} ({ch.normalization}): tumour minus {around} [{lo:.3f}, {hi:.3f}] "

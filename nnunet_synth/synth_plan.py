@@ -113,6 +113,65 @@ class TissueRegion:
 
 
 @dataclass(frozen=True)
+class TumourAppearance:
+    """How one real tumour looks against the tissue around it (see :func:`~nnunet_synth.generators.appearance.
+    measure_tumour`); intensities in units of its ring.
+
+    Attributes:
+        case: the preprocessed case it was measured in.
+        quantiles: per channel, its intensities at the texture's ``levels``.
+        texture_sigma_mm: spatial scale of its texture (Gaussian-filtered noise of this standard deviation).
+        nugget: share of the texture's variance that is white (voxel-scale) noise.
+        edge_sigma_mm: width of its edge (normal-CDF transition across the label border).
+        edge_offset_mm: centre of the edge relative to the label border (positive: inside).
+    """
+
+    case: str
+    quantiles: tuple[tuple[float, ...], ...]
+    texture_sigma_mm: float
+    nugget: float
+    edge_sigma_mm: float
+    edge_offset_mm: float
+
+
+@dataclass(frozen=True)
+class TumourTexture:
+    """The appearance of the dataset's real tumours, measured by ``nnUNetv2_synth_plan``; the analytic backend
+    draws one tumour's values per synthetic lesion.
+
+    Attributes:
+        levels: quantile levels of every tumour's ``quantiles``.
+        tumours: one record per measured real tumour.
+        source: how they were measured (for the log).
+    """
+
+    levels: tuple[float, ...]
+    tumours: tuple[TumourAppearance, ...]
+    source: str = ""
+
+    def median(self, key: str) -> float:
+        """Median over the tumours of a scalar field (e.g. ``edge_sigma_mm``)."""
+        return float(np.median([getattr(t, key) for t in self.tumours]))
+
+    def median_quantiles(self, channel: int) -> tuple[float, ...]:
+        """Per level, the median over the tumours of one channel's quantile."""
+        return tuple(float(v) for v in np.median([t.quantiles[channel] for t in self.tumours], axis=0))
+
+    @classmethod
+    def from_dict(cls, values: dict, check: _Checker) -> TumourTexture:
+        check.that(isinstance(values, dict) and isinstance(values.get("tumours"), list) and bool(values["tumours"])
+                   and isinstance(values.get("levels"), list), "texture", values,
+                   "an object with 'levels' and a non-empty list of 'tumours' (rebuild with nnUNetv2_synth_plan)")
+        try:
+            tumours = tuple(TumourAppearance(**{**t, "quantiles": tuple(tuple(q) for q in t["quantiles"])})
+                            for t in values["tumours"])
+        except (TypeError, KeyError) as e:
+            raise SynthPlanError(f"{check.source}: key 'texture.tumours' is malformed ({e}); rebuild it with "
+                                 f"nnUNetv2_synth_plan --overwrite") from e
+        return cls(levels=tuple(values["levels"]), tumours=tumours, source=values.get("source", ""))
+
+
+@dataclass(frozen=True)
 class SynthPlan:
     """Everything the lesion pipeline needs for one dataset configuration.
 
@@ -132,6 +191,7 @@ class SynthPlan:
         seed: base seed of the trainers' generators.
         tumour_sizes: statistics of the real tumours.
         tissue: placement region without organ label.
+        texture: appearance of the real tumours (None without real tumours: the label-free paper's texture).
     """
 
     dataset_name: str
@@ -149,6 +209,7 @@ class SynthPlan:
     seed: int = DEFAULT_SEED
     tumour_sizes: TumourSizes = TumourSizes()
     tissue: TissueRegion | None = None
+    texture: TumourTexture | None = None
 
     @property
     def ignore_label(self) -> int | None:
@@ -200,7 +261,8 @@ class SynthPlan:
                    plans_identifier=flat.get("plans_identifier", DEFAULT_PLANS_IDENTIFIER),
                    labels=flat.get("labels", {}), backend=flat.get("backend", "analytic"),
                    backend_params=flat.get("backend_params", {}), shapes=shapes, placement=placement,
-                   seed=flat.get("seed", DEFAULT_SEED), tumour_sizes=sizes, tissue=tissue)
+                   seed=flat.get("seed", DEFAULT_SEED), tumour_sizes=sizes, tissue=tissue,
+                   texture=None if flat.get("texture") is None else TumourTexture.from_dict(flat["texture"], check))
         return plan.validated(source)
 
     def validated(self, source: str = "synth plan", dataset_json: dict | None = None) -> SynthPlan:
@@ -239,6 +301,9 @@ class SynthPlan:
         check.that(shapes.size_preset != "slice_area" or len(self.spacing) == 2, "shapes.size_preset",
                    shapes.size_preset, "a 3D preset for the 3D configuration "
                    f"{self.configuration!r} ('slice_area' bins per-slice pixel areas of 2d configurations)")
+        check.that(self.backend != "transplant" or shapes.deformation == "template", "shapes.deformation",
+                   shapes.deformation, "'template' for backend 'transplant' (it paints the real tumour each template "
+                   "mask was cut from; the nnUNetTrainerSynthNTransplant trainers set it)")
         check.that(shapes.deformation != "template" or len(self.spacing) == 3, "shapes.deformation",
                    shapes.deformation, f"elastic, simplex or none for the 2d configuration {self.configuration!r} "
                    f"(template masks are the real tumours' 3D components)")
@@ -262,6 +327,23 @@ class SynthPlan:
                        "[low, high] with low < high")
             check.that(_integer(self.tissue.channel) and 0 <= self.tissue.channel < len(self.channels),
                        "tissue.channel", self.tissue.channel, f"a channel index below {len(self.channels)}")
+        if self.texture is not None:
+            levels = self.texture.levels
+            check.that(len(levels) >= 2 and all(_number(v) and 0 <= v <= 1 for v in levels)
+                       and list(levels) == sorted(levels), "texture.levels", list(levels),
+                       "increasing quantile levels in [0, 1]")
+            for i, t in enumerate(self.texture.tumours):
+                check.that(len(t.quantiles) == len(self.channels) and all(
+                    len(q) == len(levels) and all(_number(v) for v in q) and list(q) == sorted(q)
+                    for q in t.quantiles), f"texture.tumours[{i}].quantiles", [list(q) for q in t.quantiles],
+                    f"{len(self.channels)} increasing lists of {len(levels)} numbers (one per channel)")
+                for key in ("texture_sigma_mm", "edge_sigma_mm"):
+                    check.that(_number(getattr(t, key)) and getattr(t, key) > 0, f"texture.tumours[{i}].{key}",
+                               getattr(t, key), "a positive number (mm)")
+                check.that(_number(t.nugget) and 0 <= t.nugget <= 1, f"texture.tumours[{i}].nugget", t.nugget,
+                           "a share in [0, 1]")
+                check.that(_number(t.edge_offset_mm), f"texture.tumours[{i}].edge_offset_mm", t.edge_offset_mm,
+                           "a number (mm)")
         if dataset_json is not None:
             self._check_dataset(check, dataset_json)
         return self

@@ -5,6 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import distance_transform_edt
 
 from nnunet_synth.generators import available_backends, get_backend
 from nnunet_synth.generators.placement import PlacementRules
@@ -61,7 +62,11 @@ def test_insertion_changes_only_the_lesion_and_labels_only_channel_0():
     assert new_lesion.sum() > 0
     assert torch.equal(image, before_image) and torch.equal(seg, before_seg), "inputs were written to"
     outside = ~new_lesion
-    assert torch.equal(out["image"][:, outside], before_image[:, outside]), "image changed outside the lesion"
+    # the edge may straddle the border by up to the backend's halo, never further
+    halo = distance_transform_edt(~new_lesion.numpy(), sampling=plan.spacing) > t.generator.halo_mm
+    assert torch.equal(out["image"][:, halo], before_image[:, halo]), "image changed beyond the lesion's halo"
+    protected = (before_seg[0] < 0) | (before_seg[0] == TUMOUR)
+    assert torch.equal(out["image"][:, protected], before_image[:, protected]), "padding or real tumour changed"
     assert torch.equal(out["segmentation"][1], before_seg[1]), "a segmentation channel other than 0 changed"
     assert torch.equal(out["segmentation"][0][outside], before_seg[0][outside])
     assert (before_seg[0][new_lesion] == ORGAN).all(), "lesion on voxels that are not organ (-1, tumour, bg)"
@@ -142,9 +147,12 @@ def test_two_dimensional_patch():
     image, seg = make_patch()
     image2d, seg2d = image[:, 12], seg[:, 12]
     plan = make_plan()
-    out = SynthTumourTransform(plan, 1.0, (32, 32), seed=0)(image=image2d, segmentation=seg2d)
+    transform = SynthTumourTransform(plan, 1.0, (32, 32), seed=0)
+    out = transform(image=image2d, segmentation=seg2d)
     lesion = (out["segmentation"][0] == TUMOUR) & (seg2d[0] != TUMOUR)
-    assert lesion.any() and torch.equal(out["image"][:, ~lesion], image2d[:, ~lesion])
+    beyond = distance_transform_edt(~lesion.numpy(), sampling=plan.spacing[-2:]) > transform.generator.halo_mm
+    assert lesion.any() and torch.equal(out["image"][:, beyond], image2d[:, beyond])
+    assert not torch.equal(out["image"][:, ~lesion], image2d[:, ~lesion]), "the edge should straddle the border"
 
 
 def test_invalid_probability_is_rejected():

@@ -80,13 +80,13 @@ def test_classifier_is_at_chance_for_one_distribution_and_separates_a_shifted_on
 def test_realism_auc_ranks_a_bad_generator_above_a_closer_one(phantom_ct, tmp_path):
     plan = load_synth_plan(phantom_ct, "3d_fullres")
     # hyperintense and three times too strong where the phantom's tumours are hypodense
-    bad = plan.replace(channels=tuple(
+    # (the label-free paper's texture, which takes its contrast from the plan's contrast range)
+    bad = plan.replace(backend_params={"texture": "paper"}, channels=tuple(
         dataclasses.replace(ch, contrast_range=(-3 * ch.contrast_range[1], -3 * ch.contrast_range[0]), clip=None)
         for ch in plan.channels))
-    # the phantom's tumours are homogeneous with a ~1 mm partial-volume edge: the synth plan with the analytic
-    # texture flattened and its edge blur matched (plan edits a user makes in nnUNetSynthPlans.json)
-    closer = plan.replace(backend_params={"texture_base": [0.93, 0.95], "texture_scale": [0.0, 0.01],
-                                          "edge_sigma_mm": [0.4, 0.6]})
+    # the texture the synth plan measured on the phantom's own tumours (the default)
+    assert plan.texture is not None
+    closer = plan
     results = {name: assess_quality(phantom_ct, "analytic", tmp_path / name, num=24, synth_plan=p, settings=FAST,
                                     progress=False)
                for name, p in (("bad", bad), ("closer", closer))}

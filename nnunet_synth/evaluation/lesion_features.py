@@ -171,3 +171,84 @@ def lesion_features(image: np.ndarray, lesion: np.ndarray, organ: np.ndarray, sp
     for c, f in enumerate(out):
         f.update(glcm_features(image[c], lesion, glcm_ranges[c], levels))
     return out
+
+
+# Scale-free features (the realism benchmark): intensities in units of the lesion's tissue ring (median 0,
+# spread 1, see nnunet_synth.generators.appearance), so raw-unit and normalised-unit cases give the same values.
+RING_FEATURES = (
+    "z_mean", "z_std", "z_p10", "z_p50", "z_p90", "z_skew", "z_kurtosis",
+    "laplacian", "edge_gradient", "interior_gradient", "edge_step",
+    *(f"glcm_{p}" for p in GLCM_PROPERTIES),
+)
+RING_GLCM_RANGE = (-6.0, 6.0)  # ring units quantised for the co-occurrence matrix
+
+
+def _in_plane_derivatives(z: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient magnitude and Laplacian (per mm, per mm^2) along the in-plane axes (the last two: through-plane
+    spacing of clinical scans is too coarse for a voxel-scale texture measure)."""
+    axes = range(max(0, z.ndim - 2), z.ndim)
+    gradient = np.sqrt(sum(np.gradient(z, spacing[a], axis=a) ** 2 for a in axes))
+    laplacian = sum(np.gradient(np.gradient(z, spacing[a], axis=a), spacing[a], axis=a) for a in axes)
+    return gradient, laplacian
+
+
+def ring_features(image: np.ndarray, lesion: np.ndarray, valid: np.ndarray, spacing: tuple[float, ...],
+                  levels: int = 16) -> list[dict[str, float]] | None:
+    """The :data:`RING_FEATURES` of one lesion per channel, in units of its ring.
+
+    * distribution: mean, standard deviation, 10/50/90th percentile, skewness and excess kurtosis of the lesion's
+      ring-unit intensities;
+    * texture: mean |Laplacian| and mean gradient magnitude inside (the mask eroded once), co-occurrence statistics
+      on the central slice (ring units quantised in :data:`RING_GLCM_RANGE`);
+    * edge: mean gradient magnitude on the boundary band, and the step across the border (mean of the inner rim
+      minus that of the outer rim, one voxel each, in ring units).
+
+    Args:
+        image: (C, *spatial) image, any intensity units.
+        lesion: (*spatial) bool mask of one lesion.
+        valid: (*spatial) voxels that may form its ring (unlabelled tissue inside the image).
+        spacing: voxel spacing (mm).
+        levels: grey levels of the co-occurrence matrix.
+
+    Returns:
+        One dict per channel; None when the ring is too small to measure against.
+    """
+    from scipy.stats import kurtosis, skew
+
+    from nnunet_synth.generators.appearance import RING_MM, expand_box, ring, ring_statistics, signed_distance
+
+    where = np.argwhere(lesion)
+    bbox = tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(where.min(0), where.max(0)))
+    box, _ = expand_box(bbox, RING_MM[1] + 1.0, spacing, lesion.shape)
+    mask = lesion[box]
+    distance = signed_distance(mask, spacing)
+    ring_voxels = ring(distance, valid[box] & ~mask)
+    structure = generate_binary_structure(mask.ndim, 1)
+    interior = binary_erosion(mask, structure, border_value=0)
+    interior = interior if interior.any() else mask
+    inner_rim = mask & ~binary_erosion(mask, structure, border_value=0)
+    outer_rim = binary_dilation(mask, structure) & ~mask
+    out = []
+    for channel in image[(slice(None), *box)]:
+        centre, spread = ring_statistics(channel, ring_voxels)
+        if np.isnan(centre):
+            return None
+        z = (channel.astype(np.float64) - centre) / spread
+        inside = z[mask]
+        gradient, laplacian = _in_plane_derivatives(z, spacing)
+        mean = float(inside.mean())
+        f = {"z_mean": mean, "z_std": float(inside.std()),
+             **dict(zip(("z_p10", "z_p50", "z_p90"), map(float, np.percentile(inside, [10, 50, 90])))),
+             "z_skew": float(skew(inside)) if inside.size > 2 else float("nan"),
+             "z_kurtosis": float(kurtosis(inside)) if inside.size > 3 else float("nan"),
+             "laplacian": float(np.abs(laplacian[interior]).mean()),
+             "edge_gradient": float(gradient[inner_rim | outer_rim].mean()),
+             "interior_gradient": float(gradient[interior].mean()),
+             "edge_step": float(z[inner_rim].mean() - z[outer_rim].mean())}
+        if mask.ndim == 3:
+            zc, mc = z[central_slice(mask)], mask[central_slice(mask)]
+        else:
+            zc, mc = z, mask
+        f.update(glcm_features(zc, mc, RING_GLCM_RANGE, levels))
+        out.append(f)
+    return out

@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd  # noqa: E402
 from scipy.stats import mannwhitneyu  # noqa: E402
 
 if TYPE_CHECKING:
@@ -117,20 +118,47 @@ def plot_intensity_stats(stats: dict, real: Sequence[LesionCrop], synthetic: Seq
     plt.close(fig)
 
 
+def example_view(crops: Sequence[LesionCrop], spacing: Sequence[float]) -> tuple[int, int]:
+    """Pixels (rows, columns) of one field of view for all example crops, the same in mm: the largest stored
+    slice's extent (its tumour and the ring of context around it) on both axes."""
+    fov_mm = max((n * float(s) for crop in crops for n, s in zip(crop.slice_lesion.shape, spacing[-2:])), default=1.0)
+    return tuple(max(1, int(math.ceil(fov_mm / float(s) - 1e-6))) for s in spacing[-2:])
+
+
+def centred_on_lesion(crop: LesionCrop, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The crop's slice image (NaN beyond the stored crop) and tumour mask, ``size`` pixels centred on the
+    tumour's bounding box."""
+    mask = crop.slice_lesion
+    where = np.nonzero(mask) if mask.any() else [np.array([0, m - 1]) for m in mask.shape]
+    box = [[(int(c.min()) + int(c.max()) + 1 - n) // 2, (int(c.min()) + int(c.max()) + 1 - n) // 2 + n]
+           for c, n in zip(where, size)]
+    image = crop_and_pad_nd(np.asarray(crop.slice_image, dtype=np.float32), box, np.nan)
+    return image, crop_and_pad_nd(mask, box, False)
+
+
 def plot_examples(real: Sequence[LesionCrop], synthetic: Sequence[LesionCrop], channel_names: Sequence[str],
                   spacing: Sequence[float], num: int, seed: int, path: Path, title: str) -> None:
     """A panel of real and synthetic tumours: the slice through each tumour's largest cross-section, one row per
-    kind and channel, outlined (real blue, synthetic red), every channel in one grey window for all crops."""
+    kind and channel, outlined (real blue, synthetic red).
+
+    Up to ``num`` tumours of each kind are drawn at random and sorted by size, so that a column pairs a real and a
+    synthetic tumour of similar size. Every crop shows the same field of view in mm (:func:`example_view`) centred
+    on its tumour, and every channel one grey window (1st-99th percentile of all shown pixels).
+    """
     rng = np.random.default_rng(seed)
-    chosen = {kind: [crops[i] for i in sorted(rng.choice(len(crops), min(num, len(crops)), replace=False))]
+    chosen = {kind: sorted((crops[i] for i in rng.choice(len(crops), min(num, len(crops)), replace=False)),
+                           key=lambda crop: crop.num_voxels)
               for kind, crops in (("real", real), ("synthetic", synthetic))}
+    size = example_view([crop for crops in chosen.values() for crop in crops], spacing)
+    shown = {kind: [centred_on_lesion(crop, size) for crop in crops] for kind, crops in chosen.items()}
     windows = []
     for c in range(len(channel_names)):
-        pixels = np.concatenate([crop.slice_image[c].ravel() for crops in chosen.values() for crop in crops])
-        windows.append(np.percentile(pixels, [1, 99]))
+        pixels = np.concatenate([image[c].ravel() for views in shown.values() for image, _ in views])
+        windows.append(np.nanpercentile(pixels, [1, 99]))
     cols = max(len(v) for v in chosen.values())
     rows = [(kind, c) for kind in chosen for c in range(len(channel_names))]
     aspect = float(spacing[-2]) / float(spacing[-1])
+    grey = plt.get_cmap("gray").with_extremes(bad="white")  # white: beyond the stored crop
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols + 0.5, 2.1 * len(rows) + 0.5), squeeze=False)
     for r, (kind, c) in enumerate(rows):
         for j in range(cols):
@@ -140,13 +168,13 @@ def plot_examples(real: Sequence[LesionCrop], synthetic: Sequence[LesionCrop], c
             if j >= len(chosen[kind]):
                 ax.axis("off")
                 continue
-            crop = chosen[kind][j]
-            ax.imshow(crop.slice_image[c], cmap="gray", vmin=windows[c][0], vmax=windows[c][1], aspect=aspect,
+            crop, (image, lesion) = chosen[kind][j], shown[kind][j]
+            ax.imshow(image[c], cmap=grey, vmin=windows[c][0], vmax=windows[c][1], aspect=aspect,
                       interpolation="nearest")
-            if crop.slice_lesion.any():
-                ax.contour(crop.slice_lesion, levels=[0.5], colors=COLOURS[kind], linewidths=0.8)
+            if lesion.any():
+                ax.contour(lesion, levels=[0.5], colors=COLOURS[kind], linewidths=0.8)
             p = "" if math.isnan(crop.p_synthetic) else f"\np(synth) {crop.p_synthetic:.2f}"
-            ax.set_title(f"{crop.case}{p}", fontsize=7)
+            ax.set_title(f"{crop.case}, {crop.num_voxels} vox{p}", fontsize=7)
             if j == 0:
                 ax.set_ylabel(f"{kind}\n{channel_names[c]}", fontsize=8)
     fig.suptitle(title, fontsize=9)

@@ -57,6 +57,6 @@ def get_backend(name: str) -> type[TumourGenerator]:
 
 
 # Importing the modules registers the backends they define.
-from nnunet_synth.generators import analytic, ddpm, ldm, sd_inversion  # noqa: E402,F401
+from nnunet_synth.generators import analytic, ddpm, ldm, sd_inversion, transplant  # noqa: E402,F401
 
 __all__ = ["Lesion", "TumourGenerator", "available_backends", "get_backend", "register_backend", "trainable_backends"]

@@ -20,10 +20,17 @@ class Lesion:
     Attributes:
         bbox: one slice per spatial axis of the patch; ``mask`` has the shape of the patch cropped by it.
         mask: bool array, True inside the lesion.
+        texture: (C, *mask.shape) intensities of the real tumour this mask was cut from, in units of its ring
+            (see :mod:`nnunet_synth.generators.appearance`), carried with the mask through the pipeline's
+            flips, zoom and placement; None for drawn shapes. The transplant backend paints it.
+        tissue: (*spatial) bool over the whole image: the tissue the lesion was placed in (the organ, or the
+            tissue region without an organ label), on which backends measure the site's ring; None: any voxel.
     """
 
     bbox: tuple[slice, ...]
     mask: np.ndarray
+    texture: np.ndarray | None = None
+    tissue: np.ndarray | None = None
 
     @property
     def num_voxels(self) -> int:
@@ -59,6 +66,13 @@ class TumourGenerator(abc.ABC):
         self.synth_plan = synth_plan
 
     @property
+    def halo_mm(self) -> float:
+        """How far outside the lesion mask the backend may change voxels (an edge that straddles the label
+        border, as real edges do); 0 for backends that change the mask's voxels only. Callers keep lesions at
+        least this far from real tumours (the plan's ``gap_mm``)."""
+        return 0.0
+
+    @property
     def max_lesion_shape(self) -> tuple[int, ...] | None:
         """Largest lesion bounding box in voxels (per spatial axis) the backend can fill; None: no limit.
 
@@ -74,7 +88,8 @@ class TumourGenerator(abc.ABC):
 
         Args:
             image: float32 array (C, *spatial) in nnU-Net's normalised intensity space.
-            lesion: where the tumour goes; voxels outside ``lesion.mask`` must stay bit-identical.
+            lesion: where the tumour goes; voxels farther than :attr:`halo_mm` outside ``lesion.mask``
+                must stay bit-identical.
             spacing: voxel spacing in mm of the spatial axes.
             rng: the caller's random generator (seeded per worker).
         """

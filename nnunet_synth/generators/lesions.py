@@ -13,6 +13,7 @@ to half its semi-axes; :class:`LesionInfo` records the semi-axes it was placed w
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -33,7 +34,7 @@ from nnunet_synth.generators.base import Lesion
 from nnunet_synth.generators.placement import central_window, largest_component, place_lesion
 from nnunet_synth.generators.shapes import crop_to_mask, lesion_mask
 from nnunet_synth.generators.sizes import LesionRequest, lesion_requests, slice_area_class
-from nnunet_synth.generators.templates import draw_template
+from nnunet_synth.generators.templates import Template, crop_template, draw_template
 
 if TYPE_CHECKING:
     from nnunet_synth.generators.base import TumourGenerator
@@ -177,25 +178,26 @@ def region_depth(region: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
 
 
 def _mask_for(request: LesionRequest, spacing: tuple[float, ...], plan: SynthPlan, rng: np.random.Generator,
-              templates: list[np.ndarray] | None) -> np.ndarray:
-    """One connected lesion mask for a request, by the plan's deformation."""
+              templates: list[Template] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """One connected lesion mask for a request, by the plan's deformation, and the texture of the real tumour it
+    was cut from (templates with textures; None otherwise), both cropped to the mask's bounding box."""
     if plan.shapes.deformation == "template":
-        mask = draw_template(templates, request.radii_mm, spacing, rng)
-    else:
-        mask = lesion_mask(request.radii_mm, spacing, rng, plan.shapes.deformation)
-    return crop_to_mask(largest_component(mask))
+        drawn = draw_template(templates, request.radii_mm, spacing, rng)
+        return crop_template(largest_component(drawn.mask), drawn.texture)
+    mask = lesion_mask(request.radii_mm, spacing, rng, plan.shapes.deformation)
+    return crop_to_mask(largest_component(mask)), None
 
 
 def draw_masks(plan: SynthPlan, spacing: tuple[float, ...], rng: np.random.Generator,
-               templates: list[np.ndarray] | None = None, room_mm3: float | None = None
+               templates: list[Template] | None = None, room_mm3: float | None = None
                ) -> list[tuple[str, np.ndarray]]:
     """The size and mask stages alone: (size class, mask) of the lesions one sample would get, unplaced."""
-    return [(r.size_class, _mask_for(r, spacing, plan, rng, templates))
+    return [(r.size_class, _mask_for(r, spacing, plan, rng, templates)[0])
             for r in lesion_requests(plan, spacing, rng, room_mm3)]
 
 
 def plan_lesions(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, rng: np.random.Generator, *,
-                 spacing: tuple[float, ...] | None = None, templates: list[np.ndarray] | None = None,
+                 spacing: tuple[float, ...] | None = None, templates: list[Template] | None = None,
                  window: tuple[int, ...] | None = None, max_lesion_shape: tuple[int, ...] | None = None,
                  region: np.ndarray | None = None, draws: int = 1) -> list[PlacedLesion]:
     """Draws and places the lesions of one synthetic sample (no synthesis yet).
@@ -206,7 +208,8 @@ def plan_lesions(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, rng: np.r
         plan: the synth plan (labels, shapes, placement, tumour sizes).
         rng: random generator.
         spacing: voxel spacing; default: the plan's.
-        templates: real tumour masks of the training fold (deformation ``template``).
+        templates: real tumours of the training fold (deformation ``template``); a placed lesion carries the
+            texture of the template it was drawn from, where the templates have textures.
         window: nnU-Net's final patch size: lesion centres lie in this central window (None: anywhere).
         max_lesion_shape: largest lesion box (voxels) the backend can fill; larger masks are scaled down.
         region: the :func:`placement_region` of this image when already known (repeated draws on one case).
@@ -244,7 +247,7 @@ def plan_lesions(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, rng: np.r
 
 def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float, ...], rng: np.random.Generator,
            region: np.ndarray, depth: np.ndarray | None, allowed: np.ndarray, tumour: np.ndarray,
-           win: tuple[slice, ...], templates: list[np.ndarray] | None, max_lesion_shape: tuple[int, ...] | None
+           win: tuple[slice, ...], templates: list[Template] | None, max_lesion_shape: tuple[int, ...] | None
            ) -> list[PlacedLesion]:
     """Masks for the requests, placed one after the other (``allowed`` and ``tumour`` are updated in place).
 
@@ -254,7 +257,7 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
     for request in requests:
         lesion, radii, shrinks = None, np.asarray(request.radii_mm, dtype=float), 0
         for _ in range(MAX_MASK_DRAWS):
-            mask = _mask_for(LesionRequest(request.size_class, radii), spacing, plan, rng, templates)
+            mask, texture = _mask_for(LesionRequest(request.size_class, radii), spacing, plan, rng, templates)
             if max_lesion_shape is not None and any(m > lim for m, lim in zip(mask.shape, max_lesion_shape)):
                 radii = radii * 0.9 * min(lim / m for m, lim in zip(mask.shape, max_lesion_shape))
                 continue  # larger than the backend can fill: the same shape, smaller
@@ -264,7 +267,8 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
                 continue  # the paper's classes are pixel areas of the mask as drawn
             centres = None if depth is None else depth >= DEEP_ENOUGH * float(radii.min())
             lesion = place_lesion(mask, allowed, region, tumour, spacing, rng, plan.placement, win,
-                                  attempts=WHOLE_ATTEMPTS if whole else 20, whole=whole, centres=centres)
+                                  attempts=WHOLE_ATTEMPTS if whole else 20, whole=whole, centres=centres,
+                                  texture=texture)
             if lesion is not None and plan.shapes.size_preset == "slice_area" and \
                     slice_area_class(lesion.num_voxels) != request.size_class:
                 lesion = None  # clipping to the organ changed the class
@@ -287,7 +291,7 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
 
 def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...] | None, plan: SynthPlan,
                    rng: np.random.Generator, *, generator: TumourGenerator | None = None,
-                   templates: list[np.ndarray] | None = None, window: tuple[int, ...] | None = None,
+                   templates: list[Template] | None = None, window: tuple[int, ...] | None = None,
                    region: np.ndarray | None = None, draws: int = 1
                    ) -> tuple[np.ndarray, np.ndarray, list[LesionInfo]]:
     """Inserts the synthetic tumours of one sample into a whole case or a patch.
@@ -300,7 +304,7 @@ def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
         plan: the synth plan (e.g. :func:`nnunet_synth.load_synth_plan` or :meth:`SynthPlan.for_volume`).
         rng: random generator; the same state gives the same tumours.
         generator: the backend that fills the lesions (default: the plan's backend, built here).
-        templates: real tumour masks for the ``template`` deformation.
+        templates: real tumours for the ``template`` deformation (with textures for the transplant backend).
         window: nnU-Net's final patch size when ``image`` is an enlarged patch (lesion centres in its centre).
         region: the placement region when already known (see :func:`plan_lesions`).
         draws: independent draws of the sample's lesions tried until one fits (see :func:`plan_lesions`).
@@ -319,6 +323,7 @@ def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
         raise ValueError(f"image {image.shape} (channels first) and segmentation {seg.shape} do not match")
     if generator is None:
         generator = get_backend(plan.backend)(plan)
+    region = placement_region(image, seg0, plan, spacing) if region is None else region
     placed = plan_lesions(image, seg0, plan, rng, spacing=spacing, templates=templates, window=window,
                           max_lesion_shape=generator.max_lesion_shape, region=region, draws=draws)
     if not placed:
@@ -327,14 +332,19 @@ def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
     new_image = np.array(image, dtype=np.float32, copy=True)
     new_seg = np.array(seg, copy=True)
     labels = new_seg[0] if with_channel else new_seg
-    for p in placed:
-        generator.synthesize(new_image, p.lesion, spacing, rng)
+    for p in placed:  # the site's ring is measured on the tissue the lesion was placed in
+        generator.synthesize(new_image, dataclasses.replace(p.lesion, tissue=region), spacing, rng)
         labels[p.lesion.bbox][p.lesion.mask] = plan.tumour_label
+    if generator.halo_mm > 0:  # an edge feathered past the mask never reaches padding, ignored or real tumour voxels
+        protected = (seg0 < 0) | (seg0 == plan.tumour_label)
+        if plan.ignore_label is not None:
+            protected |= seg0 == plan.ignore_label
+        new_image[:, protected] = image[:, protected]
     return new_image, new_seg, [p.info for p in placed]
 
 
 def insert_tumours_in_case(data: np.ndarray, seg: np.ndarray, plan: SynthPlan, rng: np.random.Generator,
-                           generator: TumourGenerator, templates: list[np.ndarray] | None = None, draws: int = 20
+                           generator: TumourGenerator, templates: list[Template] | None = None, draws: int = 20
                            ) -> tuple[np.ndarray, np.ndarray, list[LesionInfo], int | None]:
     """Inserts tumours into a whole preprocessed case (C, Z, Y, X) for a bank.
 

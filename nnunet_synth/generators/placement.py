@@ -46,7 +46,7 @@ def central_window(shape: tuple[int, ...], window: tuple[int, ...] | None) -> tu
 def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumour: np.ndarray,
                  spacing: tuple[float, ...], rng: np.random.Generator, rules: PlacementRules,
                  window: tuple[slice, ...], attempts: int = 20, whole: bool = False,
-                 centres: np.ndarray | None = None) -> Lesion | None:
+                 centres: np.ndarray | None = None, texture: np.ndarray | None = None) -> Lesion | None:
     """Places a lesion mask in a patch, trying the rules, then their relaxation once.
 
     A placed lesion is always one connected piece: clipped to ``allowed`` and reduced to its largest component
@@ -66,6 +66,8 @@ def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumou
         whole: place the lesion unclipped, entirely inside ``allowed``, or not at all.
         centres: bool, where a centre may be drawn (default: anywhere in ``allowed``), e.g. deep enough inside
             the region for a whole lesion.
+        texture: (C, *mask.shape) texture of the mask (template masks); the placed lesion carries it cropped
+            as its mask is.
 
     Returns:
         The placed lesion, or None when nothing fits.
@@ -79,7 +81,7 @@ def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumou
         halo = _halo(mask, sp, rule.gap_mm)
         for centre_flat in rng.choice(candidates, size=min(attempts, candidates.size), replace=False):
             centre = np.array(np.unravel_index(centre_flat, window_shape)) + [s.start for s in window]
-            lesion = _try(mask, halo, centre, allowed, organ, tumour, sp, rule, whole)
+            lesion = _try(mask, halo, centre, allowed, organ, tumour, sp, rule, whole, texture)
             if lesion is not None:
                 return lesion
     return None
@@ -106,7 +108,8 @@ def _crop(array: np.ndarray, start: np.ndarray, shape: tuple[int, ...]) -> tuple
 
 
 def _try(mask: np.ndarray, halo: np.ndarray, centre: np.ndarray, allowed: np.ndarray, organ: np.ndarray,
-         tumour: np.ndarray, spacing: np.ndarray, rule: PlacementRules, whole: bool) -> Lesion | None:
+         tumour: np.ndarray, spacing: np.ndarray, rule: PlacementRules, whole: bool,
+         texture: np.ndarray | None = None) -> Lesion | None:
     if rule.margin_mm > 0:
         r = np.ceil(rule.margin_mm / spacing).astype(int)
         local, _, _ = _crop(organ, centre - r, tuple(2 * r + 1))
@@ -123,6 +126,7 @@ def _try(mask: np.ndarray, halo: np.ndarray, centre: np.ndarray, allowed: np.nda
     start = centre - np.array(mask.shape) // 2
     local_allowed, src, dst = _crop(allowed, start, mask.shape)
     total = int(mask.sum())
+    part_texture = None if texture is None else texture[(slice(None), *dst)]  # the part of the mask placed
     if whole:  # every voxel allowed; the array's edge may cut it, as a patch's edge cuts a real tumour
         part = mask[dst]
         if (part & ~local_allowed).any():
@@ -130,11 +134,11 @@ def _try(mask: np.ndarray, halo: np.ndarray, centre: np.ndarray, allowed: np.nda
         placed = largest_component(part)
         if total == 0 or placed.sum() < rule.min_inside * total:
             return None
-        return Lesion(bbox=src, mask=placed.copy())
+        return Lesion(bbox=src, mask=placed.copy(), texture=part_texture)
     placed = largest_component(mask[dst] & local_allowed)
     if total == 0 or placed.sum() < rule.min_inside * total:
         return None
-    return Lesion(bbox=src, mask=placed)
+    return Lesion(bbox=src, mask=placed, texture=part_texture)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

@@ -76,6 +76,18 @@ from nnunet_synth.trainers.studies import (
     nnUNetTrainerSynth20Tiny,
 )
 from nnunet_synth.trainers.synth import nnUNetTrainerSynth
+from nnunet_synth.trainers.transplant import (
+    nnUNetTrainerSynth2Transplant,
+    nnUNetTrainerSynth5Transplant,
+    nnUNetTrainerSynth10Transplant,
+    nnUNetTrainerSynth20Transplant,
+    nnUNetTrainerSynth20Transplant_Debug,
+    nnUNetTrainerSynth30Transplant,
+    nnUNetTrainerSynth40Transplant,
+    nnUNetTrainerSynth50Transplant,
+    nnUNetTrainerSynth60Transplant,
+    nnUNetTrainerSynthTransplant,
+)
 
 __all__ = [
     "nnUNetTrainerSynth",
@@ -145,4 +157,14 @@ __all__ = [
     "nnUNetTrainerSynth60SD",
     "nnUNetTrainerSynth20SDRealFinetune",
     "nnUNetTrainerSynth20SD_Debug",
+    "nnUNetTrainerSynthTransplant",
+    "nnUNetTrainerSynth2Transplant",
+    "nnUNetTrainerSynth5Transplant",
+    "nnUNetTrainerSynth10Transplant",
+    "nnUNetTrainerSynth20Transplant",
+    "nnUNetTrainerSynth30Transplant",
+    "nnUNetTrainerSynth40Transplant",
+    "nnUNetTrainerSynth50Transplant",
+    "nnUNetTrainerSynth60Transplant",
+    "nnUNetTrainerSynth20Transplant_Debug",
 ]

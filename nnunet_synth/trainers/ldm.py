@@ -136,7 +136,8 @@ class nnUNetTrainerSynthLDMOnline(nnUNetTrainer):
             from nnunet_synth.generators.templates import fold_templates
 
             self._templates, _ = fold_templates(Path(self.preprocessed_dataset_folder_base),
-                                                self.configuration_manager, plan, self.do_split()[0])
+                                                self.configuration_manager, plan, self.do_split()[0],
+                                                textures=False)  # the LDM paints; only the shapes are used
         self._ldm = (models, build_sampling_scheduler(steps), config)
         self._rng = np.random.default_rng([int(plan.seed), self.fold if isinstance(self.fold, int) else 0])
         self._noise = torch.Generator(device=self.device).manual_seed(int(plan.seed))
