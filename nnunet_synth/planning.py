@@ -23,7 +23,7 @@ from scipy.ndimage import distance_transform_edt, gaussian_filter
 from scipy.ndimage import label as connected_components
 from tqdm import tqdm
 
-from nnunet_synth.generators.appearance import QUANTILE_LEVELS, RING_MM, measure_tumour
+from nnunet_synth.generators.appearance import QUANTILE_LEVELS, RING_MM, measure_tumour, ring_tissue
 from nnunet_synth.generators.placement import PlacementRules
 from nnunet_synth.generators.shapes import SIZE_CLASSES, equivalent_diameter_mm
 from nnunet_synth.synth_plan import (
@@ -161,14 +161,17 @@ def tumour_shell(tumour: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...]
 
 
 def case_statistics(data: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...], organ_label: int | None,
-                    tumour_label: int, volume_spacing: tuple[float, ...] | None = None) -> dict | None:
+                    tumour_label: int, volume_spacing: tuple[float, ...] | None = None,
+                    clip_floor: float | None = None) -> dict | None:
     """Intensity and size statistics of one case (C, *spatial) with labels (*spatial).
 
     Without an organ label the unlabelled tissue within ``BAND_SHELL_MM`` of real tumours stands in for the
     organ, and the smoothed channel-0 intensities found there give the tissue region's range.
 
     ``volume_spacing``: the spacing of all axes of ``seg`` where ``spacing`` has the in-plane ones only (2d
-    configurations store 3D cases); the tumours' appearance is measured with it.
+    configurations store 3D cases); the tumours' appearance is measured with it. ``clip_floor``: the CT window's
+    floor of channel 0, whose voxels stay out of the tumours' rings (see
+    :func:`~nnunet_synth.generators.appearance.ring_tissue`).
 
     Returns:
         A dict of per-channel means/stds, tumour diameters and tissue percentiles; None when the case has no
@@ -189,8 +192,8 @@ def case_statistics(data: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
     if not organ.any():
         return None
     components, counted = tumour_components(tumour, spacing)
-    # a tumour's ring is the organ around it, or without an organ label the unlabelled tissue (not padding)
-    around = seg == (0 if organ_label is None else organ_label)
+    # a tumour's ring is the organ around it, or without an organ label the unlabelled tissue (not fill)
+    around = ring_tissue(data[0], seg, organ_label, clip_floor)
     volume_spacing = tuple(spacing) if volume_spacing is None else tuple(volume_spacing)
     appearance = [measure_tumour(data, components == k, around, volume_spacing) for k, _ in counted]
     return {"organ_mean": [float(ch[organ].mean()) for ch in data],
@@ -295,13 +298,16 @@ def configuration_statistics(dataset: str | int, configuration: str, organ_label
         identifiers = sorted(rng.choice(identifiers, MAX_CASES_FOR_STATISTICS, replace=False))
     spacing = tuple(float(s) for s in conf.spacing)
     stats = []
+    props = (plans.get("foreground_intensity_properties_per_channel") or {}).get("0")
+    floor = (props["percentile_00_5"] - props["mean"]) / props["std"] if props and \
+        conf.normalization_schemes[0] == "CTNormalization" else None
     for identifier in tqdm(identifiers, desc=f"synth plan: statistics of {configuration}", unit="case"):
         data, seg, _, _ = ds.load_case(identifier)
         data, seg = np.asarray(data), np.asarray(seg[0])
         # a 2d configuration stores 3D cases: their through-plane spacing is the dataset's median one
         volume_spacing = spacing if len(spacing) == seg.ndim else (
             *plans["original_median_spacing_after_transp"][:seg.ndim - len(spacing)], *spacing)
-        case = case_statistics(data, seg, spacing[-seg.ndim:], organ_label, tumour_label, volume_spacing)
+        case = case_statistics(data, seg, spacing[-seg.ndim:], organ_label, tumour_label, volume_spacing, floor)
         if case is not None:
             stats.append(dict(case, case=identifier))
     if not stats:

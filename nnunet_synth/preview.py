@@ -354,9 +354,7 @@ def build_transforms(plan: SynthPlan, backends: Sequence[str], patch: tuple[int,
             raise GeneratorUnavailable(f"-g {name}: {error_line(e)}") from e
     built = {}
     for name in names:
-        p = plan.replace(backend=name)
-        if name == "transplant":
-            p = p.replace(shapes={"deformation": "template"})
+        p = plan.with_backend(name)
         try:
             masks = templates(p) if p.shapes.deformation == "template" else None
             built[name] = p, SynthTumourTransform(p, 1.0, patch, seed, templates=masks)

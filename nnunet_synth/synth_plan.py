@@ -223,6 +223,20 @@ class SynthPlan:
                 changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
         return dataclasses.replace(self, **changes)
 
+    @property
+    def clip_floor(self) -> float | None:
+        """The CT window's floor of the tissue channel (channel 0 with an organ label), None for other
+        normalisations: its voxels (clipped air or fat) stay out of tumours' rings."""
+        clip = self.channels[self.tissue.channel if self.tissue is not None else 0].clip
+        return None if clip is None else float(clip[0])
+
+    def with_backend(self, backend: str) -> SynthPlan:
+        """A copy with ``backend`` and the shape settings it needs (its ``required_shapes``: the transplant backend
+        paints the real tumours template masks are cut from)."""
+        from nnunet_synth.generators import get_backend
+
+        return self.replace(backend=backend, shapes=dict(get_backend(backend).required_shapes))
+
     def to_dict(self) -> dict:
         """The flat JSON form (as copied into a training's output folder)."""
         return _jsonable(dataclasses.asdict(self))

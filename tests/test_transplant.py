@@ -59,7 +59,7 @@ def donor(seed=0, shape=(20, 40, 40)):
     image = 80 + 5 * rng.normal(size=shape)
     image[tumour] = 80 + 5 * rng.normal(-3.0, 0.8, size=int(tumour.sum()))
     box = mask_box(tumour)
-    texture = ring_units(image[None], seg, tumour, box, SPACING, ORGAN, TUMOUR)
+    texture = ring_units(image[None], seg, tumour, box, SPACING, seg == ORGAN, TUMOUR)
     return Template(mask=tumour[box], texture=texture, case="donor"), image, tumour, seg
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -340,8 +340,10 @@ class _SizeLimited:
         self.generator.synthesize(image, lesion, spacing, rng)
 
 
-def _build_transform(plan: SynthPlan, backend: str, patch_size: tuple[int, ...], seed: int):
-    """The synth plan with ``backend`` set and the transform that inserts its tumours.
+def _build_transform(plan: SynthPlan, backend: str, patch_size: tuple[int, ...], seed: int,
+                     templates: Callable[[SynthPlan], list] | None = None):
+    """The synth plan with ``backend`` set (and the shapes it needs) and the transform that inserts its tumours;
+    ``templates`` gives the real tumour templates where the plan's deformation is ``template``.
 
     Raises:
         QualityError: for a backend that cannot be built (unknown, not implemented, missing or mismatched
@@ -351,10 +353,11 @@ def _build_transform(plan: SynthPlan, backend: str, patch_size: tuple[int, ...],
     from nnunet_synth.injection import SynthTumourTransform
 
     check_backend(backend)
-    plan = plan.replace(backend=backend)
+    plan = plan.with_backend(backend)
     try:
-        transform = SynthTumourTransform(plan, 1.0, patch_size, seed)
-    except (GeneratorCheckpointError, FileNotFoundError) as e:
+        masks = templates(plan) if plan.shapes.deformation == "template" and templates is not None else None
+        transform = SynthTumourTransform(plan, 1.0, patch_size, seed, templates=masks)
+    except (GeneratorCheckpointError, FileNotFoundError, ValueError) as e:
         raise QualityError(f"generator backend {backend!r}: {e}") from e
     if transform.generator.max_lesion_shape is not None:
         transform.generator = _SizeLimited(transform.generator)
@@ -437,8 +440,14 @@ def assess_quality(dataset: str | int, backend: str, output_dir: str | Path, num
         raise QualityError(f"{base.name} has no real tumours (label {plan.tumour_label}) in its preprocessed "
                            f"cases: no real tumours to compare the synthetic ones with")
     patch_size = tuple(int(p) for p in conf.patch_size)
-    plan, transform = _build_transform(plan, backend, patch_size, seed)
     cases = training_cases(dataset, configuration, plans_identifier, identifiers, fold)
+
+    def templates(p: SynthPlan) -> list:  # real tumours of the cases whose tumours are compared, as a trainer's fold
+        from nnunet_synth.generators.templates import fold_templates
+
+        return fold_templates(base, conf, p, list(cases))[0]
+
+    plan, transform = _build_transform(plan, backend, patch_size, seed, templates)
     if not cases:
         raise QualityError(f"{base.name} has no preprocessed cases" + (f" in fold {fold}'s training split"
                                                                         if fold not in (None, "all") else ""))

@@ -24,14 +24,15 @@ from tqdm import tqdm
 
 from nnunet_synth.evaluation.lesion_features import RING_FEATURES, ring_features
 from nnunet_synth.evaluation.realism import realism_auc
+from nnunet_synth.generators.appearance import ring_tissue
 from nnunet_synth.synth_plan import SynthPlan
 
 REAL = "real"
-# contenders: name -> (backend, backend_params, shape overrides)
+# contenders: name -> (backend, backend_params)
 CONTENDERS = {
-    "analytic": ("analytic", {"texture": "learned"}, {}),
-    "analytic-paper": ("analytic", {"texture": "paper"}, {}),
-    "transplant": ("transplant", {}, {"deformation": "template"}),
+    "analytic": ("analytic", {"texture": "learned"}),
+    "analytic-paper": ("analytic", {"texture": "paper"}),
+    "transplant": ("transplant", {}),
 }
 INSERT_DRAWS = 20
 
@@ -69,9 +70,11 @@ def load_cases(dataset: str | int, configuration: str, plans_identifier: str, ma
     return plan, cases
 
 
-def around(seg: np.ndarray, plan: SynthPlan) -> np.ndarray:
-    """The voxels a lesion's ring is measured on: the organ, or the unlabelled tissue without an organ label."""
-    return seg == (0 if plan.organ_label is None else plan.organ_label)
+def around(data: np.ndarray, seg: np.ndarray, plan: SynthPlan) -> np.ndarray:
+    """The voxels a lesion's ring is measured on, as everywhere (see :func:`~nnunet_synth.generators.appearance.
+    ring_tissue`)."""
+    channel = plan.tissue.channel if plan.tissue is not None else 0
+    return ring_tissue(data[channel], seg, plan.organ_label, plan.clip_floor)
 
 
 def feature_names(plan: SynthPlan) -> list[str]:
@@ -90,7 +93,7 @@ def real_lesions(cases: list[Case], plan: SynthPlan, spacing: tuple[float, ...])
     for case in cases:
         components, counted = tumour_components(case.seg == plan.tumour_label, spacing)
         for k, _ in counted:
-            features = ring_features(case.data, components == k, around(case.seg, plan), spacing)
+            features = ring_features(case.data, components == k, around(case.data, case.seg, plan), spacing)
             if features is not None:
                 out.append((case.identifier, _vector(features)))
     return out
@@ -102,7 +105,8 @@ def measured_texture(cases: list[Case], plan: SynthPlan, spacing: tuple[float, .
 
     stats = []
     for case in cases:
-        s = case_statistics(case.data, case.seg, spacing, plan.organ_label, plan.tumour_label)
+        s = case_statistics(case.data, case.seg, spacing, plan.organ_label, plan.tumour_label,
+                            clip_floor=plan.clip_floor)
         if s is not None:
             stats.append(dict(s, case=case.identifier))
     return tumour_texture(stats)
@@ -128,7 +132,7 @@ def synthetic_lesions(cases: list[Case], plan: SynthPlan, spacing: tuple[float, 
         synthetic = (new_seg == plan.tumour_label) & (case.seg != plan.tumour_label)
         components, n = connected_components(synthetic, structure=np.ones((3,) * synthetic.ndim))
         for k in range(1, n + 1):
-            features = ring_features(new_data, components == k, around(new_seg, plan), spacing)
+            features = ring_features(new_data, components == k, around(new_data, new_seg, plan), spacing)
             if features is not None and len(out) < count:
                 out.append((case.identifier, _vector(features)))
     return out
@@ -139,16 +143,17 @@ def contender_plan(plan: SynthPlan, name: str, sources: list[Case], spacing: tup
     """The plan of a contender with its texture measured on ``sources`` only, and its templates from them."""
     if name not in CONTENDERS:
         raise ValueError(f"unknown contender {name!r}; expected one of {', '.join(CONTENDERS)}")
-    backend, params, shapes = CONTENDERS[name]
+    backend, params = CONTENDERS[name]
     texture = measured_texture(sources, plan, spacing)
-    plan = plan.replace(backend=backend, backend_params={**plan.backend_params, **params}, shapes=shapes,
-                        texture=texture).validated(f"realism benchmark plan of {name}")
+    plan = plan.with_backend(backend).replace(backend_params={**plan.backend_params, **params}, texture=texture
+                                              ).validated(f"realism benchmark plan of {name}")
     templates = None
     if plan.shapes.deformation == "template":
         from nnunet_synth.generators.templates import case_templates
 
         templates = [t for case in sources for t in case_templates(case.data, case.seg, plan.tumour_label, spacing,
-                                                                   plan.organ_label, case.identifier)]
+                                                                   plan.organ_label, case.identifier,
+                                                                   plan.clip_floor)]
         if not templates:
             raise ValueError(f"{name}: the source half holds no real tumour to use as a template")
     return plan, templates

@@ -11,7 +11,7 @@ outside, zero on the label border. A tumour's edge is modelled as a normal-CDF t
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import distance_transform_edt
+from scipy.ndimage import binary_dilation, distance_transform_edt, maximum_filter, minimum_filter
 from scipy.special import ndtr
 
 RING_MM = (2.0, 7.0)  # the ring: tissue between these distances outside the tumour (past its partial-volume edge)
@@ -20,6 +20,32 @@ MIN_RING_VOXELS = 8
 MIN_CORRELATION = 0.05  # autocorrelation below this is not fitted (sampling noise)
 EDGE_REACH = 2.5  # edge widths past its centre where the transition is cut off (the tumour's share there < 0.7%)
 MAX_HALO_MM = 10.0
+# relative spread below which a neighbourhood counts as constant fill (float32 resampling noise is ~1e-7)
+PLATEAU_TOLERANCE = 1e-5
+
+
+def constant_fill(channel: np.ndarray) -> np.ndarray:
+    """Voxels whose 3x3(x3) neighbourhood holds one value (background fill, padding, clipped air), which no imaged
+    tissue does."""
+    spread = maximum_filter(channel, size=3) - minimum_filter(channel, size=3)
+    return spread <= PLATEAU_TOLERANCE * max(1.0, float(np.abs(channel).max()))
+
+
+def ring_tissue(channel: np.ndarray, seg: np.ndarray, organ_label: int | None, clip_floor: float | None = None
+                ) -> np.ndarray:
+    """The voxels a tumour's ring is measured on, the same for real tumours (plan, templates, realism) and for
+    synthetic sites: the organ; without an organ label the unlabelled voxels less constant fill and its one-voxel
+    rim, and less voxels at a CT window's floor (``clip_floor``: clipped air or fat is no texture to match).
+
+    Local: the same voxels come out of a whole case and of a box cut from it (away from the box's faces).
+    """
+    if organ_label is not None:
+        return seg == organ_label
+    fill = constant_fill(channel)
+    keep = (seg == 0) & ~binary_dilation(fill, np.ones((3,) * channel.ndim, bool))
+    if clip_floor is not None:
+        keep &= channel > clip_floor + PLATEAU_TOLERANCE * max(1.0, abs(clip_floor))
+    return keep
 
 
 def expand_box(bbox: tuple[slice, ...], pad_mm: float, spacing: tuple[float, ...], shape: tuple[int, ...]

@@ -55,12 +55,15 @@ class TumourGenerator(abc.ABC):
         checkpoint: the model file the backend loaded (recorded in bank manifests); None without one.
         sampling_steps: sampling steps of the backend's generative model (recorded in bank manifests); None
             when it has none.
+        required_shapes: plan ``shapes`` settings the backend needs (transplant: template deformation), applied
+            by :meth:`~nnunet_synth.synth_plan.SynthPlan.with_backend`.
     """
 
     name: ClassVar[str]
     training_module: ClassVar[str | None] = None
     checkpoint: Path | None = None
     sampling_steps: int | None = None
+    required_shapes: ClassVar[dict] = {}
 
     def __init__(self, synth_plan: SynthPlan):
         self.synth_plan = synth_plan

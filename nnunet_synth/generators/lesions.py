@@ -25,11 +25,10 @@ from scipy.ndimage import (
     binary_opening,
     distance_transform_edt,
     gaussian_filter,
-    maximum_filter,
-    minimum_filter,
 )
 from scipy.ndimage import label as connected_components
 
+from nnunet_synth.generators.appearance import RING_MM, constant_fill, expand_box, ring_tissue
 from nnunet_synth.generators.base import Lesion
 from nnunet_synth.generators.placement import central_window, largest_component, place_lesion
 from nnunet_synth.generators.shapes import crop_to_mask, lesion_mask
@@ -46,8 +45,6 @@ DEEP_ENOUGH = 0.8  # of the smallest semi-axis: how deep inside the region a who
 DEPTH_GRID_MM = 2.0  # grid of the region's depth map
 TISSUE_GRID_MM = 2.0  # grid the tissue region is found on (it is smooth at 2 mm: TISSUE_SMOOTHING_MM)
 WHOLE_SHRINK, WHOLE_SHRINKS = 0.8, 3  # a whole lesion without room is tried at most 3 times, 0.8x smaller each
-# relative spread below which a neighbourhood counts as constant fill (float32 resampling noise is ~1e-7)
-PLATEAU_TOLERANCE = 1e-5
 MAX_FILL_VALUES = 4  # the most common values of constant regions are fill values (background, clipped air/bone)
 
 
@@ -92,8 +89,7 @@ def background_plateau(channel: np.ndarray, clipped: bool = False) -> np.ndarray
     CTNormalization clips fat and air alike to its window's floor) keeps only the fill connected to the in-plane
     border of its axial slice: clipped values the body encloses are fat (or bone), not air.
     """
-    spread = maximum_filter(channel, size=3) - minimum_filter(channel, size=3)
-    flat = spread <= PLATEAU_TOLERANCE * max(1.0, float(np.abs(channel).max()))
+    flat = constant_fill(channel)
     if not flat.any():
         return flat
     values, counts = np.unique(channel[flat], return_counts=True)
@@ -289,6 +285,17 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
     return placed
 
 
+def site_tissue(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, bbox: tuple[slice, ...],
+                spacing: tuple[float, ...], halo_mm: float = 0.0) -> np.ndarray:
+    """:func:`~nnunet_synth.generators.appearance.ring_tissue` around one placed lesion (in the box its ring and
+    halo reach, one voxel wider so the fill test sees whole neighbourhoods), False elsewhere."""
+    box, _ = expand_box(bbox, max(RING_MM[1], halo_mm) + max(spacing), spacing, seg0.shape)
+    channel = plan.tissue.channel if plan.tissue is not None else 0
+    tissue = np.zeros(seg0.shape, dtype=bool)
+    tissue[box] = ring_tissue(np.asarray(image[channel][box]), seg0[box], plan.organ_label, plan.clip_floor)
+    return tissue
+
+
 def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...] | None, plan: SynthPlan,
                    rng: np.random.Generator, *, generator: TumourGenerator | None = None,
                    templates: list[Template] | None = None, window: tuple[int, ...] | None = None,
@@ -332,8 +339,9 @@ def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
     new_image = np.array(image, dtype=np.float32, copy=True)
     new_seg = np.array(seg, copy=True)
     labels = new_seg[0] if with_channel else new_seg
-    for p in placed:  # the site's ring is measured on the tissue the lesion was placed in
-        generator.synthesize(new_image, dataclasses.replace(p.lesion, tissue=region), spacing, rng)
+    for p in placed:  # the site's ring is measured on the voxels real tumours' rings were measured on
+        tissue = site_tissue(image, seg0, plan, p.lesion.bbox, spacing, generator.halo_mm)
+        generator.synthesize(new_image, dataclasses.replace(p.lesion, tissue=tissue), spacing, rng)
         labels[p.lesion.bbox][p.lesion.mask] = plan.tumour_label
     if generator.halo_mm > 0:  # an edge feathered past the mask never reaches padding, ignored or real tumour voxels
         protected = (seg0 < 0) | (seg0 == plan.tumour_label)

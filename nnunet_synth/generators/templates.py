@@ -24,13 +24,20 @@ from scipy.ndimage import label as connected_components
 from scipy.ndimage import zoom
 from tqdm import tqdm
 
-from nnunet_synth.generators.appearance import RING_MM, expand_box, ring, ring_statistics, signed_distance
+from nnunet_synth.generators.appearance import (
+    RING_MM,
+    expand_box,
+    ring,
+    ring_statistics,
+    ring_tissue,
+    signed_distance,
+)
 from nnunet_synth.generators.paths import DEFAULT_PLANS_IDENTIFIER, template_file
 
 MIN_TEMPLATE_VOXELS = 8
 TEMPLATE_ZOOM_JITTER = 0.1
 # version of the stored textures; a template file without this key (or of another version) is rebuilt
-TEXTURE_VERSION = 1
+TEXTURE_VERSION = 2
 NO_ORGAN = -1  # the ring label stored for datasets without an organ label (ring: unlabelled voxels)
 
 
@@ -67,17 +74,18 @@ def _as_template(template: Template | np.ndarray) -> Template:
 
 
 def ring_units(data: np.ndarray, seg: np.ndarray, component: np.ndarray, bbox: tuple[slice, ...],
-               spacing: tuple[float, ...], ring_label: int, tumour_label: int) -> np.ndarray:
+               spacing: tuple[float, ...], tissue: np.ndarray, tumour_label: int) -> np.ndarray:
     """The image over a tumour component's box in units of its ring, per channel (float32).
 
-    The ring (see :func:`~nnunet_synth.generators.appearance.ring`) holds the voxels labelled ``ring_label``
-    between ``RING_MM`` of the component; where it is too small (a tumour at the organ's edge), any voxel inside
-    the image that is not tumour, and failing that the case's non-tumour voxels, give the centre and spread.
+    The ring (see :func:`~nnunet_synth.generators.appearance.ring`) holds the ``tissue`` voxels (see
+    :func:`~nnunet_synth.generators.appearance.ring_tissue`) between ``RING_MM`` of the component; where it is too
+    small (a tumour at the organ's edge), any voxel inside the image that is not tumour, and failing that the
+    case's non-tumour voxels, give the centre and spread.
     """
     box, inner = expand_box(bbox, RING_MM[1], spacing, component.shape)
     distance = signed_distance(component[box], spacing)
     seg_box = seg[box]
-    candidates = (ring(distance, seg_box == ring_label), ring(distance, (seg_box >= 0) & (seg_box != tumour_label)))
+    candidates = (ring(distance, tissue[box]), ring(distance, (seg_box >= 0) & (seg_box != tumour_label)))
     texture = np.empty((data.shape[0], *(s.stop - s.start for s in bbox)), dtype=np.float32)
     for c in range(data.shape[0]):
         channel = np.asarray(data[c][box], dtype=np.float64)
@@ -94,7 +102,8 @@ def ring_units(data: np.ndarray, seg: np.ndarray, component: np.ndarray, bbox: t
 
 
 def case_templates(data: np.ndarray, seg: np.ndarray, tumour_label: int, spacing: Sequence[float],
-                   organ_label: int | None = None, case: str = "") -> list[Template]:
+                   organ_label: int | None = None, case: str = "", clip_floor: float | None = None
+                   ) -> list[Template]:
     """Every tumour component of one case (of at least ``MIN_TEMPLATE_VOXELS``) with its texture in ring units.
 
     Args:
@@ -104,9 +113,10 @@ def case_templates(data: np.ndarray, seg: np.ndarray, tumour_label: int, spacing
         spacing: voxel spacing (mm).
         organ_label: the ring is the organ's voxels around a tumour; None: the unlabelled ones (``seg == 0``).
         case: the case's identifier, recorded in each template.
+        clip_floor: the CT window's floor of channel 0 (see :func:`~.appearance.ring_tissue`).
     """
     spacing = tuple(float(s) for s in spacing)
-    ring_label = 0 if organ_label is None else int(organ_label)
+    tissue = ring_tissue(np.asarray(data[0]), seg, organ_label, clip_floor)
     components, n = connected_components(seg == tumour_label)
     templates = []
     for k in range(1, n + 1):
@@ -115,13 +125,13 @@ def case_templates(data: np.ndarray, seg: np.ndarray, tumour_label: int, spacing
             continue
         box = mask_box(component)
         templates.append(Template(mask=component[box], case=case,
-                                  texture=ring_units(data, seg, component, box, spacing, ring_label, tumour_label)))
+                                  texture=ring_units(data, seg, component, box, spacing, tissue, tumour_label)))
     return templates
 
 
 def build_template_bank(preprocessed: Path, configuration: str, data_identifier: str, tumour_label: int,
                         plans_identifier: str = DEFAULT_PLANS_IDENTIFIER, *, spacing: Sequence[float] | None = None,
-                        organ_label: int | None = None) -> Path:
+                        organ_label: int | None = None, clip_floor: float | None = None) -> Path:
     """Crops every tumour component of every preprocessed case, with its texture in ring units; written
     atomically (per-process temp name).
 
@@ -133,6 +143,7 @@ def build_template_bank(preprocessed: Path, configuration: str, data_identifier:
         plans_identifier: nnU-Net plans identifier (names the file).
         spacing: the configuration's voxel spacing (default: read from the plans).
         organ_label: the ring is the organ's voxels around a tumour; None: the unlabelled ones (``seg == 0``).
+        clip_floor: the CT window's floor of channel 0 (see :func:`~.appearance.ring_tissue`).
     """
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
@@ -150,7 +161,7 @@ def build_template_bank(preprocessed: Path, configuration: str, data_identifier:
     for identifier in tqdm(sorted(ds.identifiers), desc="template bank", unit="case"):
         data, seg, _, _ = ds.load_case(identifier)
         for template in case_templates(np.asarray(data), np.asarray(seg[0]), tumour_label, spacing, organ_label,
-                                       identifier):
+                                       identifier, clip_floor):
             i = len(cases)
             arrays[f"mask_{i:05d}"] = np.packbits(template.mask)
             arrays[f"texture_{i:05d}"] = template.texture.astype(np.float16)
@@ -198,8 +209,8 @@ def draw_template(templates: Sequence[Template | np.ndarray], radii_mm: np.ndarr
                   rng: np.random.Generator) -> Template:
     """A random template, flipped, rotated and zoomed to the volume of an ellipsoid with ``radii_mm``.
 
-    Its texture (where it has one) goes through the same flips, turns and zoom (linear interpolation; the mask
-    nearest neighbour) and comes back as float32 of the mask's shape. Bare masks are accepted as templates
+    Its texture (where it has one) goes through the same flips, turns and zoom (nearest neighbour, as the mask,
+    so its value distribution and voxel-scale noise survive) and comes back as float32 of the mask's shape. Bare masks are accepted as templates
     without texture.
     """
     if not len(templates):
@@ -225,7 +236,9 @@ def draw_template(templates: Sequence[Template | np.ndarray], radii_mm: np.ndarr
                   mode="grid-constant") > 0
     if texture is not None:
         # the same output grid as the mask's (scipy sizes it by round(shape * factor) for both)
-        texture = zoom(np.ascontiguousarray(texture, dtype=np.float32), (1.0, *factor), order=1, grid_mode=True,
+        # nearest neighbour as the mask: interpolation would average the voxel-scale noise away (a smaller, smoother
+        # and fainter texture) and mix the tissue outside the tumour into its border voxels
+        texture = zoom(np.ascontiguousarray(texture, dtype=np.float32), (1.0, *factor), order=0, grid_mode=True,
                        mode="nearest")
     if not zoomed.any():  # zoomed below one voxel: the template's central voxel
         centre = tuple(n // 2 for n in zoomed.shape)
@@ -262,7 +275,7 @@ def fold_templates(preprocessed: Path, configuration_manager, plan, train_cases:
     if not path.is_file() or not has_textures(path, plan.organ_label):
         build_template_bank(preprocessed, plan.configuration, configuration_manager.data_identifier,
                             plan.tumour_label, plan.plans_identifier, spacing=configuration_manager.spacing,
-                            organ_label=plan.organ_label)
+                            organ_label=plan.organ_label, clip_floor=plan.clip_floor)
     templates, cases = load_templates(path, set(train_cases), textures)
     if not templates:
         if plan.backend == "transplant":

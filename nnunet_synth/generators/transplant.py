@@ -31,6 +31,8 @@ DEFAULT_EDGE_OFFSET_MM = 0.0
 class TransplantGenerator(TumourGenerator):
     """Pastes the real tumour a template mask was cut from, intensity-matched to the target site's ring."""
 
+    required_shapes = {"deformation": "template"}
+
     @property
     def halo_mm(self) -> float:
         """How far the feathered edge reaches outside the mask (see :func:`~.appearance.edge_halo_mm`)."""
