@@ -92,3 +92,12 @@ def test_learned_texture_is_harder_to_tell_from_real_than_the_papers():
     learned, paper = np.mean(results["analytic"]["auc"]), np.mean(results["analytic-paper"]["auc"])
     assert learned < paper - 0.05, (learned, paper)
     assert all(n_other > 0 for _, n_other in results["analytic"]["n"])
+
+
+def test_realism_features_are_the_same_in_raw_and_normalised_units():
+    image, mask, _ = textured_tumour(2.0, 1.0, seed=1)
+    raw = ring_features(image, mask, ~mask, SPACING)[0]
+    normalised = ring_features((image - 130.0) / 47.0, mask, ~mask, SPACING)[0]
+    assert raw.keys() == normalised.keys()
+    for key in raw:
+        assert raw[key] == pytest.approx(normalised[key], rel=1e-6, abs=1e-9), key

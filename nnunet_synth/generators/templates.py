@@ -209,9 +209,9 @@ def draw_template(templates: Sequence[Template | np.ndarray], radii_mm: np.ndarr
                   rng: np.random.Generator) -> Template:
     """A random template, flipped, rotated and zoomed to the volume of an ellipsoid with ``radii_mm``.
 
-    Its texture (where it has one) goes through the same flips, turns and zoom (nearest neighbour, as the mask,
-    so its value distribution and voxel-scale noise survive) and comes back as float32 of the mask's shape. Bare masks are accepted as templates
-    without texture.
+    Its texture (where it has one) goes through the same flips, turns and zoom (nearest neighbour, as the
+    mask, so its value distribution and voxel-scale noise survive) and comes back as float32 of the mask's
+    shape. Bare masks are accepted as templates without texture.
     """
     if not len(templates):
         raise ValueError("the template bank holds no tumour of the training fold; use deformation "
