@@ -222,7 +222,7 @@ def export_raw(data: np.ndarray, source_data: np.ndarray, synthetic: np.ndarray,
                raw_folder: Path | None = None) -> list[Path]:
     """Writes a bank case as an nnU-Net raw case in the raw units of its source case.
 
-    ``imagesTr/<id>_XXXX`` is the source case's raw image (``properties["synth"]["source"]`` in
+    ``imagesTr/<id>_<channel>`` is the source case's raw image (``properties["synth"]["source"]`` in
     ``nnUNet_raw/<dataset>/imagesTr``, found as nnU-Net finds it), bit for bit outside the lesion region; inside
     it, the raw value plus the synthetic change ``data - source_data``, mapped per channel from nnU-Net's
     normalised units to raw units (the slope of :func:`normalised_to_raw_affine`, fitted on the raw source image
