@@ -224,10 +224,15 @@ class SynthPlan:
         return dataclasses.replace(self, **changes)
 
     @property
+    def tissue_channel(self) -> int:
+        """The channel tissue is told apart on: the tissue region's, or channel 0 with an organ label."""
+        return self.tissue.channel if self.tissue is not None else 0
+
+    @property
     def clip_floor(self) -> float | None:
-        """The CT window's floor of the tissue channel (channel 0 with an organ label), None for other
-        normalisations: its voxels (clipped air or fat) stay out of tumours' rings."""
-        clip = self.channels[self.tissue.channel if self.tissue is not None else 0].clip
+        """The CT window's floor of the tissue channel, None for other normalisations: its voxels (clipped air or
+        fat) stay out of tumours' rings."""
+        clip = self.channels[self.tissue_channel].clip
         return None if clip is None else float(clip[0])
 
     def with_backend(self, backend: str) -> SynthPlan:

@@ -73,7 +73,7 @@ def load_cases(dataset: str | int, configuration: str, plans_identifier: str, ma
 def around(data: np.ndarray, seg: np.ndarray, plan: SynthPlan) -> np.ndarray:
     """The voxels a lesion's ring is measured on, as everywhere (see :func:`~nnunet_synth.generators.appearance.
     ring_tissue`)."""
-    channel = plan.tissue.channel if plan.tissue is not None else 0
+    channel = plan.tissue_channel
     return ring_tissue(data[channel], seg, plan.organ_label, plan.clip_floor)
 
 

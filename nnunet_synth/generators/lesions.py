@@ -290,7 +290,7 @@ def site_tissue(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, bbox: tupl
     """:func:`~nnunet_synth.generators.appearance.ring_tissue` around one placed lesion (in the box its ring and
     halo reach, one voxel wider so the fill test sees whole neighbourhoods), False elsewhere."""
     box, _ = expand_box(bbox, max(RING_MM[1], halo_mm) + max(spacing), spacing, seg0.shape)
-    channel = plan.tissue.channel if plan.tissue is not None else 0
+    channel = plan.tissue_channel
     tissue = np.zeros(seg0.shape, dtype=bool)
     tissue[box] = ring_tissue(np.asarray(image[channel][box]), seg0[box], plan.organ_label, plan.clip_floor)
     return tissue
