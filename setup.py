@@ -1,49 +1,5 @@
-from setuptools import find_packages, setup
+"""Shim for tools that still call ``setup.py``: the package metadata lives in pyproject.toml (PEP 621)."""
 
-setup(
-    name="nnunet_synth",
-    version="0.1.0",
-    description="Synthetic-tumour augmentation for nnU-Net v2 as a one-flag trainer plugin",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=find_packages(include=["nnunet_synth", "nnunet_synth.*"]),
-    install_requires=[
-        "nnunetv2>=2.8.0,<2.9",
-        "torch>=2.1,<=2.14.1",
-        "batchgenerators>=0.25",
-        "batchgeneratorsv2>=0.3",
-        "acvl-utils>=0.2",
-        "monai>=1.4",
-        "SimpleITK>=2.3",
-        "opensimplex>=0.4.5",
-        "diffusers>=0.30",
-        "peft>=0.13",
-        "transformers>=4.40",
-        "scipy",
-        "scikit-image",
-        "scikit-learn",
-        "matplotlib",
-        "tqdm",
-        "pydicom",
-        "pynrrd",
-    ],
-    extras_require={"test": ["pytest>=8", "ruff==0.17.6"]},
-    entry_points={
-        "console_scripts": [
-            "nnUNetv2_synth_plan=nnunet_synth.cli:plan_entry",
-            "nnUNetv2_synth_demo=nnunet_synth.cli:demo_entry",
-            "nnUNetv2_synth_preview=nnunet_synth.cli:preview_entry",
-            "nnUNetv2_synth_export=nnunet_synth.cli:export_entry",
-            "nnUNetv2_synth_phantom=nnunet_synth.cli:phantom_entry",
-            "nnUNetv2_synth_masks=nnunet_synth.cli:masks_entry",
-            "nnUNetv2_synth_train_generator=nnunet_synth.generator_training:main",
-            "nnUNetv2_synth_generate=nnunet_synth.bank:main",
-            "nnUNetv2_synth_convert=nnunet_synth.dataset_conversion.cli:main",
-            "nnUNetv2_synth_bbox_dataset=nnunet_synth.dataset_conversion.bbox:bbox_dataset_main",
-            "nnUNetv2_synth_bbox_pseudolabel=nnunet_synth.dataset_conversion.bbox:bbox_pseudolabel_main",
-            "nnUNetv2_synth_evaluate=nnunet_synth.evaluation.cli:evaluate_entry",
-            "nnUNetv2_synth_quality=nnunet_synth.evaluation.quality:main",
-        ],
-    },
-)
+from setuptools import setup
+
+setup()

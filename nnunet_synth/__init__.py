@@ -8,6 +8,10 @@ so ``python -m nnunet_synth.ext_path`` stays instant.
 
 from __future__ import annotations
 
+# The one place the version is written: pyproject.toml reads it (setuptools dynamic version), CHANGELOG.md and
+# CITATION.cff name it (tests/test_packaging.py checks that they agree).
+__version__ = "0.1.0"
+
 __all__ = ["LesionInfo", "SynthPlan", "SynthPlanError", "insert_tumours", "load_synth_plan"]
 
 _LAZY = {"insert_tumours": "nnunet_synth.generators.lesions", "LesionInfo": "nnunet_synth.generators.lesions",

@@ -6,7 +6,7 @@ own dataset class into ``nnUNet_preprocessed/DatasetNNN/nnUNetSynthBank_<backend
 (:func:`nnunet_synth.generators.paths.bank_dir`; another plans identifier than ``nnUNetPlans`` is in the name).
 Identifiers are ``<source case>__synth_f<fold>_<index>``: the fold and source are in the name, so a
 trainer takes only bank cases made for its fold from its own training cases. Case ``index`` depends only on
-(seed, fold, index), so parts (``--num-parts P --part I``, e.g. SLURM array tasks on different machines)
+(seed, fold, index), so parts (``-num_parts P -part_id I``, e.g. SLURM array tasks on different machines)
 write disjoint, reproducible cases, and a rerun skips finished ones. A case becomes visible only when
 complete: its files are written in a temporary subfolder and renamed, the data file last.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -24,15 +25,23 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_synth.generators.paths import DEFAULT_PLANS_IDENTIFIER, bank_dir
-from nnunet_synth.planning import preprocessed_dir, write_json_atomic
+from nnunet_synth.files import creation_lock, nifti_truncation, process_tag, remove_stale
+from nnunet_synth.generators.paths import DEFAULT_PLANS_IDENTIFIER, bank_dir, generate_command
 
 BANK_PATTERN = re.compile(r"^(?P<source>.+)__synth_f(?P<fold>all|\d+)_(?P<index>\d+)$")
 MANIFEST_DIR = "manifest"  # a subfolder, so the bank folder itself holds nothing but case files
 TMP_DIR = ".tmp"
 SOURCE_TRIES = 4  # training cases tried, in turn, for one bank case before it is skipped
 # manifest entries a later part or rerun must share with the bank it adds to
-MANIFEST_KEYS = ("backend", "configuration", "seed", "checkpoint", "sampling_steps", "shapes")
+MANIFEST_KEYS = ("backend", "configuration", "seed", "checkpoint", "sampling_steps", "shapes", "settings")
+# synth-plan keys that are no bank setting: how the generator is found and run (the manifest records its checkpoint
+# and sampling steps), the seed (recorded on its own: --seed may override it) and the partial-bank permission
+NOT_SETTINGS = ("backend_params", "seed", "allow_partial_bank")
+
+
+class BankError(RuntimeError):
+    """A bank that must not be used or extended (incomplete, or made with other settings); the message names the
+    bank and the command that makes it usable."""
 
 
 def bank_identifier(source: str, fold: int | str, index: int) -> str:
@@ -118,7 +127,7 @@ def _save_case_atomic(dataset_class, data: np.ndarray, seg: np.ndarray, properti
     """Writes a case with nnU-Net's ``save_case`` into a temporary subfolder, then renames the data file last."""
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
 
-    tmp = folder / TMP_DIR / f"{identifier}.{os.getpid()}"
+    tmp = folder / TMP_DIR / f"{identifier}{process_tag()}"
     tmp.mkdir(parents=True, exist_ok=True)
     if issubclass(dataset_class, nnUNetDatasetBlosc2):
         # the chunking nnU-Net's preprocessor uses for this patch size (random patch reads stay fast)
@@ -269,6 +278,9 @@ def export_raw(data: np.ndarray, source_data: np.ndarray, synthetic: np.ndarray,
     for path in [*files["images"], files["label"]]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--export-raw: raw source file {path} of the {where} not found")
+        truncated = nifti_truncation(path)  # SimpleITK would read the missing voxels as zeros
+        if truncated is not None:
+            raise ValueError(f"--export-raw: raw source file {path} of the {where} is truncated: {truncated}")
     images = [sitk.ReadImage(str(p)) for p in files["images"]]
     label_image = sitk.ReadImage(str(files["label"]))
     arrays = [sitk.GetArrayFromImage(i) for i in images]
@@ -326,7 +338,7 @@ def export_raw(data: np.ndarray, source_data: np.ndarray, synthetic: np.ndarray,
     lesion = to_raw(lesion_t, label_array)
     synthetic_raw = to_raw(full_masks[0] > 0, label_array)
     out_dir = Path(out_dir)
-    tmp = out_dir / TMP_DIR / f"{identifier}.{os.getpid()}"
+    tmp = out_dir / TMP_DIR / f"{identifier}{process_tag()}"
     moves = []  # (temporary file, final file), in the order they are moved into place: images last
     try:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -367,21 +379,137 @@ def _fold_seed(fold: int | str) -> int:
     return fold if isinstance(fold, int) else 1_000_000
 
 
-def _check_manifest(path: Path, manifest: dict) -> None:
-    """Refuses to mix cases made with another seed, checkpoint or sampling setting into one bank."""
-    import json
+def bank_settings(plan) -> dict:
+    """The synth-plan settings that shape a bank's lesions (labels, sizes, shapes, placement, contrast, texture),
+    as JSON: recorded in the manifest; a bank is extended, and trained on, only with the same."""
+    settings = plan.to_dict()
+    for key in NOT_SETTINGS:
+        settings.pop(key, None)
+    return settings
 
-    if path.is_file():
-        old = json.loads(path.read_text())
-        # keys an older manifest lacks (shapes, recorded since plans were typed) are not held against it
-        diff = {k: (old[k], manifest[k]) for k in MANIFEST_KEYS if k in old and old[k] != manifest[k]}
+
+def bank_plan(dataset: str | int, backend: str, configuration: str,
+              plans_identifier: str = DEFAULT_PLANS_IDENTIFIER, shapes: dict | None = None, params: dict | None = None):
+    """The synth plan a bank of ``backend`` is made with: the dataset's plan with ``backend``, the generation's
+    backend parameters and its shape overrides (``--size-class``, ``--deformation``; sd_inversion on a 2d
+    configuration: the per-slice area classes)."""
+    from nnunet_synth.planning import load_synth_plan
+
+    plan = load_synth_plan(dataset, configuration, plans_identifier)
+    params = {**plan.backend_params, **(params or {})}
+    shapes = dict(shapes or {})
+    if backend == "sd_inversion" and len(plan.spacing) == 2:
+        shapes["size_preset"] = "slice_area"  # the breast 2D paper's classes are tumour areas per slice
+    return plan.replace(backend=backend, backend_params=params, shapes=shapes).validated(
+        f"synth plan of {plan.dataset_name} with -g {backend} and shapes {shapes}")
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _settings_digest(manifest: dict) -> str:
+    """A short digest of everything a part must share with its bank (:data:`MANIFEST_KEYS`)."""
+    import hashlib
+
+    return hashlib.sha1(_canonical({k: manifest.get(k) for k in MANIFEST_KEYS}).encode()).hexdigest()[:12]
+
+
+def _differences(old: dict, new: dict, keys) -> list[str]:
+    """One phrase per key of ``keys`` whose value differs (plan settings by their own keys)."""
+    out = []
+    for key in keys:
+        if key in old and _canonical(old[key]) != _canonical(new[key]):
+            if key == "settings":
+                names = sorted(k for k in {*old[key], *new[key]}
+                               if _canonical(old[key].get(k)) != _canonical(new[key].get(k)))
+                out.append(f"synth-plan settings {', '.join(names)}")
+            else:
+                out.append(f"{key} {old[key]!r} then, {new[key]!r} now")
+    return out
+
+
+def _check_manifest(path: Path, manifest: dict, part: str) -> None:
+    """Refuses to mix cases made with other settings (seed, checkpoint, sampling steps, the plan's shapes,
+    placement or contrast) into one bank, then records the request and ``part`` (``"I/P"``) as started.
+
+    Every part of a bank shares the settings recorded at the top; ``parts`` records for each part its request,
+    the digest of the settings it ran with and whether it finished; ``skipped`` the indices no lesion fitted
+    (not missing, see :func:`check_bank`).
+    """
+    from nnunet_synth.planning import write_json_atomic
+
+    with creation_lock(path):  # parts started together update one manifest in turn
+        if path.is_file():
+            old = json.loads(path.read_text())
+            # keys an older manifest lacks (shapes, settings: recorded since) are not held against it
+            diff = _differences(old, manifest, MANIFEST_KEYS)
+            if diff:
+                raise BankError(f"the bank described by {path} was generated with other settings ({'; '.join(diff)}); "
+                                f"delete the bank folder {path.parent.parent} or use the same settings")
+            manifest = dict(manifest, num_cases=max(int(old.get("num_cases", 0)), manifest["num_cases"]),
+                            parts=old.get("parts", {}), skipped=old.get("skipped", []))
+        manifest.setdefault("parts", {})[part] = {"num_cases": manifest["num_cases"],
+                                                  "settings_digest": _settings_digest(manifest), "finished": False}
+        manifest.setdefault("skipped", [])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(manifest, path)
+
+
+def _finish_part(path: Path, part: str, num_cases: int, skipped: list[int]) -> None:
+    """Records a part as finished, and the indices it skipped."""
+    from nnunet_synth.planning import write_json_atomic
+
+    with creation_lock(path):
+        manifest = json.loads(path.read_text())
+        manifest.setdefault("parts", {}).setdefault(part, {}).update(num_cases=num_cases, finished=True)
+        manifest["skipped"] = sorted(set(manifest.get("skipped", [])) | set(skipped))
+        write_json_atomic(manifest, path)
+
+
+def check_bank(dataset: str | int, backend: str, configuration: str, fold: int | str,
+               plans_identifier: str = DEFAULT_PLANS_IDENTIFIER) -> str:
+    """Refuses a bank a trainer must not train on; returns a line for the training log.
+
+    A bank is usable when its manifest's settings are those of the current synth plan and it holds every case
+    that was requested (finished or skipped because no lesion fitted); a stopped generation is accepted only
+    where the synth plan sets ``allow_partial_bank``.
+
+    Raises:
+        BankError: no manifest, other settings than the current plan, or an incomplete bank; naming found and
+            requested cases and the command that completes or remakes it.
+    """
+    folder = bank_dir(dataset, backend, configuration, plans_identifier)
+    path = folder / MANIFEST_DIR / f"fold_{fold}.json"
+    command = generate_command(dataset, backend, configuration, fold, plans_identifier)
+    if not path.is_file():
+        raise BankError(f"the {backend} bank {folder} has no manifest for fold {fold} ({path}), so nothing says "
+                        f"how it was made or whether it is complete; make it with: {command}")
+    manifest = json.loads(path.read_text())
+    plan = bank_plan(dataset, backend, configuration, plans_identifier, manifest.get("shape_overrides"))
+    requested = int(manifest["num_cases"])
+    flags = {"--seed": manifest.get("seed"), "--sampling-steps": manifest.get("sampling_steps"),
+             "--checkpoint": manifest.get("checkpoint"), **{f"--{k.replace('_', '-')}": v for k, v in
+                                                           (manifest.get("shape_overrides") or {}).items()}}
+    command = command.replace(" -n N", f" -n {requested}") + "".join(
+        f" {flag} {value}" for flag, value in flags.items() if value is not None)
+    if "settings" in manifest:
+        diff = _differences(manifest, {"settings": bank_settings(plan)}, ("settings",))
         if diff:
-            raise RuntimeError(f"the bank described by {path} was generated with other settings "
-                               f"(existing, now: {diff}); delete the bank folder {path.parent.parent} or use "
-                               f"the same settings")
-        manifest = dict(manifest, num_cases=max(int(old.get("num_cases", 0)), manifest["num_cases"]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(manifest, path)
+            raise BankError(f"the {backend} bank {folder} (fold {fold}) was generated with other {diff[0]} than "
+                            f"the synth plan has now; delete the bank folder and make it again with: {command}")
+    found = len(bank_identifiers(folder, fold))
+    skipped = len(manifest.get("skipped", []))
+    unfinished = sorted(k for k, v in manifest.get("parts", {}).items() if not v.get("finished"))
+    state = (f"the {backend} bank {folder} holds {found} of the {requested} cases requested for fold {fold} "
+             f"({skipped} skipped: no lesion fitted{'; parts not finished: ' if unfinished else ''}"
+             f"{', '.join(unfinished)})")
+    if found + skipped >= requested:
+        return state
+    if not plan.allow_partial_bank:
+        raise BankError(f"{state}: its generation stopped early; complete it with: {command} (finished cases are "
+                        f"kept), or set \"allow_partial_bank\": true in the synth plan to train on it as it is")
+    return f"{state}; allow_partial_bank is set in the synth plan: training on it as it is"
 
 
 def generate_bank(dataset: str | int, backend: str, num_cases: int, configuration: str = "3d_fullres",
@@ -404,21 +532,16 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
     from nnunet_synth.generators.lesions import insert_tumours_in_case
     from nnunet_synth.generators.splits import split_cases
     from nnunet_synth.generators.templates import fold_templates
-    from nnunet_synth.planning import load_synth_plan
+    from nnunet_synth.planning import preprocessed_dir
 
     if num_cases < 1:
         raise ValueError(f"-n must be at least 1, got {num_cases}")
     if not 0 <= part < num_parts:
-        raise ValueError(f"--part must be in [0, {num_parts}), got {part}")
-    plan = load_synth_plan(dataset, configuration, plans_identifier)
-    params = dict(plan.backend_params)
-    params.update({k: v for k, v in {"fold": fold, "checkpoint": checkpoint, "sampling_steps": sampling_steps,
-                                     "device": device}.items() if v is not None})
+        raise ValueError(f"-part_id must be in [0, {num_parts}), got {part}")
+    params = {k: v for k, v in {"fold": fold, "checkpoint": checkpoint, "sampling_steps": sampling_steps,
+                                "device": device}.items() if v is not None}
     shapes = {k: v for k, v in {"size_class": size_class, "deformation": deformation}.items() if v is not None}
-    if backend == "sd_inversion" and len(plan.spacing) == 2:
-        shapes["size_preset"] = "slice_area"  # the breast 2D paper's classes are tumour areas per slice
-    plan = plan.replace(backend=backend, backend_params=params, shapes=shapes).validated(
-        f"synth plan of {plan.dataset_name} with -g {backend} and shapes {shapes}")
+    plan = bank_plan(dataset, backend, configuration, plans_identifier, shapes, params)
     seed = int(plan.seed if seed is None else seed)
     generator = get_backend(backend)(plan)
     train_cases, _, real_folder = split_cases(dataset, configuration, fold, plans_identifier)
@@ -434,12 +557,16 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
         templates, _ = fold_templates(base, conf, plan, train_cases)
     out = bank_dir(dataset, backend, configuration, plans_identifier)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale(out / TMP_DIR)  # what killed generations left
+    if export_raw_dir is not None:
+        remove_stale(Path(export_raw_dir) / TMP_DIR)
     manifest = {"dataset_name": plan.dataset_name, "backend": backend, "configuration": configuration,
                 "fold": fold, "seed": seed, "num_cases": num_cases,
                 "checkpoint": None if generator.checkpoint is None else str(generator.checkpoint),
                 "sampling_steps": generator.sampling_steps, "training_cases": train_cases,
-                "shapes": dataclasses.asdict(plan.shapes)}
-    _check_manifest(out / MANIFEST_DIR / f"fold_{fold}.json", manifest)
+                "shapes": dataclasses.asdict(plan.shapes), "shape_overrides": shapes, "settings": bank_settings(plan)}
+    manifest_path, part_key = out / MANIFEST_DIR / f"fold_{fold}.json", f"{part}/{num_parts}"
+    _check_manifest(manifest_path, manifest, part_key)
 
     written, skipped = [], []
     done = {parse_bank_identifier(i)[2] for i in bank_identifiers(out, fold)}
@@ -458,7 +585,7 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
                 break
         identifier = bank_identifier(source, fold, index)
         if not lesions:
-            skipped.append(identifier)
+            skipped.append((index, identifier))
             continue
         props = copy.deepcopy(properties)
         props["class_locations"] = class_locations(new_seg, label_manager)
@@ -472,25 +599,34 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
         _save_case_atomic(dataset_class, new_data, new_seg.astype(np.asarray(seg).dtype), props, out, identifier,
                           tuple(conf.patch_size))
         written.append(identifier)
+    _finish_part(manifest_path, part_key, num_cases, [index for index, _ in skipped])
     if skipped:
+        names = [identifier for _, identifier in skipped]
         warnings.warn(f"{len(skipped)} bank case(s) skipped: no lesion fitted the placement region of their source "
-                      f"case ({', '.join(skipped[:5])}{'...' if len(skipped) > 5 else ''})", stacklevel=2)
+                      f"case ({', '.join(names[:5])}{'...' if len(names) > 5 else ''})", stacklevel=2)
     return written
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="nnUNetv2_synth_generate", description="Insert generated lesions into "
-                                     "training-fold cases and write them as an nnU-Net preprocessed bank.")
+    from nnunet_synth.cli import HelpFormatter, add_deprecated_alias
+
+    parser = argparse.ArgumentParser(prog="nnUNetv2_synth_generate", formatter_class=HelpFormatter,
+                                     description="Insert generated lesions into training-fold cases and write them "
+                                     "as an nnU-Net preprocessed bank.")
     parser.add_argument("-d", "--dataset", required=True, help="dataset name or ID")
     parser.add_argument("-g", "--generator", required=True, help="backend, e.g. ddpm")
     parser.add_argument("-n", "--num-cases", type=int, required=True, help="bank cases for this fold (all parts)")
-    parser.add_argument("-c", "--configuration", default="3d_fullres")
+    parser.add_argument("-c", "--configuration", default="3d_fullres", help="nnU-Net configuration")
     parser.add_argument("-f", "--fold", default="0", help="segmenter fold whose training cases are sources")
     parser.add_argument("-p", "--plans", default=DEFAULT_PLANS_IDENTIFIER, help="plans identifier")
     parser.add_argument("--sampling-steps", type=int, default=None, help="DDIM steps (ddpm default: 250, ldm: 10)")
-    parser.add_argument("--num-parts", type=int, default=1, help="split the work into P parts (array jobs)")
-    parser.add_argument("--part", type=int, default=0, help="which part this process writes (0-based)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    add_deprecated_alias(parser, parser.add_argument("-num_parts", type=int, default=1, metavar="P",
+                                                     help="split the work into P parts (array jobs)"), "--num-parts")
+    add_deprecated_alias(parser, parser.add_argument("-part_id", type=int, default=0, metavar="I",
+                                                     help="which part this process writes (0 to P-1)"), "--part")
+    add_deprecated_alias(parser, parser.add_argument("-device", choices=["cpu", "cuda"], default=None,
+                                                     help="device of the generator (default: cuda if available)"),
+                         "--device")
     parser.add_argument("--checkpoint", default=None, help="best (default), final, latest or a checkpoint path")
     parser.add_argument("--seed", type=int, default=None, help="default: the synth plan's seed")
     parser.add_argument("--export-raw", type=Path, default=None, help="also write each case as an nnU-Net raw case "
@@ -506,10 +642,10 @@ def main(argv: list[str] | None = None) -> None:
     from nnunet_synth.cli import exit_on_user_error
     from nnunet_synth.generators.splits import parse_fold
 
-    # besides the common user errors: an unknown (KeyError) or unbuilt backend, and bad -n/--part/--fold values
+    # besides the common user errors: an unknown (KeyError) or unbuilt backend, and bad -n/-part_id/-f values
     with exit_on_user_error(parser.prog, also=(NotImplementedError, KeyError, ValueError)):
         written = generate_bank(args.dataset, args.generator, args.num_cases, args.configuration,
-                                parse_fold(args.fold), args.plans, args.sampling_steps, args.num_parts, args.part,
+                                parse_fold(args.fold), args.plans, args.sampling_steps, args.num_parts, args.part_id,
                                 args.device, args.checkpoint, args.seed, args.export_raw,
                                 size_class=args.size_class, deformation=args.deformation)
         out = bank_dir(args.dataset, args.generator, args.configuration, args.plans)

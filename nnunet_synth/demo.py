@@ -4,9 +4,11 @@ held-out phantoms -> Dice -> preview PNGs, with nnU-Net's real commands, in a fo
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +51,48 @@ def score_predictions(labels_dir: Path, predictions_dir: Path, labels: dict[str,
     return scores
 
 
-def _run(step: str, command: list[str], env: dict[str, str], log: Path) -> None:
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+
+
+class EpochProgress:
+    """Turns nnU-Net's ``Epoch N`` log lines into ``epoch N+1/M, <elapsed> elapsed, about <remaining> left``.
+
+    M comes from the trainer's logged schedule (:func:`nnunet_synth.trainers.schedules.set_schedule`); the
+    remaining time is the mean epoch time so far times the epochs still to run (the final validation after the
+    last epoch is not included).
+    """
+
+    EPOCH = re.compile(r": Epoch (\d+)\s*$")
+
+    def __init__(self, start: float | None = None):
+        from nnunet_synth.trainers.schedules import SCHEDULE_LOG
+
+        self.schedule = re.compile(re.escape(SCHEDULE_LOG.split("{}")[0]) + r"(\d+) epochs")
+        self.start = time.time() if start is None else start
+        self.total: int | None = None
+        self.first: tuple[int, float] | None = None  # (epoch, time) of the first epoch seen
+
+    def __call__(self, line: str, now: float | None = None) -> str | None:
+        """The progress line for a log line that starts an epoch, else None."""
+        if match := self.schedule.search(line):
+            self.total = int(match[1])
+        match = self.EPOCH.search(line)
+        if match is None:
+            return None
+        now, epoch = time.time() if now is None else now, int(match[1])
+        if self.first is None:
+            self.first = (epoch, now)
+        text = f"epoch {epoch + 1}/{self.total if self.total else '?'}, {_duration(now - self.start)} elapsed"
+        done = epoch - self.first[0]
+        if self.total and done > 0:
+            text += f", about {_duration((now - self.first[1]) / done * (self.total - epoch))} left"
+        return text
+
+
+def _run(step: str, command: list[str], env: dict[str, str], log: Path,
+         progress: Callable[[str], str | None] | None = None) -> None:
     print(f"\n=== {step}\n$ {' '.join(command)}  (full output: {log})", flush=True)
     start = time.time()
     with open(log, "w", encoding="utf-8") as f:
@@ -58,9 +101,13 @@ def _run(step: str, command: list[str], env: dict[str, str], log: Path) -> None:
                                    encoding="utf-8", errors="replace")
         for line in process.stdout:
             f.write(line)
+            shown = progress(line) if progress is not None else None
+            if shown is not None:
+                print("   " + shown, flush=True)
             # show nnU-Net's own progress (epochs, Dice, case counts), not its configuration dumps
-            if any(key in line for key in ("Epoch ", "train_loss", "Pseudo dice", "synthetic tumours", "Mean Valid",
-                                           "Preprocessing", "Predicting", "Error", "error")) and len(line) < 300:
+            elif any(key in line for key in ("Epoch ", "train_loss", "Pseudo dice", "synthetic tumours",
+                                             "Mean Valid", "Preprocessing", "Predicting", "Error", "error")) \
+                    and len(line) < 300:
                 print("   " + line.rstrip(), flush=True)
         if process.wait():
             raise RuntimeError(f"{step} failed (exit code {process.returncode}); see {log}")
@@ -105,7 +152,7 @@ def run_demo(output_dir: str | os.PathLike = "nnunet_synth_demo", trainer: str =
     # one loader worker (the second core trains); one worker for the final validation's export
     train_env = dict(env, nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1")
     _run(f"4/6 training {trainer}", ["nnUNetv2_train", did, "3d_fullres", "0", "-tr", trainer, "-device", "cpu"],
-         train_env, logs / "train.log")
+         train_env, logs / "train.log", EpochProgress())
     predictions = root / "predictions"
     _run("5/6 prediction on held-out phantoms",
          ["nnUNetv2_predict", "-d", did, "-c", "3d_fullres", "-f", "0", "-tr", trainer, "-i", str(raw / "imagesTs"),

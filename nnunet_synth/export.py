@@ -9,9 +9,10 @@ still records how the model was trained.
 from __future__ import annotations
 
 import os
-import pickletools
+import pickle
 import shutil
 import tempfile
+import types
 import zipfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 PLAIN_TRAINER = "nnUNetTrainer"
+PLUGIN = "nnunet_synth"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
 # files of a results folder that inference needs or that document the model (as nnU-Net's export keeps)
 KEEP = ("plans.json", "dataset.json", "dataset_fingerprint.json", "nnUNetSynthPlans.json", "debug.json",
@@ -34,27 +36,64 @@ def model_folder(dataset: str | int, trainer: str, configuration: str, plans_ide
 
 
 def rewrite_checkpoint(src: Path, dst: Path) -> None:
-    """Copies a checkpoint with ``trainer_name`` set to plain nnU-Net's trainer."""
-    checkpoint = torch.load(src, map_location="cpu", weights_only=False)
-    if "trainer_name" not in checkpoint or "network_weights" not in checkpoint:
+    """Copies a checkpoint with ``trainer_name`` set to plain nnU-Net's trainer.
+
+    Raises:
+        ValueError: ``src`` is unreadable or no nnU-Net checkpoint, or the copy still needs this plugin to load
+            or to build its network (see :func:`plugin_references`).
+    """
+    checkpoint, _ = _load_recording_imports(src)
+    if not isinstance(checkpoint, dict) or "trainer_name" not in checkpoint or "network_weights" not in checkpoint:
         raise ValueError(f"{src} is not an nnU-Net checkpoint (no trainer_name/network_weights)")
     checkpoint["trainer_name"] = PLAIN_TRAINER
     torch.save(checkpoint, dst)
-    if "nnunet_synth" in _pickled_globals(dst):
-        raise RuntimeError(f"{dst} still references nnunet_synth objects; a plain nnU-Net could not load it")
+    references = plugin_references(dst)
+    if references:
+        raise ValueError(f"{src} references {', '.join(references)}: a plain nnU-Net install could not load the "
+                         f"exported model")
 
 
-def _pickled_globals(path: Path) -> str:
-    """Module names the checkpoint's pickle refers to (torch.save writes a zip holding data.pkl)."""
-    with zipfile.ZipFile(path) as z:
-        pkl = next(n for n in z.namelist() if n.endswith("data.pkl"))
-        ops = pickletools.genops(z.read(pkl))
-        return " ".join(str(arg) for op, arg, _ in ops if op.name in ("GLOBAL", "SHORT_BINUNICODE", "BINUNICODE")
-                        and isinstance(arg, str) and "." in arg)
+def plugin_references(path: Path) -> list[str]:
+    """What a plain nnU-Net install (without this plugin) would fail to import when it loads a checkpoint: the
+    ``nnunet_synth`` classes and functions its pickle imports, and class names in its plans (nnU-Net imports the
+    network class by name). Strings that merely mention the plugin (``converted_by`` in dataset.json) are data
+    and import nothing.
+
+    Raises:
+        ValueError: the file is not a readable torch checkpoint.
+    """
+    checkpoint, imported = _load_recording_imports(path)
+    references = [name for name in imported if name.split(".")[0] == PLUGIN]
+    plans = checkpoint.get("init_args", {}).get("plans", {}) if isinstance(checkpoint, dict) else {}
+    for configuration, settings in (plans.get("configurations") or {}).items():
+        architecture = settings.get("architecture", {}) if isinstance(settings, dict) else {}
+        name = architecture.get("network_class_name", "") if isinstance(architecture, dict) else ""
+        if isinstance(name, str) and name.split(".")[0] == PLUGIN:
+            references.append(f"{name} (network class of configuration {configuration})")
+    return sorted(set(references))
+
+
+def _load_recording_imports(path: Path) -> tuple[object, list[str]]:
+    """The checkpoint and every ``module.name`` its pickle imports, in order."""
+    imported: list[str] = []
+
+    class RecordingUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            imported.append(f"{module}.{name}")
+            return super().find_class(module, name)
+
+    # torch.load subclasses pickle_module.Unpickler for its own lookups, so every import passes find_class above
+    recording = types.SimpleNamespace(__name__="pickle", Unpickler=RecordingUnpickler, load=pickle.load)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, pickle_module=recording)
+    except Exception as err:  # whatever torch.load meets in a damaged file (zip, pickle, legacy format errors)
+        raise ValueError(f"cannot read checkpoint {path}: {' '.join(str(err).split())}") from err
+    return checkpoint, imported
 
 
 def export_model(dataset: str | int, trainer: str, configuration: str, output: str | os.PathLike,
-                 folds: tuple[str, ...] | None = None, plans_identifier: str = "nnUNetPlans") -> Path:
+                 folds: tuple[str, ...] | None = None, plans_identifier: str = "nnUNetPlans",
+                 overwrite: bool = False) -> Path:
     """Exports a trained Synth model for plain nnU-Net.
 
     Args:
@@ -65,9 +104,13 @@ def export_model(dataset: str | int, trainer: str, configuration: str, output: s
             ``nnUNetv2_predict``) or a ``.zip`` file (install with ``nnUNetv2_install_pretrained_model_from_zip``).
         folds: folds to export (default: every fold folder with a final checkpoint).
         plans_identifier: plans identifier.
+        overwrite: replace an existing zip file, or this model's folder in an existing output tree.
 
     Returns:
         The output path.
+
+    Raises:
+        FileExistsError: the zip file, or this model in the output tree, exists and ``overwrite`` is not set.
     """
     src = model_folder(dataset, trainer, configuration, plans_identifier)
     if not src.is_dir():
@@ -83,6 +126,11 @@ def export_model(dataset: str | int, trainer: str, configuration: str, output: s
         raise FileNotFoundError(f"{src} has no fold with checkpoint_final.pth: finish the training first")
     output = Path(output)
     rel = Path(src.parent.name) / src.name
+    existing = output if output.suffix == ".zip" else output / rel
+    if output.suffix == ".zip" and output.is_dir():
+        raise IsADirectoryError(f"{output} is a folder; name a .zip file or a folder without the .zip suffix")
+    if existing.exists() and not overwrite:
+        raise FileExistsError(f"{existing} exists; pass --overwrite to replace it, or export elsewhere")
     output.parent.mkdir(parents=True, exist_ok=True)
     # assemble beside the output and move into place when complete, so a failed export leaves nothing behind
     with tempfile.TemporaryDirectory(prefix=".nnunet_synth_export.", dir=output.parent) as tmp:
@@ -111,9 +159,8 @@ def export_model(dataset: str | int, trainer: str, configuration: str, output: s
                         z.write(f, f.relative_to(tree))
             os.replace(part, output)
         else:
-            target = output / rel
-            if target.exists():
-                raise FileExistsError(f"{target} exists; remove it or export elsewhere")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(dst), str(target))
+            existing.parent.mkdir(parents=True, exist_ok=True)
+            if existing.exists():  # overwrite: the old model goes into the temporary folder, removed with it
+                shutil.move(str(existing), str(Path(tmp) / "replaced"))
+            shutil.move(str(dst), str(existing))
     return output

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from nnunet_synth.cli import exit_on_user_error
+from nnunet_synth.cli import HelpFormatter, add_deprecated_alias, exit_on_user_error
 from nnunet_synth.generators import trainable_backends
 from nnunet_synth.generators.paths import DEFAULT_PLANS_IDENTIFIER, generator_output_dir
 from nnunet_synth.generators.splits import parse_fold, split_cases
@@ -26,19 +26,21 @@ from nnunet_synth.generators.training_utils import GeneratorJob, load_training
 
 @exit_on_user_error("nnUNetv2_synth_train_generator")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="nnUNetv2_synth_train_generator",
+    parser = argparse.ArgumentParser(prog="nnUNetv2_synth_train_generator", formatter_class=HelpFormatter,
                                      description="Train a learned tumour generator on nnU-Net's preprocessed data "
                                                  "(training-fold cases only). Multi-GPU: torchrun --nproc_per_node "
                                                  "N $(which nnUNetv2_synth_train_generator) ...")
     parser.add_argument("-d", "--dataset", required=True, help="dataset name or ID")
     parser.add_argument("-g", "--generator", required=True, choices=trainable_backends(), help="backend")
-    parser.add_argument("-c", "--configuration", default="3d_fullres")
+    parser.add_argument("-c", "--configuration", default="3d_fullres", help="nnU-Net configuration")
     parser.add_argument("-f", "--fold", default="0", help="segmenter fold whose training cases are used, or 'all'")
     parser.add_argument("-p", "--plans", default=DEFAULT_PLANS_IDENTIFIER, help="plans identifier")
     parser.add_argument("--preset", default=None, help="model preset (default: the backend's first, e.g. paper)")
     parser.add_argument("--iterations", type=int, default=None, help="optimiser steps in total (default: preset)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    parser.add_argument("--seed", type=int, default=12345)
+    add_deprecated_alias(parser, parser.add_argument("-device", choices=["cpu", "cuda"], default=None,
+                                                     help="training device (default: cuda if available)"),
+                         "--device")
+    parser.add_argument("--seed", type=int, default=12345, help="seed of initialisation and sampling")
     parser.add_argument("--c", dest="resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--stage", default=None, help="ldm only: vqvae, vqvae-volume or diffusion (default: all "
                         "stages in order; with --c finished stages are skipped)")
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     fold = parse_fold(args.fold)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no CUDA device is available")
+        parser.error("-device cuda but no CUDA device is available")
     cases, _, folder = split_cases(args.dataset, args.configuration, fold, args.plans)
     dataset_name = str(maybe_convert_to_dataset_name(args.dataset))
     output_dir = generator_output_dir(dataset_name, args.generator, args.configuration, fold, args.plans)

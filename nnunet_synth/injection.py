@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections import deque
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunet_synth.generators import get_backend
 from nnunet_synth.generators.lesions import insert_tumours
@@ -25,6 +27,10 @@ if TYPE_CHECKING:
 # counters per worker row: samples seen, samples with a synthetic tumour, samples where nothing fitted
 SEEN, SYNTHETIC, SKIPPED = 0, 1, 2
 MAX_WORKER_ROWS = 64
+# what the transform did to one sample (see SynthTumourTransform.take_outcomes)
+NOT_CHOSEN, INSERTED, NOTHING_FITTED = 0, 1, 2
+PENDING_OUTCOMES = 4096  # outcomes kept until taken (a batch's worth is taken after each batch)
+OUTCOME_KEY = "synth_outcome"  # the key of a training batch that holds one outcome per sample
 
 
 def worker_index() -> int:
@@ -75,6 +81,7 @@ class SynthTumourTransform(BasicTransform):
         self.generator = get_backend(synth_plan.backend)(synth_plan)
         self._rng: np.random.Generator | None = None
         self._rng_pid: int | None = None
+        self._outcomes: deque[int] = deque(maxlen=PENDING_OUTCOMES)
 
     @property
     def rng(self) -> np.random.Generator:
@@ -87,19 +94,31 @@ class SynthTumourTransform(BasicTransform):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_rng"] = state["_rng_pid"] = None
+        state["_outcomes"] = deque(maxlen=PENDING_OUTCOMES)
         return state
+
+    def take_outcomes(self) -> list[int]:
+        """What this process's calls did since the last take (:data:`NOT_CHOSEN`, :data:`INSERTED` or
+        :data:`NOTHING_FITTED` per sample, in order); the loader attaches them to its batch, so the trainer counts
+        the samples its training step consumes (the shared counters also count what the workers prefetched)."""
+        outcomes = list(self._outcomes)
+        self._outcomes.clear()
+        return outcomes
 
     def __call__(self, **data_dict) -> dict:
         rng = self.rng
         row = self.counters[worker_index() % MAX_WORKER_ROWS]
         row[SEEN] += 1
         if rng.uniform() >= float(self.probability[0]):
+            self._outcomes.append(NOT_CHOSEN)
             return data_dict
         image, seg = self.insert(data_dict["image"], data_dict["segmentation"], rng)
         if image is None:
             row[SKIPPED] += 1
+            self._outcomes.append(NOTHING_FITTED)
             return data_dict
         row[SYNTHETIC] += 1
+        self._outcomes.append(INSERTED)
         data_dict["image"], data_dict["segmentation"] = image, seg
         return data_dict
 
@@ -116,6 +135,23 @@ class SynthTumourTransform(BasicTransform):
         if not lesions:
             return None, None
         return torch.from_numpy(new_image), torch.from_numpy(new_seg)
+
+
+class OutcomeDataLoader(nnUNetDataLoader):
+    """nnU-Net's training loader whose batches also hold :data:`OUTCOME_KEY`: per sample, what the
+    :class:`SynthTumourTransform` among its transforms did (it runs in the same worker process, once per sample, in
+    batch order). The Synth trainers count the samples their training step consumes from it, not the ones the
+    loader workers prefetched at start or resume."""
+
+    def generate_train_batch(self) -> dict:
+        synth = next((t for t in getattr(self.transforms, "transforms", []) if isinstance(t, SynthTumourTransform)),
+                     None)
+        if synth is not None:
+            synth.take_outcomes()  # none left from an interrupted batch
+        batch = super().generate_train_batch()
+        if synth is not None:
+            batch[OUTCOME_KEY] = torch.as_tensor(synth.take_outcomes(), dtype=torch.int64)
+        return batch
 
 
 def achieved_rates(counters: torch.Tensor) -> dict[str, int]:

@@ -1,34 +1,36 @@
 """``nnUNetv2_synth_masks``: write synthetic lesion masks as NIfTI (with the dataset's spacing) and one PNG
-grid per size class and deformation, to inspect the shape engine in a viewer."""
+grid per size class and deformation, to inspect the shape engine in a viewer.
+
+The lesion pipeline, plotting and image libraries are imported where they are used, so ``--help`` is instant.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
-from batchgenerators.utilities.file_and_folder_operations import load_json  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from nnunet_synth.generators.paths import DEFAULT_PLANS_IDENTIFIER
 
-from nnunet_synth.generators.lesions import draw_masks  # noqa: E402
-from nnunet_synth.generators.shapes import equivalent_diameter_mm  # noqa: E402
-from nnunet_synth.generators.sizes import class_names  # noqa: E402
-from nnunet_synth.generators.splits import split_cases  # noqa: E402
-from nnunet_synth.generators.templates import fold_templates  # noqa: E402
-from nnunet_synth.planning import load_synth_plan, preprocessed_dir  # noqa: E402
-from nnunet_synth.synth_plan import DEFAULT_PLANS_IDENTIFIER  # noqa: E402
+DESCRIPTION = ("Write synthetic lesion masks as NIfTI (with the dataset's spacing) and one PNG grid per size class "
+               "and deformation, to inspect the shape engine in a viewer.")
 
 
 def write_masks(dataset: str | int, num: int, output_dir: str | Path, configuration: str = "3d_fullres",
                 size_classes: list[str] | None = None, deformations: list[str] | None = None, fold: int = 0,
                 seed: int = 0, plans_identifier: str = DEFAULT_PLANS_IDENTIFIER) -> list[Path]:
     """Writes ``num`` masks per size class and deformation, drawn by the lesion pipeline; returns the PNG grids."""
+    import SimpleITK as sitk
+    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from tqdm import tqdm
+
+    from nnunet_synth.generators.lesions import draw_masks
+    from nnunet_synth.generators.sizes import class_names
+    from nnunet_synth.generators.splits import split_cases
+    from nnunet_synth.generators.templates import fold_templates
+    from nnunet_synth.planning import load_synth_plan, preprocessed_dir
 
     plan = load_synth_plan(dataset, configuration, plans_identifier)
     base = preprocessed_dir(dataset)
@@ -61,6 +63,13 @@ def write_masks(dataset: str | int, num: int, output_dir: str | Path, configurat
 
 
 def _grid(masks: list[np.ndarray], spacing: tuple[float, ...], title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nnunet_synth.generators.shapes import equivalent_diameter_mm
+
     cols = min(8, len(masks))
     rows = int(np.ceil(len(masks) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 2.0 * rows), squeeze=False)
@@ -78,17 +87,21 @@ def _grid(masks: list[np.ndarray], spacing: tuple[float, ...], title: str, path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="nnUNetv2_synth_masks", description=__doc__)
-    parser.add_argument("-d", "--dataset", required=True)
-    parser.add_argument("-c", "--configuration", default="3d_fullres")
+    from nnunet_synth.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="nnUNetv2_synth_masks", description=DESCRIPTION,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("-d", "--dataset", required=True, help="dataset name or ID (preprocessed, with a synth plan)")
+    parser.add_argument("-c", "--configuration", default="3d_fullres", help="nnU-Net configuration")
     parser.add_argument("-n", "--num", type=int, default=8, help="masks per size class and deformation")
-    parser.add_argument("--size-class", nargs="+", help="default: every class of the plan's size preset")
+    parser.add_argument("--size-class", nargs="+", help="size classes (default: every class of the plan's size "
+                        "preset)")
     parser.add_argument("--deformation", nargs="+", choices=["elastic", "simplex", "none", "template"],
-                        help="default: elastic and simplex")
+                        help="deformations (default: elastic and simplex)")
     parser.add_argument("-f", "--fold", type=int, default=0, help="fold whose training cases give the templates")
     parser.add_argument("-p", "--plans", default=DEFAULT_PLANS_IDENTIFIER, help="plans identifier")
-    parser.add_argument("-o", "--output", required=True)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-o", "--output", required=True, help="output folder for the NIfTI masks and PNG grids")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the mask draws")
     args = parser.parse_args(argv)
     grids = write_masks(args.dataset, args.num, args.output, args.configuration, args.size_class, args.deformation,
                         args.fold, args.seed, args.plans)

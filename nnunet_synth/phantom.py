@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
+from nnunet_synth.dataset_conversion.common import check_dataset_id_free, move_into_place, partial_folder
 from nnunet_synth.generators.placement import PlacementRules, central_window, place_lesion
 from nnunet_synth.generators.shapes import ellipsoid
 
@@ -117,7 +117,8 @@ def _write(array: np.ndarray, spacing: tuple[float, ...], path: Path) -> None:
 
 def write_phantom_dataset(dataset_id: int, num_train: int = 8, num_test: int = 2, modality: str = "CT",
                           healthy: bool = False, seed: int = 0, config: PhantomConfig = PhantomConfig(),
-                          raw_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+                          raw_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                          hide_tumours_mm: float | None = None) -> Path:
     """Writes a phantom dataset in nnU-Net's raw format.
 
     Training cases go to imagesTr/labelsTr; held-out cases (always with tumours, for evaluation) to
@@ -133,6 +134,9 @@ def write_phantom_dataset(dataset_id: int, num_train: int = 8, num_test: int = 2
         config: phantom geometry.
         raw_dir: nnUNet_raw folder (default: the environment variable).
         overwrite: replace an existing dataset folder.
+        hide_tumours_mm: hide the training cases' tumours, dilated by this margin in mm, behind nnU-Net's ignore
+            label, keeping the true labels in ``labelsTr_tumours/`` (see
+            :mod:`nnunet_synth.dataset_conversion.hidden_tumours`); the test cases keep theirs.
 
     Returns:
         The dataset folder.
@@ -145,15 +149,18 @@ def write_phantom_dataset(dataset_id: int, num_train: int = 8, num_test: int = 2
     if not 1 <= dataset_id <= 999:
         raise ValueError(f"nnU-Net dataset IDs are 1-999, got {dataset_id}")
     raw = Path(raw_dir if raw_dir is not None else nnUNet_raw.require())
-    name = f"Dataset{dataset_id:03d}_Phantom{modality}{'Healthy' if healthy else ''}"
-    existing = [p for p in raw.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir()] if raw.is_dir() else []
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} exists; pass overwrite=True (--overwrite) to replace it")
+    name = f"Dataset{dataset_id:03d}_Phantom{modality}{'Healthy' if healthy else ''}" \
+           f"{'Hidden' if hide_tumours_mm is not None else ''}"
+    # overwrite replaces this phantom only: another dataset with the ID (raw, preprocessed or results) is refused
+    check_dataset_id_free(dataset_id, name, raw)
+    final = raw / name
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} exists; pass overwrite=True (--overwrite) to replace it")
     raw.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     channels = TISSUES[modality]["channels"]
-    with tempfile.TemporaryDirectory(dir=raw, prefix=f".{name}.") as tmp:
-        tmp = Path(tmp)
+    tmp = partial_folder(raw, name)  # made with the user's umask, as the folders in it
+    try:
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
             (tmp / sub).mkdir()
         cases = [("Tr", f"phantom_{i:03d}", healthy) for i in range(num_train)]
@@ -167,9 +174,12 @@ def write_phantom_dataset(dataset_id: int, num_train: int = 8, num_test: int = 2
                               ".nii.gz", dataset_name=name,
                               description=f"nnunet_synth procedural {modality} phantom"
                                           f"{' (healthy training cases)' if healthy else ''}, seed {seed}")
-        for old in existing:
-            shutil.rmtree(old)
-        final = raw / name
-        os.replace(tmp, final)
-        tmp.mkdir()  # TemporaryDirectory cleans up the name it made
+        if hide_tumours_mm is not None:
+            from nnunet_synth.dataset_conversion.hidden_tumours import hide_tumours_in_folder
+
+            hide_tumours_in_folder(tmp, hide_tumours_mm, LABELS["tumour"])
+        move_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final

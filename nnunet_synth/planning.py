@@ -23,9 +23,11 @@ from scipy.ndimage import distance_transform_edt, gaussian_filter
 from scipy.ndimage import label as connected_components
 from tqdm import tqdm
 
+from nnunet_synth.files import creation_lock
 from nnunet_synth.generators.appearance import QUANTILE_LEVELS, RING_MM, measure_tumour, ring_tissue
 from nnunet_synth.generators.placement import PlacementRules
 from nnunet_synth.generators.shapes import SIZE_CLASSES, equivalent_diameter_mm
+from nnunet_synth.generators.splits import parse_fold
 from nnunet_synth.synth_plan import (
     DEFAULT_PLANS_IDENTIFIER,
     DEFAULT_SEED,
@@ -75,6 +77,27 @@ def preprocessed_dir(dataset: str | int) -> Path:
     return Path(nnUNet_preprocessed.require()) / maybe_convert_to_dataset_name(dataset)
 
 
+def _pick_label(labels: dict[str, int | list], words: tuple[str, ...], given: int | None, what: str,
+                flag: str) -> int:
+    """The label value named by one of ``words`` (or ``given``, checked); errors list the labels and the flag."""
+    listing = ", ".join(f"{v}={k!r}" for k, v in labels.items())
+    if given is not None:
+        if given not in set(labels.values()) - {0}:
+            raise SynthPlanError(f"{flag} {given} is not a foreground label of this dataset ({listing})")
+        return given
+    hits = [v for k, v in labels.items() if v != 0 and any(w in k.lower() for w in words)]
+    if len(hits) != 1:
+        reason = "no label name matches" if not hits else f"several labels match ({hits})"
+        raise SynthPlanError(f"cannot tell which label is the {what}: {reason} "
+                             f"{'/'.join(words[:6])}... Labels of this dataset: {listing}. Pass {flag} N.")
+    return hits[0]
+
+
+def guess_tumour_label(labels: dict[str, int | list], tumour_label: int | None = None) -> int:
+    """The tumour label value, from the names in dataset.json unless given (see :func:`guess_labels`)."""
+    return _pick_label(labels, TUMOUR_WORDS, tumour_label, "tumour", "--tumour-label")
+
+
 def guess_labels(labels: dict[str, int | list], organ_label: int | None = None,
                  tumour_label: int | None = None) -> tuple[int | None, int]:
     """Organ and tumour label values, from the names in dataset.json unless given.
@@ -90,25 +113,11 @@ def guess_labels(labels: dict[str, int | list], organ_label: int | None = None,
     if regions:
         raise SynthPlanError(f"dataset.json defines region labels {regions}: region-based training is not "
                              f"supported by the synth trainers; use integer labels")
-    listing = ", ".join(f"{v}={k!r}" for k, v in labels.items())
     values = set(labels.values()) - {0}
-
-    def pick(words: tuple[str, ...], given: int | None, what: str, flag: str) -> int:
-        if given is not None:
-            if given not in values:
-                raise SynthPlanError(f"{flag} {given} is not a foreground label of this dataset ({listing})")
-            return given
-        hits = [v for k, v in labels.items() if v != 0 and any(w in k.lower() for w in words)]
-        if len(hits) != 1:
-            reason = "no label name matches" if not hits else f"several labels match ({hits})"
-            raise SynthPlanError(f"cannot tell which label is the {what}: {reason} "
-                                 f"{'/'.join(words[:6])}... Labels of this dataset: {listing}. Pass {flag} N.")
-        return hits[0]
-
-    tumour = pick(TUMOUR_WORDS, tumour_label, "tumour", "--tumour-label")
+    tumour = guess_tumour_label(labels, tumour_label)
     if organ_label is None and values - {tumour, labels.get("ignore")} == set():
         return None, tumour
-    organ = pick(ORGAN_WORDS, organ_label, "organ (placement region)", "--organ-label")
+    organ = _pick_label(labels, ORGAN_WORDS, organ_label, "organ (placement region)", "--organ-label")
     if organ == tumour:
         raise SynthPlanError(f"organ and tumour label are both {organ}; pass --organ-label and --tumour-label")
     if labels.get("ignore") in (organ, tumour):
@@ -277,11 +286,20 @@ def tumour_texture(stats: list[dict]) -> TumourTexture | None:
 
 
 def configuration_statistics(dataset: str | int, configuration: str, organ_label: int | None, tumour_label: int,
-                             plans_identifier: str = DEFAULT_PLANS_IDENTIFIER, seed: int = 0) -> dict:
+                             plans_identifier: str = DEFAULT_PLANS_IDENTIFIER, seed: int = 0,
+                             fold: int | str = 0) -> dict:
     """Spacing, tumour sizes, intensity priors (and tissue region) from the configuration's preprocessed cases,
-    in the JSON form stored under ``configurations.<name>``."""
+    in the JSON form stored under ``configurations.<name>``.
+
+    A dataset with hidden tumours (:mod:`~nnunet_synth.dataset_conversion.hidden_tumours`) is measured on the
+    kept tumour masks of ``fold``'s training cases only (its validation cases' tumours are what a transfer
+    benchmark scores); other datasets on all cases, as nnU-Net's fingerprint.
+    """
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_synth.dataset_conversion.hidden_tumours import HiddenTumourLabels
+    from nnunet_synth.generators.splits import split_cases
 
     base = preprocessed_dir(dataset)
     plans = load_json(base / f"{plans_identifier}.json")
@@ -292,7 +310,9 @@ def configuration_statistics(dataset: str | int, configuration: str, organ_label
         raise SynthPlanError(f"{folder} does not exist: run nnUNetv2_plan_and_preprocess -d {dataset} "
                              f"-c {configuration} first")
     ds = infer_dataset_class(str(folder))(str(folder))
-    identifiers = sorted(ds.identifiers)
+    hidden = HiddenTumourLabels.of(base, plans_identifier, configuration)
+    identifiers = sorted(ds.identifiers) if hidden is None else \
+        split_cases(dataset, configuration, fold, plans_identifier)[0]
     rng = np.random.default_rng(seed)
     if len(identifiers) > MAX_CASES_FOR_STATISTICS:
         identifiers = sorted(rng.choice(identifiers, MAX_CASES_FOR_STATISTICS, replace=False))
@@ -303,7 +323,7 @@ def configuration_statistics(dataset: str | int, configuration: str, organ_label
         conf.normalization_schemes[0] == "CTNormalization" else None
     for identifier in tqdm(identifiers, desc=f"synth plan: statistics of {configuration}", unit="case"):
         data, seg, _, _ = ds.load_case(identifier)
-        data, seg = np.asarray(data), np.asarray(seg[0])
+        data, seg = np.asarray(data), np.asarray(seg[0] if hidden is None else hidden.segmentation(identifier, seg)[0])
         # a 2d configuration stores 3D cases: their through-plane spacing is the dataset's median one
         volume_spacing = spacing if len(spacing) == seg.ndim else (
             *plans["original_median_spacing_after_transp"][:seg.ndim - len(spacing)], *spacing)
@@ -322,7 +342,8 @@ def configuration_statistics(dataset: str | int, configuration: str, organ_label
     return _jsonable({"spacing": list(spacing), "tumour_sizes": dataclasses.asdict(summary["tumour_sizes"]),
                       "intensity": {"channels": [dataclasses.asdict(c) for c in summary["channels"]]},
                       "tissue": None if tissue is None else dataclasses.asdict(tissue),
-                      "texture": None if texture is None else dataclasses.asdict(texture)})
+                      "texture": None if texture is None else dataclasses.asdict(texture),
+                      "statistics_fold": None if hidden is None else fold})
 
 
 def default_plan(dataset_json: dict, dataset_name: str, plans_identifier: str, organ_label: int | None,
@@ -352,11 +373,12 @@ def write_json_atomic(obj: dict | list, path: Path) -> None:
 
 def plan_synth(dataset: str | int, configuration: str = "3d_fullres", organ_label: int | None = None,
                tumour_label: int | None = None, plans_identifier: str = DEFAULT_PLANS_IDENTIFIER,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, fold: int | str = 0) -> Path:
     """Creates or updates the synth plan of ``plans_identifier`` for one configuration.
 
     An existing file keeps its hand edits and gets fresh statistics; ``overwrite`` rebuilds it from the dataset
-    whatever it holds (also an unreadable file).
+    whatever it holds (also an unreadable file). ``fold`` matters for datasets with hidden tumours only: their
+    statistics come from its training cases (see :func:`configuration_statistics`).
 
     Returns:
         Path of the written synth plan.
@@ -374,7 +396,7 @@ def plan_synth(dataset: str | int, configuration: str = "3d_fullres", organ_labe
             plan = default_plan(dataset_json, base.name, plans_identifier, organ, tumour)
         plan.update(organ_label=organ, tumour_label=tumour)
     stats = configuration_statistics(dataset, configuration, plan["organ_label"], plan["tumour_label"],
-                                     plans_identifier, plan["seed"])
+                                     plans_identifier, plan["seed"], fold)
     shapes = plan.setdefault("shapes", {})
     count = stats["tumour_sizes"]["count"]
     if count >= 4 and shapes.get("size_preset") == "labelfree":
@@ -393,10 +415,11 @@ def plan_synth(dataset: str | int, configuration: str = "3d_fullres", organ_labe
 
 
 def load_synth_plan(dataset: str | int, configuration: str, plans_identifier: str = DEFAULT_PLANS_IDENTIFIER,
-                    create: bool = True) -> SynthPlan:
+                    create: bool = True, fold: int | str = 0) -> SynthPlan:
     """The validated plan of one configuration: dataset-level settings merged with its statistics.
 
-    Creates the plan (or its configuration section) with defaults when ``create`` is set and none exists.
+    Creates the plan (or its configuration section) with defaults when ``create`` is set and none exists (with
+    the statistics of ``fold``'s training cases where the dataset hides its tumours).
 
     Raises:
         SynthPlanError: an unreadable file, or a key that does not fit the dataset (naming file, key and value).
@@ -409,14 +432,21 @@ def load_synth_plan(dataset: str | int, configuration: str, plans_identifier: st
             raise SynthPlanError(f"no synth plan for {configuration} in {path}: run nnUNetv2_synth_plan "
                                  f"-d {dataset} -c {configuration}" + (f" -p {plans_identifier}" if plans_identifier
                                                                        != DEFAULT_PLANS_IDENTIFIER else ""))
-        raw = read_synth_plans_file(plan_synth(dataset, configuration, plans_identifier=plans_identifier))
+        with creation_lock(path):  # one creator: the folds and DDP ranks starting together find it made
+            raw = read_synth_plans_file(path) if path.is_file() else None
+            if raw is None or configuration not in raw["configurations"]:
+                raw = read_synth_plans_file(plan_synth(dataset, configuration, plans_identifier=plans_identifier,
+                                                       fold=fold))
     dataset_json = load_json(base / "dataset.json")
     return SynthPlan.from_dict(flat_plan(raw, configuration), str(path)).validated(str(path), dataset_json)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="nnUNetv2_synth_plan", description="Write the synth plan "
-                                     "(organ/tumour labels, tumour sizes, intensity priors) for a dataset.")
+    from nnunet_synth.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="nnUNetv2_synth_plan", formatter_class=HelpFormatter, description="Write "
+                                     "the synth plan (organ/tumour labels, tumour sizes, intensity priors) for a "
+                                     "dataset.")
     parser.add_argument("-d", "--dataset", required=True, help="dataset name or ID")
     parser.add_argument("-c", "--configuration", default="3d_fullres", help="nnU-Net configuration")
     parser.add_argument("-p", "--plans", default=DEFAULT_PLANS_IDENTIFIER, help="plans identifier")
@@ -424,9 +454,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tumour-label", type=int, help="label value of the tumour")
     parser.add_argument("--overwrite", action="store_true", help="rebuild the plan from the dataset, dropping "
                         "hand edits (also repairs an unreadable file)")
+    parser.add_argument("-f", "--fold", type=parse_fold, default=0,
+                        help="datasets with hidden tumours: measure the kept tumour masks of this fold's training "
+                             "cases only (others use all cases)")
     args = parser.parse_args(argv)
-    path = plan_synth(args.dataset, args.configuration, args.organ_label, args.tumour_label, args.plans,
-                      overwrite=args.overwrite)
+    # in turn with trainers creating the plan, so that neither loses the other's configuration section
+    with creation_lock(synth_plan_file(preprocessed_dir(args.dataset), args.plans)):
+        path = plan_synth(args.dataset, args.configuration, args.organ_label, args.tumour_label, args.plans,
+                          overwrite=args.overwrite, fold=args.fold)
     plan = load_synth_plan(args.dataset, args.configuration, args.plans, create=False)
     print(f"wrote {path}")
     print(format_plan(plan))
@@ -442,7 +477,9 @@ def format_plan(plan: SynthPlan) -> str:
                   f"(smoothed {plan.tissue.smoothing_mm} mm), lesions placed whole")
         around = "surrounding tissue"
     lines = [f"synth plan of {plan.dataset_name} ({plan.configuration}, {plan.plans_identifier}): {region}, "
-             f"tumour label {plan.tumour_label}, backend {plan.backend}",
+             f"tumour label {plan.tumour_label}, backend {plan.backend}"
+             + ("" if plan.statistics_fold is None else f"; real tumours hidden (ignore label {plan.ignore_label}), "
+                f"statistics from the kept masks of fold {plan.statistics_fold}'s training cases"),
              f"  shapes: {dataclasses.asdict(plan.shapes)}; placement: {dataclasses.asdict(plan.placement)}"]
     if sizes.count:
         lines.append(f"  real tumours: {sizes.count} in {sizes.cases} cases ({sizes.rule}), equivalent diameter mm "

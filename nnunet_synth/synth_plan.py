@@ -192,6 +192,10 @@ class SynthPlan:
         tumour_sizes: statistics of the real tumours.
         tissue: placement region without organ label.
         texture: appearance of the real tumours (None without real tumours: the label-free paper's texture).
+        allow_partial_bank: bank trainers accept a bank that holds fewer cases than were requested (a generation
+            that was stopped); without it they refuse one.
+        statistics_fold: the fold whose training cases' kept tumour masks the statistics come from (datasets with
+            hidden tumours); None: all cases.
     """
 
     dataset_name: str
@@ -210,6 +214,8 @@ class SynthPlan:
     tumour_sizes: TumourSizes = TumourSizes()
     tissue: TissueRegion | None = None
     texture: TumourTexture | None = None
+    allow_partial_bank: bool = False
+    statistics_fold: int | str | None = None
 
     @property
     def ignore_label(self) -> int | None:
@@ -281,7 +287,9 @@ class SynthPlan:
                    labels=flat.get("labels", {}), backend=flat.get("backend", "analytic"),
                    backend_params=flat.get("backend_params", {}), shapes=shapes, placement=placement,
                    seed=flat.get("seed", DEFAULT_SEED), tumour_sizes=sizes, tissue=tissue,
-                   texture=None if flat.get("texture") is None else TumourTexture.from_dict(flat["texture"], check))
+                   texture=None if flat.get("texture") is None else TumourTexture.from_dict(flat["texture"], check),
+                   allow_partial_bank=flat.get("allow_partial_bank", False),
+                   statistics_fold=flat.get("statistics_fold"))
         return plan.validated(source)
 
     def validated(self, source: str = "synth plan", dataset_json: dict | None = None) -> SynthPlan:
@@ -309,6 +317,11 @@ class SynthPlan:
                    f"one of {', '.join(available_backends())}")
         check.that(isinstance(self.backend_params, dict), "backend_params", self.backend_params, "an object")
         check.that(_integer(self.seed), "seed", self.seed, "an integer")
+        check.that(self.statistics_fold is None or self.statistics_fold == "all" or (
+            _integer(self.statistics_fold) and self.statistics_fold >= 0), "statistics_fold", self.statistics_fold,
+            "a fold number, 'all' or null")
+        check.that(isinstance(self.allow_partial_bank, bool), "allow_partial_bank", self.allow_partial_bank,
+                   "true or false")
         shapes = self.shapes
         check.that(shapes.size_preset in SIZE_PRESETS, "shapes.size_preset", shapes.size_preset,
                    f"one of {', '.join(SIZE_PRESETS)}")

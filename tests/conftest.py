@@ -13,11 +13,29 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_synth.phantom import PhantomConfig, write_phantom_dataset
+# nnU-Net reads nnUNet_def_n_proc once, when nnunetv2.configuration is first imported (test modules import it
+# while they are collected, before any fixture runs): one worker for its helper pools and for the -np default of
+# our commands (see one_worker_for_nnunet_helpers)
+os.environ.setdefault("nnUNet_def_n_proc", "1")
+
+from nnunet_synth.phantom import PhantomConfig, write_phantom_dataset  # noqa: E402
 
 TINY = PhantomConfig(shape=(24, 40, 40), spacing=(3.0, 1.5, 1.5), tumour_radii_mm=(4.0, 6.0, 8.0))
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BRATS_DIR = Path(os.environ.get("NNUNET_SYNTH_BRATS_DIR", SHARED_DATA / "brats2013_sample"))
+# set (to 1) where the shared data must be present (CI, see .ci/run): tests that need it fail instead of skipping
+REQUIRE_SHARED_DATA = "NNUNET_SYNTH_REQUIRE_SHARED_DATA"
+
+
+def shared_data_or_skip(folder: Path, what: str, hint: str = "") -> None:
+    """Skips the calling test (or module fixture) where ``folder`` is absent, saying why; fails it instead where
+    :data:`REQUIRE_SHARED_DATA` is set, so a CI run never passes with the real-data tests silently skipped."""
+    if folder.is_dir():
+        return
+    message = f"{what} not found at {folder}{f' ({hint})' if hint else ''}"
+    if os.environ.get(REQUIRE_SHARED_DATA, "") not in ("", "0"):
+        pytest.fail(f"{message}; {REQUIRE_SHARED_DATA} is set: this run must have it", pytrace=False)
+    pytest.skip(message)
 
 
 def ext_trainer_dir() -> str:

@@ -365,10 +365,11 @@ def test_pseudolabel_refuses_bad_json_boxes_and_bad_targets(raw, monkeypatch):
 
 def test_pseudolabel_cli_needs_exactly_one_model_form(raw, capsys):
     with pytest.raises(SystemExit) as exc:
-        bbox_pseudolabel_main(["-i", "937", "-o", "938"])
+        bbox_pseudolabel_main(["-i", "937", "--output-id", "938"])
     assert exc.value.code == 2 and "either as -m MODEL_FOLDER or as -d DATASET" in capsys.readouterr().err
     box_cohort(raw)
-    assert refused(bbox_pseudolabel_main, ["-d", "999", "-i", "937", "-o", "938", "--device", "cpu", "--quiet"]) == 2
+    assert refused(bbox_pseudolabel_main, ["-d", "999", "-i", "937", "--output-id", "938", "-device", "cpu",
+                                                   "--quiet"]) == 2
     assert "model dataset '999'" in capsys.readouterr().err
 
 
@@ -430,7 +431,7 @@ def test_bbox_pipeline_end_to_end_on_phantoms(nnunet_dirs, monkeypatch):
     cohort, regions = _box_only_cohort(932)
     # No nnUNet_extTrainer: the command finds the plugin's own trainer classes itself.
     command = ["nnUNetv2_synth_bbox_pseudolabel", "-d", "931", "-tr", "nnUNetTrainer_Debug", "-c", "3d_fullres",
-               "-f", "0", "-i", "932", "-o", "933", "--boxes", "label", "--device", "cpu", "--disable-tta",
+               "-f", "0", "-i", "932", "--output-id", "933", "--boxes", "label", "-device", "cpu", "--disable-tta",
                "--quiet"]
     result = run(command, env=env)
     out = raw / "Dataset933_PhantomCTPseudo"

@@ -837,6 +837,52 @@ def test_generic_undeclared_label_value(raw, tmp_path):
                         progress=False)
 
 
+def build_generic_with_organ_masks(root: Path, n: int = 2) -> None:
+    """BraTS's layout: per case folder an image, a multi-class tumour mask (float, values 0/3/4) and a separate
+    organ mask (float 0/1) that also covers the tumour."""
+    for i in range(n):
+        lab = organ_tumour()
+        write(volume(mri_array(90 + i)), root / f"pat{i}" / "t1.nii.gz")
+        tumour = np.where(lab == 2, 3 + (np.indices(SHAPE)[2] % 2), 0).astype(np.float32)
+        write(volume(tumour), root / f"pat{i}" / "tumour.nii.gz")
+        write(volume((lab > 0).astype(np.float32)), root / f"pat{i}" / "organmask.nii.gz")
+
+
+@pytest.mark.parametrize("labels,organ_label,expected", [
+    (None, "organ", {"background": 0, "tumor": 1, "organ": 2}),  # the organ label appended with the next value
+    (["background=0", "brain=1", "tumour=2"], "brain", {"background": 0, "brain": 1, "tumour": 2}),
+])
+def test_generic_organ_pattern_merges_the_organ_mask(verify, raw, tmp_path, capsys, labels, organ_label, expected):
+    build_generic_with_organ_masks(tmp_path / "g")
+    args = ["generic", "-i", str(tmp_path / "g"), "-d", "511", "--image-pattern", "{case}/t1.nii.gz",
+            "--label-pattern", "{case}/tumour.nii.gz", "--binarize", "--organ-pattern", "{case}/organmask.nii.gz",
+            "--organ-label", organ_label] + (["--labels", *labels] if labels else [])
+    rc, err = convert_cli(args, capsys)
+    assert rc == 0, err
+    folder = raw / "Dataset511_Generic"
+    meta = verify(folder)
+    assert meta["labels"] == expected
+    lab = organ_tumour()
+    want = np.where(lab == 2, expected.get("tumour", expected.get("tumor")), np.where(lab == 1, expected[organ_label],
+                                                                                       0))
+    for case in ("pat0", "pat1"):
+        assert np.array_equal(read(folder / "labelsTr" / f"{case}.nii.gz"), want)  # the tumour keeps its label
+    assert meta["nnunet_synth"]["source_patterns"][-1] == "{case}/organmask.nii.gz"
+
+
+def test_generic_organ_pattern_refusals(raw, tmp_path):
+    build_generic_with_organ_masks(tmp_path / "g")
+    kwargs = dict(image_patterns=["{case}/t1.nii.gz"], label_pattern="{case}/tumour.nii.gz", binarize=True,
+                  organ_pattern="{case}/organmask.nii.gz", progress=False)
+    with pytest.raises(ConversionError, match="one foreground label .* besides the organ label"):
+        generic.convert(tmp_path / "g", 511, labels=["background=0", "a=1", "b=2"], organ_label="organ", **kwargs)
+    with pytest.raises(ConversionError, match="'background' is the background label"):
+        generic.convert(tmp_path / "g", 511, organ_label="background", **kwargs)
+    (tmp_path / "g" / "pat1" / "organmask.nii.gz").unlink()
+    with pytest.raises(ConversionError, match=r"case pat1: organ mask missing: .*pat1/organmask\.nii\.gz"):
+        generic.convert(tmp_path / "g", 511, **kwargs)
+
+
 def test_pancreas_ct_trust_voxel_grid(raw, tmp_path):
     """A label whose header is wrong (unit spacing, zero origin) is refused unless the voxel grid is trusted."""
     arrays = build_pancreas_ct(tmp_path / "tcia", n=1)

@@ -45,7 +45,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def generator(phantom_ct, one_torch_thread) -> Path:
     """A tiny DDPM trained for a few dozen iterations on fold 0 of the CT phantom."""
     train_main(["-d", str(phantom_ct), "-g", "ddpm", "--preset", "tiny", "--iterations", str(ITERATIONS),
-                "--device", "cpu"])
+                "-device", "cpu"])
     return generator_output_dir(phantom_ct, "ddpm", "3d_fullres", 0)
 
 
@@ -122,7 +122,7 @@ def test_training_loss_falls_and_outputs_are_written(phantom_ct, generator):
 
 def test_resumed_training_continues_from_its_checkpoint(phantom_ct, generator, capsys):
     # fold 1 keeps the fold-0 generator of the other tests untouched
-    args = ["-d", str(phantom_ct), "-g", "ddpm", "--preset", "tiny", "--device", "cpu", "-f", "1"]
+    args = ["-d", str(phantom_ct), "-g", "ddpm", "--preset", "tiny", "-device", "cpu", "-f", "1"]
     out = generator_output_dir(phantom_ct, "ddpm", "3d_fullres", 1)
     with pytest.raises(SystemExit) as exit_info:  # a user error: one line, exit status 2
         train_main(args + ["--iterations", "2", "--c"])
@@ -175,7 +175,7 @@ def test_checkpoint_errors_name_the_file_and_the_mismatch(phantom_ct, generator,
 
     # the command says which file is missing and how to make it
     with pytest.raises(SystemExit) as exit_info:
-        generate_main(["-d", str(phantom_ct), "-g", "ddpm", "-n", "1", "-f", "3", "--device", "cpu"])
+        generate_main(["-d", str(phantom_ct), "-g", "ddpm", "-n", "1", "-f", "3", "-device", "cpu"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "fold_3/checkpoint_best.pth does not exist" in err
     assert "nnUNetv2_synth_train_generator -d Dataset901_PhantomCT -g ddpm -c 3d_fullres -f 3" in err
@@ -218,6 +218,8 @@ def test_bank_is_reproducible_and_parts_split_the_work(phantom_ct, bank):
                          progress=False) == [victim]
     assert np.array_equal(np.asarray(nnUNetDatasetBlosc2(str(folder)).load_case(victim)[0]), before)
     # parts of a larger bank: part 1 of 2 writes the odd new index, part 0 the even one
+    manifest = folder / "manifest" / "fold_0.json"
+    fixture_manifest = manifest.read_text()
     part1 = generate_bank(phantom_ct, "ddpm", BANK_CASES + 2, sampling_steps=SAMPLING_STEPS, device="cpu",
                           num_parts=2, part=1, progress=False)
     part0 = generate_bank(phantom_ct, "ddpm", BANK_CASES + 2, sampling_steps=SAMPLING_STEPS, device="cpu",
@@ -228,6 +230,7 @@ def test_bank_is_reproducible_and_parts_split_the_work(phantom_ct, bank):
     for identifier in part0 + part1:  # back to the fixture's bank for the trainer tests
         for f in folder.glob(f"{identifier}*"):
             f.unlink()
+    manifest.write_text(fixture_manifest)  # which requested BANK_CASES: the trainers refuse an incomplete bank
 
 
 def test_bank_export_to_raw_space(phantom_ct, bank):
@@ -306,7 +309,7 @@ def test_bank_trainer_through_nnunetv2_train(phantom_ct, bank):
 def test_generator_training_runs_distributed_under_torchrun(phantom_ct, generator):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "nnunet_synth.generator_training",
-         "-d", str(phantom_ct), "-g", "ddpm", "--preset", "tiny", "--iterations", "2", "--device", "cpu", "-f", "2"],
+         "-d", str(phantom_ct), "-g", "ddpm", "--preset", "tiny", "--iterations", "2", "-device", "cpu", "-f", "2"],
         env=env, timeout=600)
     out = generator_output_dir(phantom_ct, "ddpm", "3d_fullres", 2)
     state = torch.load(out / "checkpoint_final.pth", weights_only=False)
@@ -325,7 +328,7 @@ def test_bank_with_the_liver_mri_preset_has_its_semi_axes(nnunet_dirs, one_torch
     write_phantom_dataset(dataset, num_train=3, num_test=0, seed=11,
                           config=PhantomConfig(shape=(14, 40, 40), spacing=(12.0, 6.0, 6.0), tumour_radii_mm=(15.0,)))
     plan_and_preprocess(dataset)
-    train_main(["-d", str(dataset), "-g", "ddpm", "--preset", "tiny", "--iterations", "2", "--device", "cpu",
+    train_main(["-d", str(dataset), "-g", "ddpm", "--preset", "tiny", "--iterations", "2", "-device", "cpu",
                 "-f", "all"])
     load_synth_plan(dataset, "3d_fullres")  # the plan file, then the preset as a user sets it
     path = preprocessed_dir(dataset) / "nnUNetSynthPlans.json"

@@ -100,9 +100,10 @@ def test_clip_bounds_are_respected():
 
 @pytest.mark.parametrize("probability", [0.0, 0.2, 0.5, 1.0])
 def test_achieved_rate_matches_probability(probability):
+    """Each carried tumour is counted as synthetic (tests/test_ratios.py pins the rate itself, with many draws)."""
     image, seg = make_patch(shape=(16, 32, 32))
     t = SynthTumourTransform(make_plan(size_class="tiny"), probability, None, seed=3)
-    n = 400
+    n = 60
     carried = sum(bool(((t(image=image, segmentation=seg)["segmentation"][0] == TUMOUR) & (seg[0] != TUMOUR)).any())
                   for _ in range(n))
     rates = achieved_rates(t.counters)

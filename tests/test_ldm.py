@@ -48,7 +48,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def generator(phantom_ct, one_torch_thread) -> Path:
     """All three stages of the tiny LDM on fold 0 of the CT phantom (preset iteration counts)."""
-    train_main(["-d", str(phantom_ct), "-g", "ldm", "--preset", "tiny", "--device", "cpu"])
+    train_main(["-d", str(phantom_ct), "-g", "ldm", "--preset", "tiny", "-device", "cpu"])
     return generator_output_dir(phantom_ct, "ldm", "3d_fullres", 0)
 
 
@@ -171,7 +171,7 @@ def test_diffusion_loss_falls_and_the_checkpoint_holds_everything(phantom_ct, ge
 
 def test_stages_resume_and_need_their_predecessor(phantom_ct, generator, capsys):
     # fold 1 keeps the fold-0 generator of the other tests untouched
-    args = ["-d", str(phantom_ct), "-g", "ldm", "--preset", "tiny", "--device", "cpu", "-f", "1"]
+    args = ["-d", str(phantom_ct), "-g", "ldm", "--preset", "tiny", "-device", "cpu", "-f", "1"]
     out = generator_output_dir(phantom_ct, "ldm", "3d_fullres", 1)
     with pytest.raises(SystemExit) as exit_info:  # a user error: one line, exit status 2
         train_main(args + ["--stage", "vqvae-volume"])
@@ -202,7 +202,7 @@ def test_optional_adversarial_loss_trains_a_discriminator(phantom_ct, generator,
 
     monkeypatch.setitem(PRESETS, "tiny", dataclasses.replace(get_preset("tiny"), adversarial_weight=0.01,
                                                              adversarial_start=1))
-    args = ["-d", str(phantom_ct), "-g", "ldm", "--preset", "tiny", "--device", "cpu", "-f", "2", "--iterations", "3"]
+    args = ["-d", str(phantom_ct), "-g", "ldm", "--preset", "tiny", "-device", "cpu", "-f", "2", "--iterations", "3"]
     out = generator_output_dir(phantom_ct, "ldm", "3d_fullres", 2)
     for stage in ("vqvae", "vqvae-volume"):
         train_main(args + ["--stage", stage])

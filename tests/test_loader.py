@@ -10,7 +10,7 @@ import pytest
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from nnunet_synth.injection import SynthTumourTransform, achieved_rates
+from nnunet_synth.injection import INSERTED, OUTCOME_KEY, SynthTumourTransform, achieved_rates
 from nnunet_synth.planning import preprocessed_dir
 from nnunet_synth.trainers import nnUNetTrainerSynth20
 
@@ -40,14 +40,20 @@ def test_healthy_dataset_gets_tumours_at_the_ratio_and_validation_stays_real(tra
 
     tr_transforms = train_loader.data_loader.transforms.transforms
     assert isinstance(tr_transforms[0], SynthTumourTransform)
+    assert float(tr_transforms[0].probability[0]) == 0.20  # the ratio in the trainer's name
     assert not any(isinstance(t, SynthTumourTransform) for t in val_loader.data_loader.transforms.transforms)
 
     with_tumour = 0
     samples = 0
     for _ in range(60):
-        target = next(train_loader)["target"][0]  # full-resolution deep-supervision target
-        with_tumour += int((target == TUMOUR).flatten(1).any(1).sum())
+        batch = next(train_loader)
+        target = batch["target"][0]  # full-resolution deep-supervision target
+        tumour = (target == TUMOUR).flatten(1).any(1)
+        with_tumour += int(tumour.sum())
         samples += target.shape[0]
+        # the batch says which of its samples got a synthetic tumour (what the trainer counts as consumed)
+        assert len(batch[OUTCOME_KEY]) == target.shape[0]
+        assert (batch[OUTCOME_KEY][tumour] == INSERTED).all(), "a tumour in a sample that got none"
     rates = achieved_rates(trainer.synth_counters)
     # the first batch was drawn by get_dataloaders itself
     assert samples <= rates["seen"] <= samples + trainer.batch_size

@@ -1,5 +1,6 @@
 """Real multi-channel brain MRI (BraTS 2013 sample in ../shared/data): synth plan, injection and preview on
-nnU-Net's own preprocessing of real scans. Skipped, saying why, where the data is absent."""
+nnU-Net's own preprocessing of real scans. Skipped, saying why, where the data is absent; failed instead where
+NNUNET_SYNTH_REQUIRE_SHARED_DATA is set (CI)."""
 
 import json
 import os
@@ -14,10 +15,15 @@ from scipy.ndimage import distance_transform_edt, label
 from nnunet_synth.injection import SynthTumourTransform
 from nnunet_synth.planning import load_synth_plan, preprocessed_dir
 
-from .conftest import BRATS_DIR, plan_and_preprocess, run
+from .conftest import BRATS_DIR, plan_and_preprocess, run, shared_data_or_skip
 
-pytestmark = pytest.mark.skipif(not BRATS_DIR.is_dir(), reason=f"real MRI sample not found at {BRATS_DIR} "
-                                "(set NNUNET_SYNTH_BRATS_DIR to the brats2013_sample folder)")
+
+@pytest.fixture(scope="module", autouse=True)
+def real_mri_sample() -> None:
+    """Before the module's other fixtures: skip (or, where CI requires the shared data, fail) without the sample."""
+    shared_data_or_skip(BRATS_DIR, "real MRI sample", "set NNUNET_SYNTH_BRATS_DIR to the brats2013_sample folder")
+
+
 DATASET_ID = 920
 TUMOUR_ONLY_ID = 921
 CHANNELS = {"0": "FLAIR", "1": "T1c"}
@@ -196,3 +202,26 @@ def test_realism_benchmark_runs_on_the_real_sample(brats):
         assert 0.0 <= auc <= 1.0 and name in table
         n_reference, n_other = results[name]["n"][0]
         assert n_reference >= 2 and n_other >= 2, (name, results[name]["n"])
+
+
+def test_generic_converter_merges_the_brain_mask(tmp_path):
+    """The sample as a user converts it, with no script: the generic converter with --organ-pattern puts the
+    brain mask in as label 1 and every tumour class as label 2 (two of the six cases, to stay quick)."""
+    from nnunet_synth.dataset_conversion.cli import main as convert_main
+
+    cases = sorted(p.name for p in BRATS_DIR.iterdir() if p.is_dir())
+    assert convert_main(["generic", "-i", str(BRATS_DIR), "-d", "922", "--raw-dir", str(tmp_path), "--quiet",
+                         "--image-pattern", "{case}/Flair_subtrMeanDivStd.nii.gz", "{case}/T1c_subtrMeanDivStd.nii.gz",
+                         "--channel-names", "FLAIR", "T1c", "--label-pattern", "{case}/OTMultiClass.nii.gz",
+                         "--binarize", "--labels", "background=0", "brain=1", "tumour=2",
+                         "--organ-pattern", "{case}/brainmask.nii.gz", "--organ-label", "brain",
+                         "--exclude", *cases[2:]]) == 0
+    folder = tmp_path / "Dataset922_Generic"
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "brain": 1, "tumour": 2}
+    for case in cases[:2]:
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"{case}.nii.gz")))
+        tumour = sitk.GetArrayFromImage(sitk.ReadImage(str(BRATS_DIR / case / "OTMultiClass.nii.gz"))) > 0
+        brain = sitk.GetArrayFromImage(sitk.ReadImage(str(BRATS_DIR / case / "brainmask.nii.gz"))) > 0
+        assert np.array_equal(label, np.where(tumour, 2, np.where(brain, 1, 0)))
+        assert tumour.any() and (label == 1).any()

@@ -68,7 +68,7 @@ def base_model(tmp_path_factory) -> Path:
 def generator(phantom_2d, base_model) -> Path:
     """LoRA fine-tuned for a few dozen iterations on fold 0 of the 2d phantom."""
     train_main(["-d", str(phantom_2d), "-g", "sd_inversion", "-c", "2d", "--preset", "tiny", "--iterations",
-                str(ITERATIONS), "--device", "cpu", "--base-model", str(base_model)])
+                str(ITERATIONS), "-device", "cpu", "--base-model", str(base_model)])
     return generator_output_dir(phantom_2d, "sd_inversion", "2d", 0)
 
 
@@ -105,7 +105,7 @@ def test_captions_follow_the_papers_area_bins(area, size_class):
 
 
 def test_without_a_base_model_the_command_names_the_layout(phantom_2d, tmp_path, capsys):
-    args = ["-d", str(phantom_2d), "-g", "sd_inversion", "-c", "2d", "--preset", "tiny", "--device", "cpu", "-f", "4"]
+    args = ["-d", str(phantom_2d), "-g", "sd_inversion", "-c", "2d", "--preset", "tiny", "-device", "cpu", "-f", "4"]
     with pytest.raises(SystemExit) as exit_info:
         train_main(args)
     err = capsys.readouterr().err
@@ -152,7 +152,7 @@ def test_lora_fine_tuning_trains_only_lora_and_its_loss_falls(phantom_2d, base_m
 
 def test_resumed_fine_tuning_continues_from_its_checkpoint(phantom_2d, base_model, generator):
     # fold 1 keeps the fold-0 generator of the other tests untouched
-    args = ["-d", str(phantom_2d), "-g", "sd_inversion", "-c", "2d", "--preset", "tiny", "--device", "cpu", "-f", "1",
+    args = ["-d", str(phantom_2d), "-g", "sd_inversion", "-c", "2d", "--preset", "tiny", "-device", "cpu", "-f", "1",
             "--base-model", str(base_model)]
     out = generator_output_dir(phantom_2d, "sd_inversion", "2d", 1)
     train_main(args + ["--iterations", "4"])
@@ -246,7 +246,7 @@ def test_checkpoint_checks_its_base_model(phantom_2d, base_model, generator, tmp
 @pytest.fixture(scope="module")
 def bank(phantom_2d, generator) -> Path:
     generate_main(["-d", str(phantom_2d), "-g", "sd_inversion", "-c", "2d", "-n", str(BANK_CASES), "--size-class",
-                   "small", "--sampling-steps", str(STEPS), "--device", "cpu"])
+                   "small", "--sampling-steps", str(STEPS), "-device", "cpu"])
     return bank_dir(phantom_2d, "sd_inversion", "2d")
 
 

@@ -36,12 +36,23 @@ STUDY_TRAINERS = {
 }
 
 
+# nnU-Net's final validation after the short epoch: skipped (the schedule's fourth field) except for two trainers,
+# which run it in full and without test-time mirroring
+FINAL_VALIDATION = {"nnUNetTrainerSynth20Tiny": "full", "nnUNetTrainerSynth20Small": "nomirror"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("trainer", list(STUDY_TRAINERS))
 def test_named_trainer_runs_one_short_epoch(phantom_ct, trainer):
-    log = training_log(train_as_the_readme_says(phantom_ct, "3d_fullres", trainer, NNUNET_SYNTH_SCHEDULE="1,1,1"))
+    validation = FINAL_VALIDATION.get(trainer, "skip")
+    schedule = "1,1,1" if validation == "full" else f"1,1,1,{validation}"
+    fold = train_as_the_readme_says(phantom_ct, "3d_fullres", trainer, NNUNET_SYNTH_SCHEDULE=schedule)
+    log = training_log(fold)
     assert "schedule overridden by NNUNET_SYNTH_SCHEDULE" in log
     assert STUDY_TRAINERS[trainer] in log
+    assert (fold / "validation" / "summary.json").is_file() == (validation != "skip")
+    assert {"skip": "final validation skipped", "nomirror": "final validation without test-time mirroring",
+            "full": "Mean Validation Dice"}[validation] in log
 
 
 def _trainer(cls, dataset):

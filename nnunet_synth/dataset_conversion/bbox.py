@@ -34,7 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from nnunet_synth.cli import exit_on_user_error
+from nnunet_synth.cli import HelpFormatter, add_deprecated_alias, exit_on_user_error
 from nnunet_synth.dataset_conversion.common import (
     CaseTask,
     ConversionError,
@@ -713,12 +713,13 @@ def _run(prog: str, func, args: argparse.Namespace) -> int:
 def build_bbox_dataset_parser() -> argparse.ArgumentParser:
     """Arguments of ``nnUNetv2_synth_bbox_dataset``."""
     parser = argparse.ArgumentParser(
-        prog="nnUNetv2_synth_bbox_dataset", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="nnUNetv2_synth_bbox_dataset", formatter_class=HelpFormatter,
         description="Copy a labelled dataset (e.g. ATLAS) and append its tumour boxes as the last input channel, "
         "so that nnU-Net learns box -> mask (liver-MRI paper; see docs/conversion.md).")
     parser.add_argument("-i", "--input", required=True, metavar="DATASET",
                         help="labelled source dataset: ID, DatasetNNN_Name or folder")
-    parser.add_argument("-d", "--dataset-id", type=int, required=True, metavar="ID", help="ID of the new dataset")
+    parser.add_argument("-d", "--dataset-id", type=int, required=True, metavar="ID",
+                        help="ID of the dataset this command creates in nnUNet_raw")
     parser.add_argument("--tumour-label", type=int, default=None, metavar="N",
                         help="tumour label value (default: the label named tumour/tumor/lesion/...)")
     parser.add_argument("--organ-label", type=int, default=None, metavar="N",
@@ -741,7 +742,7 @@ def bbox_dataset_main(argv: Sequence[str] | None = None) -> int:
 def build_bbox_pseudolabel_parser() -> argparse.ArgumentParser:
     """Arguments of ``nnUNetv2_synth_bbox_pseudolabel``."""
     parser = argparse.ArgumentParser(
-        prog="nnUNetv2_synth_bbox_pseudolabel", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="nnUNetv2_synth_bbox_pseudolabel", formatter_class=HelpFormatter,
         description="Run a box-guided nnU-Net (trained on nnUNetv2_synth_bbox_dataset output) on a box-annotated "
         "dataset (e.g. LLD-MMRI) and write a dataset with tumour pseudo-masks inside the boxes (liver-MRI paper).")
     model = parser.add_argument_group("model (-m, or -d with -tr/-c/-p)")
@@ -759,7 +760,10 @@ def build_bbox_pseudolabel_parser() -> argparse.ArgumentParser:
                        help="tumour label of the model (default: from its dataset.json)")
     parser.add_argument("-i", "--input", required=True, metavar="DATASET",
                         help="box-annotated dataset with images and box labels (ID, DatasetNNN_Name or folder)")
-    parser.add_argument("-o", "--output-id", type=int, required=True, metavar="ID", help="ID of the new dataset")
+    # not required=True: the deprecated -o also sets it (checked after parsing)
+    add_deprecated_alias(parser, parser.add_argument("--output-id", type=int, default=None, metavar="ID",
+                                                     help="ID of the dataset this command creates in nnUNet_raw "
+                                                     "(required)"), "-o")
     parser.add_argument("--boxes", choices=("auto", "json", "label"), default="auto",
                         help=f"box source: {LESION_BOXES_FILE} beside dataset.json, the tumour label, or json when "
                         "that file exists")
@@ -767,8 +771,9 @@ def build_bbox_pseudolabel_parser() -> argparse.ArgumentParser:
                         help="tumour (box) label of the input (default: the label named tumour/tumor/lesion/...)")
     parser.add_argument("--allow-no-boxes", action="store_true",
                         help="keep cases without boxes (empty tumour) instead of refusing them")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="inference device (default: cuda when available)")
+    add_deprecated_alias(parser, parser.add_argument("-device", choices=("cpu", "cuda"), default=None,
+                                                     help="inference device (default: cuda when available)"),
+                         "--device")
     parser.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation (faster)")
     parser.add_argument("--step-size", type=float, default=0.5, help="sliding-window step (fraction of the patch)")
     parser.add_argument("--verbose", action="store_true", help="show nnU-Net's own output")
@@ -782,6 +787,8 @@ def bbox_pseudolabel_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     if (args.model is None) == (args.model_dataset is None):
         parser.error("give the model either as -m MODEL_FOLDER or as -d DATASET (with -tr/-c/-p)")
+    if args.output_id is None:
+        parser.error("the following arguments are required: --output-id")
 
     def run(a: argparse.Namespace) -> Path:
         model = resolve_model(a.model, a.model_dataset, a.trainer, a.configuration, a.plans, a.folds, a.checkpoint,

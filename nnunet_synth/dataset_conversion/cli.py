@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from nnunet_synth.cli import exit_on_user_error
+from nnunet_synth.cli import HelpFormatter, exit_on_user_error
 
 #: cohort -> (module, one-line help)
 COHORTS: dict[str, tuple[str, str]] = {
@@ -39,19 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a public cohort into nnUNet_raw/DatasetNNN_Name (see docs/conversion.md).")
     sub = parser.add_subparsers(dest="cohort", required=True, metavar="COHORT")
     for cohort, (_, help_text) in COHORTS.items():
-        p = sub.add_parser(cohort, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(cohort, help=help_text, description=help_text, formatter_class=HelpFormatter)
         if cohort == "merge":
             p.add_argument("-i", "--input", nargs="+", required=True, metavar="DATASET",
                            help="tumour dataset(s): ID, DatasetNNN_Name or folder")
         else:
             p.add_argument("-i", "--input", required=True, metavar="INPUT", help="the cohort as downloaded")
-        p.add_argument("-d", "--dataset-id", type=int, required=True, metavar="ID", help="nnU-Net dataset ID (1-999)")
+        p.add_argument("-d", "--dataset-id", type=int, required=True, metavar="ID",
+                       help="ID (1-999) of the dataset this command creates in nnUNet_raw")
         p.add_argument("--name", default=None, help="dataset name (DatasetNNN_NAME); a default per cohort")
         p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder of that name")
         p.add_argument("--exclude", nargs="+", default=None, metavar="CASE", help="leave these input cases out")
         p.add_argument("--raw-dir", default=None, help="output root instead of $nnUNet_raw")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--hide-tumours", type=float, default=None, metavar="MM",
+                       help="hide the real tumours, dilated by MM mm, behind nnU-Net's ignore label and keep the "
+                            "original labels in labelsTr_tumours/ (the synthetic-to-real transfer setting)")
+        p.add_argument("--tumour-label", type=int, default=None, metavar="N",
+                       help="with --hide-tumours: the tumour label value (default: from the label names)")
         _module(cohort).add_arguments(p)
     return parser
 
@@ -68,7 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     with exit_on_user_error(f"nnUNetv2_synth_convert {args.cohort}"):
-        folder = _module(args.cohort).run(args)
+        if args.hide_tumours is None:
+            folder = _module(args.cohort).run(args)
+        else:
+            from nnunet_synth.dataset_conversion.hidden_tumours import convert_hiding_tumours
+
+            folder = convert_hiding_tumours(_module(args.cohort).run, args)
     print(f"wrote {folder}")
     return 0
 

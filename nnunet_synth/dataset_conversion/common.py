@@ -28,6 +28,8 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from nnunet_synth.files import nifti_truncation, process_tag, remove_stale
+
 FILE_ENDING = ".nii.gz"
 #: File endings SimpleITK reads and the generic converter accepts.
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -97,6 +99,28 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
         raise ConversionError(f"dataset name {name!r} must start with a letter or digit and contain only "
                               "letters, digits, '_' and '-'")
     return f"Dataset{int(dataset_id):03d}_{name}"
+
+
+def check_dataset_id_free(dataset_id: int, folder_name: str, raw: Path) -> None:
+    """Refuses an ID that another dataset (another name) uses in nnUNet_raw, nnUNet_preprocessed or nnUNet_results:
+    replacing ``folder_name`` must never touch it, and nnU-Net could not tell the two apart.
+
+    Raises:
+        ConversionError: naming the other dataset's folders.
+    """
+    clashes = _conflicting_datasets(dataset_id, folder_name, raw)
+    if clashes:
+        raise ConversionError(f"dataset ID {dataset_id} is already used by {', '.join(map(str, clashes))}; "
+                              "choose another ID (-d) or remove that dataset")
+
+
+def partial_folder(raw: Path, folder_name: str) -> Path:
+    """A new hidden folder in ``raw`` to build ``folder_name`` in (named per process; those of killed runs, whose
+    process is gone, are removed first)."""
+    remove_stale(raw, ".*.partial-*")
+    tmp = raw / f".{folder_name}.partial-{uuid.uuid4().hex[:8]}{process_tag()}"
+    tmp.mkdir(parents=True)
+    return tmp
 
 
 def _conflicting_datasets(dataset_id: int, folder_name: str, raw: Path) -> list[Path]:
@@ -195,9 +219,15 @@ def read_header(path: Path, *, case: str) -> tuple[Geometry, int]:
 
 
 def read_image(path: Path, *, case: str) -> sitk.Image:
-    """Read an image with SimpleITK, turning reader errors into a :class:`ConversionError` naming case and file."""
+    """Read an image with SimpleITK, turning reader errors into a :class:`ConversionError` naming case and file.
+
+    A truncated NIfTI file is refused too: SimpleITK would fill the missing voxels with zeros and raise nothing.
+    """
     if not Path(path).is_file():
         raise ConversionError(f"case {case}: file not found: {path}")
+    truncated = nifti_truncation(path)
+    if truncated is not None:
+        raise ConversionError(f"case {case}: {path} is truncated: {truncated}")
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as err:
@@ -499,10 +529,7 @@ def write_dataset(spec: DatasetSpec, tasks: Sequence[CaseTask], *, overwrite: bo
     raw = nnunet_raw_dir(raw_dir)
     folder_name = spec.folder_name
     target = raw / folder_name
-    clashes = _conflicting_datasets(spec.dataset_id, folder_name, raw)
-    if clashes:
-        raise ConversionError(f"dataset ID {spec.dataset_id} is already used by {', '.join(map(str, clashes))}; "
-                              "choose another ID (-d) or remove that dataset")
+    check_dataset_id_free(spec.dataset_id, folder_name, raw)
     if target.exists() and not overwrite:
         raise ConversionError(f"{target} already exists; pass --overwrite to replace it")
     if not tasks:
@@ -511,9 +538,9 @@ def write_dataset(spec: DatasetSpec, tasks: Sequence[CaseTask], *, overwrite: bo
     for task in tqdm(tasks, desc=f"{folder_name}: checking", unit="case", disable=not progress):
         task.check()
 
-    tmp = raw / f".{folder_name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp = partial_folder(raw, folder_name)
     try:
-        (tmp / "imagesTr").mkdir(parents=True)
+        (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
         written: list[str] = []
         seen: dict[str, str] = {}
@@ -536,7 +563,7 @@ def write_dataset(spec: DatasetSpec, tasks: Sequence[CaseTask], *, overwrite: bo
         if finalize is not None:
             finalize(tmp, written)
         _write_dataset_json(tmp, spec, len(written))
-        _move_into_place(tmp, target)
+        move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -563,7 +590,7 @@ def _write_dataset_json(folder: Path, spec: DatasetSpec, num_cases: int) -> None
                           converted_by=f"{CONVERTED_BY} ({spec.cohort})", **extra)
 
 
-def _move_into_place(tmp: Path, target: Path) -> None:
+def move_into_place(tmp: Path, target: Path) -> None:
     """Rename the finished folder onto the target; an existing target is only removed once the new one is in."""
     if not target.exists():
         tmp.rename(target)

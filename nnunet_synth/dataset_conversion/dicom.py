@@ -1,14 +1,15 @@
-"""DICOM series discovery and reading (SimpleITK/GDCM for pixels and geometry, pydicom for descriptions)."""
+"""DICOM series discovery and reading (SimpleITK/GDCM for pixels and geometry, pydicom for descriptions; pydicom
+comes with the ``[convert]`` extra and is imported when a series is searched)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
 import SimpleITK as sitk
 
 from nnunet_synth.dataset_conversion.common import ConversionError, _first_line
+from nnunet_synth.extras import require_extra
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,12 @@ class DicomSeries:
 
 
 def find_series(root: Path) -> list[DicomSeries]:
-    """All DICOM series below ``root`` (any depth), sorted by folder."""
+    """All DICOM series below ``root`` (any depth), sorted by folder.
+
+    Raises:
+        MissingExtraError: pydicom is not installed (the ``[convert]`` extra).
+    """
+    require_extra("convert", "pydicom")  # here, not in _description, which takes any error for a bad header
     series = []
     folders = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
     for folder in folders:
@@ -36,6 +42,8 @@ def find_series(root: Path) -> list[DicomSeries]:
 
 
 def _description(file: str) -> str:
+    import pydicom
+
     try:
         return str(pydicom.dcmread(file, stop_before_pixels=True).get("SeriesDescription", "") or "")
     except Exception:  # noqa: BLE001 - an unreadable header only loses the description

@@ -9,7 +9,17 @@ characters within one path component::
 
 Defaults: ``images/{case}.*`` (one channel) and ``labels/{case}.*``; labels ``background=0 tumor=1``. Cases are
 the names that any pattern matches; a case without a file for every channel and a label is refused. ``--binarize``
-turns every non-zero mask value into 1. ``--slices`` writes every axial slice (or, with ``--slice-selection
+turns every non-zero mask value into the one foreground label (1 by default). A separate organ mask per case
+(``--organ-pattern``, e.g. BraTS's ``brainmask.nii.gz`` beside ``OTMultiClass.nii.gz``) is merged in: its
+voxels become the organ label (``--organ-label NAME``, default ``organ``; a name of ``--labels`` or a new label
+with the next value) wherever the label mask holds background, so a tumour keeps its label inside the organ::
+
+    nnUNetv2_synth_convert generic -i brats2013_sample -d 920 \
+        --image-pattern '{case}/Flair_subtrMeanDivStd.nii.gz' '{case}/T1c_subtrMeanDivStd.nii.gz' \
+        --channel-names FLAIR T1c --label-pattern '{case}/OTMultiClass.nii.gz' --binarize \
+        --labels background=0 brain=1 tumour=2 --organ-pattern '{case}/brainmask.nii.gz' --organ-label brain
+
+``--slices`` writes every axial slice (or, with ``--slice-selection
 foreground``, those with foreground) as its own 2D case ``<case>_sNNN`` for a 2d-only dataset, as the breast 2D
 paper trained on axial slices; the axial axis is the image axis closest to the patient's head-foot direction.
 """
@@ -92,7 +102,8 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
             image_patterns: list[str] | None = None, label_pattern: str = "labels/{case}.*",
             channel_names: list[str] | None = None, labels: list[str] | None = None, binarize: bool = False,
             spacing: list[float] | None = None, slices: bool = False, slice_selection: str = "all",
-            case_prefix: str = "", progress: bool = True) -> Path:
+            case_prefix: str = "", organ_pattern: str | None = None, organ_label: str = "organ",
+            progress: bool = True) -> Path:
     """Convert a folder of images and masks.
 
     Args:
@@ -106,11 +117,15 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
         label_pattern: Pattern of the masks.
         channel_names: One name per channel (``CT`` selects nnU-Net's CT normalisation).
         labels: ``NAME=VALUE`` items (default ``background=0 tumor=1``).
-        binarize: Map every non-zero mask value to 1.
+        binarize: Map every non-zero value of the label mask to the one foreground label (besides the organ's).
         spacing: Resample 3D cases to this spacing in mm (one value: isotropic; three: x, y, z).
         slices: Write 2D axial slices instead of volumes.
         slice_selection: ``all`` slices or only those with ``foreground``.
         case_prefix: Prefix of the output case identifiers.
+        organ_pattern: Pattern of a separate organ mask (any non-zero voxel is organ), merged into the label
+            where the label mask holds background.
+        organ_label: Name of the label the organ mask writes: one of ``labels``, or a new label with the next
+            value.
         progress: Show progress bars.
 
     Returns:
@@ -125,17 +140,26 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
     if len(channel_names) != len(image_patterns):
         raise ConversionError(f"{len(image_patterns)} image pattern(s) but {len(channel_names)} channel name(s)")
     label_dict = parse_label_spec(labels or ["background=0", "tumor=1"])
-    if binarize and max(label_dict.values()) != 1:
-        raise ConversionError("--binarize needs exactly one foreground label (e.g. --labels background=0 tumor=1)")
+    organ_value = None
+    if organ_pattern is not None:
+        organ_value = label_dict.setdefault(organ_label, max(label_dict.values()) + 1)
+        if organ_value == 0:
+            raise ConversionError(f"--organ-label {organ_label!r} is the background label")
+    foreground = sorted(v for v in label_dict.values() if v not in (0, organ_value))
+    if binarize and len(foreground) != 1:
+        raise ConversionError("--binarize needs exactly one foreground label (e.g. --labels background=0 tumor=1)"
+                              + (" besides the organ label" if organ_pattern is not None else ""))
     if slice_selection not in ("all", "foreground"):
         raise ConversionError(f"--slice-selection must be all or foreground, got {slice_selection!r}")
     if spacing is not None and (len(spacing) not in (1, 3) or min(spacing) <= 0):
         raise ConversionError(f"--spacing takes one or three positive values, got {spacing}")
 
+    mask_patterns = [label_pattern] + ([organ_pattern] if organ_pattern is not None else [])
     *channel_maps, label_map = _scan(root, image_patterns + [label_pattern])
-    names = sorted(set(label_map).union(*channel_maps))
+    organ_map = _scan(root, [organ_pattern])[0] if organ_pattern is not None else None
+    names = sorted(set(label_map).union(*channel_maps, organ_map or ()))
     if not names:
-        raise ConversionError(f"{root}: no file matches {image_patterns + [label_pattern]}")
+        raise ConversionError(f"{root}: no file matches {image_patterns + mask_patterns}")
     unknown = set(exclude or ()) - set(names)
     if unknown:
         raise ConversionError(f"--exclude names unknown case(s): {sorted(unknown)}")
@@ -143,7 +167,8 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
     for case in names:
         for what, found, pattern in [*((f"channel {c} ({channel_names[c]})", m, p) for c, (m, p)
                                        in enumerate(zip(channel_maps, image_patterns, strict=True))),
-                                     ("label", label_map, label_pattern)]:
+                                     ("label", label_map, label_pattern),
+                                     *([("organ mask", organ_map, organ_pattern)] if organ_map is not None else [])]:
             if case not in found:
                 raise ConversionError(f"case {case}: {what} missing: no file matches "
                                       f"{root / pattern.replace('{case}', case)}")
@@ -155,6 +180,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
     def make_task(case: str) -> CaseTask:
         img_paths = [m[case][0] for m in channel_maps]
         lab_path = label_map[case][0]
+        organ_path = organ_map[case][0] if organ_map is not None else None
         out_id = sanitize_identifier(case_prefix + case)
 
         def check() -> None:
@@ -170,6 +196,9 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
                     check_same_geometry(g_ref, g, case=case, what=f"channel file {p.name}", files=(img_paths[0], p))
             check_alignable(read_header(lab_path, case=case)[0], g_ref, case=case, what="label",
                             files=(img_paths[0], lab_path))
+            if organ_path is not None:
+                check_alignable(read_header(organ_path, case=case)[0], g_ref, case=case, what="organ mask",
+                                files=(img_paths[0], organ_path))
 
         def load() -> list[OutputCase]:
             images = [read_image(p, case=case) for p in img_paths]
@@ -180,13 +209,17 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
             label = align_to_reference(read_image(lab_path, case=case), images[0], case=case, what="label",
                                        files=(img_paths[0], lab_path))
             arr = label_array(label, case=case, file=lab_path)
-            arr = (arr != 0).astype(np.uint8) if mapping is None else remap_labels(arr, mapping, case=case,
-                                                                                   file=lab_path)
+            arr = ((arr != 0) * foreground[0]).astype(np.uint8) if mapping is None else remap_labels(
+                arr, mapping, case=case, file=lab_path)
+            if organ_path is not None:
+                organ = align_to_reference(read_image(organ_path, case=case), images[0], case=case,
+                                           what="organ mask", files=(img_paths[0], organ_path))
+                arr[(sitk.GetArrayViewFromImage(organ) != 0) & (arr == 0)] = organ_value
             label = image_from_array(arr, images[0])
             if spacing is not None:
                 images = [resample_to_spacing(im, spacing, is_label=False) for im in images]
                 label = resample_to_spacing(label, spacing, is_label=True)
-            sources = (*img_paths, lab_path)
+            sources = (*img_paths, lab_path, *([organ_path] if organ_path is not None else []))
             if not slices:
                 return [OutputCase(out_id, images, label, sources)]
             axis = _axial_axis(images[0])
@@ -202,7 +235,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
     spec = DatasetSpec(dataset_id, name or "Generic", dict(enumerate(channel_names)), label_dict, cohort="generic",
                        description="converted from a folder of images and masks"
                        + (f" as 2D axial slices ({slice_selection})" if slices else ""),
-                       ndim=2 if slices else 3, extra={"source_patterns": image_patterns + [label_pattern]})
+                       ndim=2 if slices else 3, extra={"source_patterns": image_patterns + mask_patterns})
     return write_dataset(spec, [make_task(c) for c in names], overwrite=overwrite, raw_dir=raw_dir, progress=progress)
 
 
@@ -215,13 +248,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one per channel (CT selects CT normalisation)")
     parser.add_argument("--labels", nargs="+", default=None, metavar="NAME=VALUE",
                         help="label names and values (default background=0 tumor=1)")
-    parser.add_argument("--binarize", action="store_true", help="map every non-zero mask value to 1")
+    parser.add_argument("--binarize", action="store_true",
+                        help="map every non-zero value of the label mask to the one foreground label (besides the "
+                        "organ label)")
     parser.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
                         help="resample to this spacing (one value: isotropic)")
     parser.add_argument("--slices", action="store_true", help="write 2D axial slices (a 2d dataset)")
     parser.add_argument("--slice-selection", choices=("all", "foreground"), default="all",
                         help="with --slices: every slice or only slices with foreground")
     parser.add_argument("--case-prefix", default="", help="prefix of the output case identifiers")
+    parser.add_argument("--organ-pattern", default=None, metavar="PATTERN",
+                        help="pattern of a separate organ mask per case (non-zero = organ), e.g. "
+                        "{case}/brainmask.nii.gz: written as the organ label where the label mask holds background")
+    parser.add_argument("--organ-label", default="organ", metavar="NAME",
+                        help="with --organ-pattern: the label the organ mask writes, a name of --labels or a new "
+                        "label with the next value")
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -230,4 +271,5 @@ def run(args: argparse.Namespace) -> Path:
                    exclude=args.exclude, image_patterns=args.image_pattern, label_pattern=args.label_pattern,
                    channel_names=args.channel_names, labels=args.labels, binarize=args.binarize,
                    spacing=args.spacing, slices=args.slices, slice_selection=args.slice_selection,
-                   case_prefix=args.case_prefix, progress=not args.quiet)
+                   case_prefix=args.case_prefix, organ_pattern=args.organ_pattern, organ_label=args.organ_label,
+                   progress=not args.quiet)

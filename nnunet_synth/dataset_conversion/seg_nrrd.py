@@ -4,7 +4,8 @@ A ``.seg.nrrd`` is an NRRD with one label layer (3D) or several (4D, ``kinds: li
 per-segment metadata: ``Segment<N>_Name``, ``Segment<N>_LabelValue`` (the voxel value of that segment in its layer)
 and ``Segment<N>_Layer``. Files written before Slicer 4.11 lack the last two; then every layer is taken as one
 binary segment (value 1, layer N). The stored extent may be a sub-box of the reference image; ``space origin``
-refers to the first stored voxel, so the geometry built here places it correctly.
+refers to the first stored voxel, so the geometry built here places it correctly. pynrrd comes with the
+``[convert]`` extra and is imported when a file is read.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import nrrd
 import numpy as np
 import SimpleITK as sitk
 
 from nnunet_synth.dataset_conversion.common import ConversionError, Geometry
+from nnunet_synth.extras import require_extra
 
 _SEGMENT_KEY = re.compile(r"^Segment(\d+)_Name$")
 
@@ -106,6 +107,9 @@ def read_seg_header(path: Path, *, case: str) -> tuple[Geometry, list[Segment]]:
     """
     if not Path(path).is_file():
         raise ConversionError(f"case {case}: segmentation file not found: {path}")
+    require_extra("convert", "nrrd")
+    import nrrd
+
     try:
         header = nrrd.read_header(str(path))
     except Exception as err:  # noqa: BLE001 - pynrrd raises several error types
@@ -122,6 +126,9 @@ def read_seg_nrrd(path: Path, *, case: str) -> SlicerSegmentation:
     """
     if not Path(path).is_file():
         raise ConversionError(f"case {case}: segmentation file not found: {path}")
+    require_extra("convert", "nrrd")
+    import nrrd
+
     try:
         data, header = nrrd.read(str(path))
     except Exception as err:  # noqa: BLE001 - pynrrd raises several error types

@@ -14,8 +14,12 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+import SimpleITK as sitk
 from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
 from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES, determine_reader_writer_from_file_ending
+
+from nnunet_synth.dataset_conversion.common import Geometry
+from nnunet_synth.files import nifti_truncation
 
 #: name fragments that mark a tumour label in dataset.json
 TUMOUR_NAME_HINTS: tuple[str, ...] = ("tumour", "tumor", "lesion", "cancer", "mass", "metast", "neoplasm", "carcinoma")
@@ -108,19 +112,63 @@ class Segmentation:
         array: integer label map with the spatial axes only (2D for 2D data, else 3D).
         spacing: voxel spacing in mm per axis of ``array``.
         is_2d: True for 2D images (nnU-Net's readers give them a leading axis of size 1).
+        geometry: the file's voxel grid (spacing, origin, direction; SimpleITK's index order, the reverse of
+            ``array``'s axes), or None where the reader reports no origin and direction (PNG, TIFF).
     """
 
     array: np.ndarray
     spacing: tuple[float, ...]
     is_2d: bool
+    geometry: Geometry | None = None
+
+
+def _geometry(props: dict, shape: tuple[int, ...]) -> Geometry | None:
+    """The voxel grid an nnU-Net reader reports in its properties (SimpleITK or nibabel), else None."""
+    if "sitk_stuff" in props:
+        sitk_stuff = props["sitk_stuff"]
+        n = len(sitk_stuff["spacing"])
+        return Geometry(tuple(int(s) for s in shape[::-1][:n]), tuple(float(v) for v in sitk_stuff["spacing"]),
+                        tuple(float(v) for v in sitk_stuff["origin"]), tuple(float(v) for v in sitk_stuff["direction"]))
+    if "nibabel_stuff" in props:
+        stuff = props["nibabel_stuff"]
+        affine = np.asarray(stuff.get("reoriented_affine", stuff["original_affine"]), dtype=float)
+        n = affine.shape[0] - 1
+        spacing = np.linalg.norm(affine[:n, :n], axis=0)
+        direction = (affine[:n, :n] / spacing).ravel()
+        return Geometry(tuple(int(s) for s in shape[::-1][:n]), tuple(float(v) for v in spacing),
+                        tuple(float(v) for v in affine[:n, n]), tuple(float(v) for v in direction))
+    return None
+
+
+def resample_to_reference(seg: Segmentation, reference: Segmentation) -> Segmentation:
+    """``seg`` resampled onto the reference's voxel grid (nearest neighbour; outside its own grid: 0).
+
+    Raises:
+        ValueError: when either file's reader reports no geometry.
+    """
+    if seg.geometry is None or reference.geometry is None:
+        raise ValueError("resampling needs files with a geometry (origin and direction), e.g. NIfTI, NRRD, MHA")
+    g, r = seg.geometry, reference.geometry
+    image = sitk.GetImageFromArray(seg.array.reshape(g.size[::-1]))
+    image.SetSpacing(g.spacing)
+    image.SetOrigin(g.origin)
+    image.SetDirection(g.direction)
+    out = sitk.Resample(image, list(r.size), sitk.Transform(), sitk.sitkNearestNeighbor, r.origin, r.spacing,
+                        r.direction, 0, image.GetPixelID())
+    return Segmentation(sitk.GetArrayFromImage(out).reshape(reference.array.shape), reference.spacing,
+                        reference.is_2d, r)
 
 
 def read_segmentation(path: str, reader: BaseReaderWriter) -> Segmentation:
     """Reads one segmentation file with an nnU-Net reader.
 
     Raises:
-        RuntimeError: naming the file, if the reader fails or returns something that is no label map.
+        RuntimeError: naming the file, if it is truncated (a NIfTI reader would fill it with zeros: an empty
+            prediction), if the reader fails or returns something that is no label map.
     """
+    truncated = nifti_truncation(path)
+    if truncated is not None:
+        raise RuntimeError(f"segmentation {path} is truncated: {truncated}")
     try:
         seg, props = reader.read_seg(path)
     except Exception as e:  # any reader failure becomes an error naming the file
@@ -136,9 +184,10 @@ def read_segmentation(path: str, reader: BaseReaderWriter) -> Segmentation:
             raise RuntimeError(f"{path}: segmentation holds non-integer values")
         array = rounded
     array = array.astype(np.int32, copy=False)
+    geometry = _geometry(props, array.shape)
     if array.shape[0] == 1:
-        return Segmentation(array[0], spacing[1:], True)
-    return Segmentation(array, spacing, False)
+        return Segmentation(array[0], spacing[1:], True, geometry)
+    return Segmentation(array, spacing, False, geometry)
 
 
 def _dataset_json_candidates(reference_folder: str, prediction_folders: list[str]) -> list[str]:

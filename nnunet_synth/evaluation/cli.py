@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from nnunet_synth.cli import exit_on_user_error
+from nnunet_synth.cli import HelpFormatter, add_num_processes_argument, exit_on_user_error
 
 from .cases import guess_tumour_label
 
@@ -14,10 +14,10 @@ from .cases import guess_tumour_label
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``nnUNetv2_synth_evaluate``."""
     p = argparse.ArgumentParser(
-        prog="nnUNetv2_synth_evaluate",
+        prog="nnUNetv2_synth_evaluate", formatter_class=HelpFormatter,
         description=(
             "Evaluates tumour segmentations against a reference folder: Dice, HD95, HD, ASSD, surface "
-            "Dice, precision, recall and lesion detection per case; means with bootstrap 95%% CIs per "
+            "Dice, precision, recall and lesion detection per case; means with bootstrap 95% CIs per "
             "tumour-size group; paired tests of every run against the first. Writes summary.json, "
             "report.md and PNG plots. Files are matched by name and read with nnU-Net's readers "
             "(any format nnU-Net reads); spacing comes from the files."
@@ -52,8 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--slice-bins", action="store_true",
         help="3D data: also report per-slice Dice (slices along the first array axis) in the 2D area bins",
     )
+    p.add_argument(
+        "--resample-to-reference", action="store_true",
+        help="resample predictions whose voxel grid (spacing, origin, direction) differs from the reference onto "
+             "the reference grid (nearest neighbour); without it such a prediction is refused",
+    )
     p.add_argument("--file-ending", default=None, help="segmentation file ending (default: detected, e.g. .nii.gz)")
-    p.add_argument("-np", type=int, default=1, dest="num_processes", help="worker processes (default 1)")
+    add_num_processes_argument(p, "worker processes for the per-case metrics")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -92,6 +97,7 @@ def evaluate_entry(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             lesion_iou=args.lesion_iou,
             slice_bins=args.slice_bins,
+            resample_to_reference=args.resample_to_reference,
         )
         summary = evaluate_folders(
             args.ref, prediction_folders, args.o, config=config, run_names=args.names,

@@ -23,7 +23,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .cases import detect_file_ending, guess_tumour_label, match_cases, read_segmentation, reader_for
+from nnunet_synth.dataset_conversion.common import geometry_mismatch
+
+from .cases import (
+    detect_file_ending,
+    guess_tumour_label,
+    match_cases,
+    read_segmentation,
+    reader_for,
+    resample_to_reference,
+)
 from .lesions import (
     AREA_GROUPS,
     DIAMETER_GROUPS,
@@ -53,6 +62,8 @@ class EvaluationConfig:
         lesion_iou: IoU a predicted component must exceed to detect a reference lesion (0: any overlap).
         slice_bins: for 3D data, also report per-slice Dice (slices along the first array axis) in the
             2D area bins; 2D data is always binned by area.
+        resample_to_reference: resample a prediction whose voxel grid (spacing, origin, direction) differs
+            from its reference onto the reference grid (nearest neighbour) instead of refusing it.
     """
 
     tumour_label: int = 1
@@ -63,6 +74,7 @@ class EvaluationConfig:
     seed: int = 0
     lesion_iou: float = 0.0
     slice_bins: bool = False
+    resample_to_reference: bool = False
 
 
 def _empty_status(n_reference: int, n_prediction: int) -> str:
@@ -95,7 +107,7 @@ def evaluate_case(
 
     Raises:
         ValueError: naming the case and file, if a prediction differs from the reference in shape or
-            spacing.
+            spacing, or in origin or direction (naming both grids) unless ``config.resample_to_reference``.
     """
     reader = reader_for(file_ending, reference_file)
     ref = read_segmentation(reference_file, reader)
@@ -136,6 +148,18 @@ def evaluate_case(
     }
     for run, pred_file in prediction_files.items():
         pred = read_segmentation(pred_file, reader)
+        resampled = False
+        if pred.geometry is not None and ref.geometry is not None and \
+                (differs := geometry_mismatch(ref.geometry, pred.geometry)) is not None:
+            # voxel-by-voxel metrics on two grids would compare different places of the body
+            if not config.resample_to_reference:
+                raise ValueError(
+                    f"case {case_id}: prediction {pred_file} and reference {reference_file} differ in "
+                    f"{'shape' if differs == 'size' else differs} "
+                    f"(prediction: {pred.geometry.describe()}; reference: {ref.geometry.describe()}); pass "
+                    f"--resample-to-reference to resample predictions onto the reference grid (nearest neighbour)"
+                )
+            pred, resampled = resample_to_reference(pred, ref), True
         if pred.array.shape != ref.array.shape:
             raise ValueError(
                 f"case {case_id}: prediction {pred_file} has shape {pred.array.shape}, "
@@ -153,6 +177,7 @@ def evaluate_case(
         match = match_lesions(ref_labels, n_ref, pred_labels, n_pred, config.lesion_iou)
         entry: dict = {
             "prediction_file": os.path.abspath(pred_file),
+            "resampled_to_reference": resampled,
             "tumour": tumour,
             "lesions": {
                 "n_reference": match["n_reference"],
@@ -409,6 +434,7 @@ def evaluate_folders(
         raise ValueError(f"need {len(prediction_folders)} distinct run names, got {runs}")
     file_ending = file_ending or detect_file_ending(reference_folder)
     case_ids, ref_files, pred_files = match_cases(reference_folder, prediction_folders, file_ending)
+    os.makedirs(output_folder, exist_ok=True)  # an unwritable output folder fails now, not after the evaluation
     jobs = [
         (c, ref_files[c], {run: files[c] for run, files in zip(runs, pred_files, strict=True)}, file_ending, config)
         for c in case_ids

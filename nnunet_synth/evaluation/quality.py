@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from scipy.ndimage import find_objects
 from scipy.ndimage import label as connected_components
 from tqdm import tqdm
 
-from nnunet_synth.cli import exit_on_user_error
+from nnunet_synth.cli import HelpFormatter, exit_on_user_error
 from nnunet_synth.evaluation.lesion_features import (
     CHANNEL_FEATURES,
     central_slice,
@@ -40,7 +39,6 @@ from nnunet_synth.evaluation.lesion_features import (
     volume_features,
 )
 from nnunet_synth.evaluation.realism import CLASSIFIERS, one_class_svm_scores, realism_auc
-from nnunet_synth.generators.shapes import equivalent_diameter_mm
 
 if TYPE_CHECKING:
     from nnunet_synth.synth_plan import SynthPlan
@@ -162,6 +160,8 @@ def _crop(volume: np.ndarray, labels: np.ndarray, coords: tuple[np.ndarray, ...]
     Returns:
         image (C, *box) float32, tumour mask, labels (-1 outside the case).
     """
+    from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd  # imports torch: not at --help
+
     image = np.array(crop_and_pad_nd(volume, box, 0), dtype=np.float32)
     crop_labels = np.asarray(crop_and_pad_nd(labels, box, -1))
     local = [c - lo for c, (lo, _) in zip(coords, box)]
@@ -182,6 +182,8 @@ class _CropMaker:
 
     def __call__(self, kind: str, case: str, volume: np.ndarray, labels: np.ndarray,
                  coords: tuple[np.ndarray, ...], values: np.ndarray, slice_index: int | None) -> LesionCrop:
+        from nnunet_synth.generators.shapes import equivalent_diameter_mm  # scipy.stats: not at --help
+
         box = [[int(c.min()) - m, int(c.max()) + 1 + m] for c, m in zip(coords, self.margin)]
         image, lesion, crop_labels = _crop(volume, labels, coords, values, box)
         organ_label = self.plan.organ_label  # None: no organ label, the lesion's surrounding is unlabelled tissue
@@ -530,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``nnUNetv2_synth_quality``."""
     d = QualitySettings()
     p = argparse.ArgumentParser(
-        prog="nnUNetv2_synth_quality",
+        prog="nnUNetv2_synth_quality", formatter_class=HelpFormatter,
         description="How real a generator backend's synthetic tumours look: realism AUC of a classifier telling "
                     "real from synthetic tumours (0.5 = indistinguishable), with -m a one-class SVM on a trained "
                     "nnU-Net's encoder features (the liver-MRI paper's model selection), per-channel contrast and "
@@ -561,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"cross-validation repeats of the realism classifier (default {d.n_repeats})")
     p.add_argument("--examples", type=int, default=d.examples,
                    help=f"real and synthetic examples each in examples.png (default {d.examples})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the patches, lesions and classifiers (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

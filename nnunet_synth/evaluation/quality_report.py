@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd  # noqa: E402
 from scipy.stats import mannwhitneyu  # noqa: E402
+
+from nnunet_synth.files import process_tag, remove_stale, replace_report  # noqa: E402
 
 if TYPE_CHECKING:
     from nnunet_synth.evaluation.quality import LesionCrop
@@ -264,11 +267,22 @@ def write_report(summary: dict, real: Sequence[LesionCrop], synthetic: Sequence[
         The completed summary (as written to ``quality.json``, NaN as None).
     """
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale(out, ".report.*")  # what a killed run left
+    staged = out / f".report{process_tag()}"  # complete files only replace an older report, all of it at once
+    staged.mkdir()
+    try:
+        return _write_report_files(summary, real, synthetic, out, staged)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _write_report_files(summary: dict, real: Sequence[LesionCrop], synthetic: Sequence[LesionCrop], final: Path,
+                        out: Path) -> dict:
     names = summary["channels"]
     summary["intensity"] = intensity_statistics(real, synthetic, names)
     files = {"json": "quality.json", "markdown": "quality.md", "intensity_stats": "intensity_stats.png",
              "examples": "examples.png"}
-    summary["files"] = {k: str(out / v) for k, v in files.items()}
+    summary["files"] = {k: str(final / v) for k, v in files.items()}
     heading = f"{summary['dataset']} ({summary['configuration']}), backend {summary['backend']}"
     plot_intensity_stats(summary["intensity"], real, synthetic, out / files["intensity_stats"],
                          f"{heading}: real (blue) vs synthetic (red) tumours")
@@ -279,4 +293,5 @@ def write_report(summary: dict, real: Sequence[LesionCrop], synthetic: Sequence[
     summary["tumours"] = _strict(_crop_records([*real, *synthetic], names))
     (out / files["markdown"]).write_text(markdown(summary), encoding="utf-8")
     (out / files["json"]).write_text(json.dumps(summary, indent=1, allow_nan=False), encoding="utf-8")
+    replace_report(out, final, list(files.values()), files["json"], old_files=list(files.values()))
     return summary

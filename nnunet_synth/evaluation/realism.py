@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.ensemble import RandomForestClassifier
-from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import OneClassSVM
+
+if TYPE_CHECKING:  # scikit-learn is imported where it is used: nnUNetv2_synth_quality --help stays instant
+    from sklearn.pipeline import Pipeline
 
 CLASSIFIERS = ("forest", "logistic")
 FOREST_TREES = 100
@@ -34,6 +30,12 @@ def make_classifier(name: str, seed: int = 0) -> Pipeline:
     * ``forest``: a random forest (:data:`FOREST_TREES` trees, leaves of at least 2 samples), or
     * ``logistic``: standardised features and an L2 logistic regression (C = 1).
     """
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     impute = SimpleImputer(strategy="median", keep_empty_features=True)
     if name == "forest":
         forest = RandomForestClassifier(n_estimators=FOREST_TREES, min_samples_leaf=2, random_state=seed, n_jobs=1)
@@ -45,6 +47,8 @@ def make_classifier(name: str, seed: int = 0) -> Pipeline:
 
 def _splitter(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> tuple[object, bool, int]:
     """Stratified folds grouped by case where both classes span at least two cases, else stratified folds."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
     per_class_groups = min(len(np.unique(groups[y == k])) for k in (0, 1))
     k = min(n_splits, per_class_groups)
     if k >= 2:
@@ -95,6 +99,8 @@ def realism_auc(features: np.ndarray, is_synthetic: np.ndarray, groups: Sequence
     if min(n_real, n_syn) < 2:
         raise ValueError(f"the realism classifier needs at least two real and two synthetic tumours, got {n_real} "
                          f"real and {n_syn} synthetic")
+    from sklearn.metrics import roc_auc_score
+
     aucs, fold_aucs, probabilities = [], [], []
     grouped, k = False, 0
     for repeat in range(n_repeats):
@@ -159,6 +165,12 @@ def one_class_svm_scores(real: np.ndarray, synthetic: np.ndarray, real_groups: S
     Raises:
         ValueError: with fewer than two real tumours or no synthetic one.
     """
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import GroupKFold, KFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import OneClassSVM
+
     real, synthetic = np.asarray(real, dtype=np.float64), np.asarray(synthetic, dtype=np.float64)
     groups = np.asarray(real_groups)
     if len(real) < 2 or len(synthetic) < 1:

@@ -10,6 +10,8 @@ import json
 import math
 import os
 import re
+import shutil
+from pathlib import Path
 
 import matplotlib
 
@@ -17,6 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+
+from nnunet_synth.files import process_tag, remove_stale, replace_report  # noqa: E402
 
 from .lesions import AREA_GROUP_TITLES, AREA_GROUPS, DIAMETER_GROUP_TITLES, DIAMETER_GROUPS  # noqa: E402
 from .metrics import METRICS  # noqa: E402
@@ -331,11 +335,12 @@ def plot_difference_histogram(summary: dict, comparison: dict, path: str) -> Non
 
 
 def write_report(summary: dict, output_folder: str) -> dict[str, object]:
-    """Writes ``summary.json``, ``report.md`` and the PNGs into a folder.
+    """Writes ``summary.json``, ``report.md`` and the PNGs into a folder, replacing an older report as a whole.
 
     The PNGs are ``dice_by_size.png`` (and ``dice_by_area.png`` for 2D data), and one
     ``dice_difference_<candidate>_vs_<baseline>.png`` per comparison. Their names are recorded in
-    ``summary["report_files"]``.
+    ``summary["report_files"]``. Every file is written in a hidden folder first and moved in when all are
+    complete (:func:`nnunet_synth.files.replace_report`): a run that dies never leaves old and new files mixed.
 
     Args:
         summary: the evaluation summary (modified: gets ``report_files``).
@@ -344,7 +349,18 @@ def write_report(summary: dict, output_folder: str) -> dict[str, object]:
     Returns:
         ``summary["report_files"]``.
     """
-    os.makedirs(output_folder, exist_ok=True)
+    final = Path(output_folder)
+    final.mkdir(parents=True, exist_ok=True)
+    remove_stale(final, ".report.*")  # what a killed run left
+    output_folder = str(final / f".report{process_tag()}")
+    os.makedirs(output_folder)
+    try:
+        return _write_report_files(summary, output_folder, final)
+    finally:
+        shutil.rmtree(output_folder, ignore_errors=True)  # a failed run leaves nothing; a finished one moved it all
+
+
+def _write_report_files(summary: dict, output_folder: str, final: Path) -> dict[str, object]:
     figures = []
     for grouping, name in (("diameter", "dice_by_size.png"), ("area", "dice_by_area.png")):
         if grouping in summary["groups"]:
@@ -359,4 +375,5 @@ def write_report(summary: dict, output_folder: str) -> dict[str, object]:
         f.write(markdown_report(summary))
     with open(os.path.join(output_folder, SUMMARY_FILE), "w", encoding="utf-8") as f:
         json.dump(to_jsonable(summary), f, indent=1, allow_nan=False)
+    replace_report(Path(output_folder), final, [SUMMARY_FILE, MARKDOWN_FILE, *figures], SUMMARY_FILE)
     return summary["report_files"]

@@ -8,6 +8,7 @@ live is :mod:`nnunet_synth.generators.paths`; how to add one is in docs/architec
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from nnunet_synth.generators.base import Lesion, TumourGenerator
@@ -31,13 +32,26 @@ def register_backend(name: str) -> Callable[[type[TumourGenerator]], type[Tumour
     return wrap
 
 
+# The modules of the shipped backends; importing one registers the backends it defines.
+_BACKEND_MODULES = ("analytic", "ddpm", "ldm", "sd_inversion", "transplant")
+
+
+def _import_backends() -> None:
+    """Imports the shipped backend modules on the registry's first use, not when the package is imported: a
+    command's ``--help`` and :mod:`nnunet_synth.generators.paths` stay free of torch."""
+    for module in _BACKEND_MODULES:
+        importlib.import_module(f"{__name__}.{module}")
+
+
 def available_backends() -> list[str]:
     """Names of the backends that can be built."""
+    _import_backends()
     return sorted(_BACKENDS)
 
 
 def trainable_backends() -> list[str]:
     """Names of the backends with a training module (``nnUNetv2_synth_train_generator -g``)."""
+    _import_backends()
     return sorted(name for name, cls in _BACKENDS.items() if cls.training_module is not None)
 
 
@@ -48,6 +62,7 @@ def get_backend(name: str) -> type[TumourGenerator]:
         NotImplementedError: for a backend of the design that is not built in this version.
         KeyError: for an unknown name; the message lists the available ones.
     """
+    _import_backends()
     if name in _BACKENDS:
         return _BACKENDS[name]
     if name in _NOT_BUILT:
@@ -55,8 +70,5 @@ def get_backend(name: str) -> type[TumourGenerator]:
                                   f"Available backends: {', '.join(available_backends())}")
     raise KeyError(f"unknown generator backend {name!r}; available: {', '.join(available_backends())}")
 
-
-# Importing the modules registers the backends they define.
-from nnunet_synth.generators import analytic, ddpm, ldm, sd_inversion, transplant  # noqa: E402,F401
 
 __all__ = ["Lesion", "TumourGenerator", "available_backends", "get_backend", "register_backend", "trainable_backends"]

@@ -14,7 +14,6 @@ transplant backend paints ``.texture``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from scipy.ndimage import label as connected_components
 from scipy.ndimage import zoom
 from tqdm import tqdm
 
+from nnunet_synth.files import creation_lock, process_tag
 from nnunet_synth.generators.appearance import (
     RING_MM,
     expand_box,
@@ -147,6 +147,8 @@ def build_template_bank(preprocessed: Path, configuration: str, data_identifier:
     """
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
+    from nnunet_synth.dataset_conversion.hidden_tumours import HiddenTumourLabels
+
     if spacing is None:
         from batchgenerators.utilities.file_and_folder_operations import load_json
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -157,9 +159,12 @@ def build_template_bank(preprocessed: Path, configuration: str, data_identifier:
     ring_label = NO_ORGAN if organ_label is None else int(organ_label)
     folder = Path(preprocessed) / data_identifier
     ds = infer_dataset_class(str(folder))(str(folder))
+    # a dataset with hidden tumours: the kept masks (load_templates keeps the training fold's)
+    hidden = HiddenTumourLabels.of(Path(preprocessed), plans_identifier, configuration)
     arrays, cases = {}, []
     for identifier in tqdm(sorted(ds.identifiers), desc="template bank", unit="case"):
         data, seg, _, _ = ds.load_case(identifier)
+        seg = seg if hidden is None else hidden.segmentation(identifier, seg)
         for template in case_templates(np.asarray(data), np.asarray(seg[0]), tumour_label, spacing, organ_label,
                                        identifier, clip_floor):
             i = len(cases)
@@ -167,7 +172,7 @@ def build_template_bank(preprocessed: Path, configuration: str, data_identifier:
             arrays[f"texture_{i:05d}"] = template.texture.astype(np.float16)
             cases.append((identifier, template.mask.shape))
     path = template_file(preprocessed, configuration, plans_identifier)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    tmp = path.with_name(f".{path.name}{process_tag()}.tmp.npz")  # per process: builders never share a name
     np.savez_compressed(tmp, case_ids=np.array([c for c, _ in cases], dtype=str),
                         shapes=np.array([s for _, s in cases], dtype=np.int64).reshape(len(cases), len(spacing)),
                         texture_version=np.array(TEXTURE_VERSION), ring_label=np.array(ring_label), **arrays)
@@ -272,10 +277,11 @@ def fold_templates(preprocessed: Path, configuration_manager, plan, train_cases:
     """
     textures = plan.backend == "transplant" if textures is None else textures
     path = template_file(preprocessed, plan.configuration, plan.plans_identifier)
-    if not path.is_file() or not has_textures(path, plan.organ_label):
-        build_template_bank(preprocessed, plan.configuration, configuration_manager.data_identifier,
-                            plan.tumour_label, plan.plans_identifier, spacing=configuration_manager.spacing,
-                            organ_label=plan.organ_label, clip_floor=plan.clip_floor)
+    with creation_lock(path):  # one builder: the folds and DDP ranks starting together load what it wrote
+        if not path.is_file() or not has_textures(path, plan.organ_label):
+            build_template_bank(preprocessed, plan.configuration, configuration_manager.data_identifier,
+                                plan.tumour_label, plan.plans_identifier, spacing=configuration_manager.spacing,
+                                organ_label=plan.organ_label, clip_floor=plan.clip_floor)
     templates, cases = load_templates(path, set(train_cases), textures)
     if not templates:
         if plan.backend == "transplant":

@@ -76,6 +76,12 @@ from nnunet_synth.trainers.studies import (
     nnUNetTrainerSynth20Tiny,
 )
 from nnunet_synth.trainers.synth import nnUNetTrainerSynth
+from nnunet_synth.trainers.transfer import (
+    nnUNetTrainer_Transfer,
+    nnUNetTrainerSynth50_Transfer,
+    nnUNetTrainerSynth50PaperTexture_Transfer,
+    nnUNetTrainerSynth50Transplant_Transfer,
+)
 from nnunet_synth.trainers.transplant import (
     nnUNetTrainerSynth2Transplant,
     nnUNetTrainerSynth5Transplant,
@@ -167,4 +173,8 @@ __all__ = [
     "nnUNetTrainerSynth50Transplant",
     "nnUNetTrainerSynth60Transplant",
     "nnUNetTrainerSynth20Transplant_Debug",
+    "nnUNetTrainer_Transfer",
+    "nnUNetTrainerSynth50_Transfer",
+    "nnUNetTrainerSynth50PaperTexture_Transfer",
+    "nnUNetTrainerSynth50Transplant_Transfer",
 ]

@@ -11,15 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
-from nnunet_synth.bank import RealAndBankDataset, bank_identifiers, is_bank_identifier
+from nnunet_synth.bank import RealAndBankDataset, bank_identifiers, check_bank, is_bank_identifier
 from nnunet_synth.generators.paths import bank_dir, generate_command
+from nnunet_synth.trainers.loaders import build_dataloaders
 from nnunet_synth.trainers.schedules import DEBUG_SCHEDULE, apply_schedule_override, set_schedule
 
 
@@ -28,7 +25,8 @@ class nnUNetTrainerSynthBank(nnUNetTrainer):
 
     Raises (at the start of training) a RuntimeError naming ``nnUNetv2_synth_generate`` when the bank of
     ``synth_backend`` for this configuration, plans and fold is missing or holds no case of this fold's training
-    cases.
+    cases, and a :class:`~nnunet_synth.bank.BankError` when it is incomplete (unless the synth plan sets
+    ``allow_partial_bank``) or was made with other synth-plan settings than the current ones.
     """
 
     synth_probability: float = 0.2
@@ -56,6 +54,8 @@ class nnUNetTrainerSynthBank(nnUNetTrainer):
                                        self.fold, self.plans_manager.plans_name)
             raise RuntimeError(f"{self.__class__.__name__} trains on the {self.synth_backend} bank {folder}, which "
                                f"{state}. Make it with: {command}")
+        self.print_to_log_file(check_bank(self.plans_manager.dataset_name, self.synth_backend,
+                                          self.configuration_name, self.fold, self.plans_manager.plans_name))
         if self.dataset_class is None:
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         bank = self.dataset_class(str(folder), ids)
@@ -66,49 +66,9 @@ class nnUNetTrainerSynthBank(nnUNetTrainer):
         return mixed, dataset_val
 
     def get_dataloaders(self):
-        # nnUNetTrainer.get_dataloaders (2.8.1) with one change: the training loader gets
-        # sampling_probabilities (nnU-Net hard-codes None there); validation is unchanged.
-        if self.dataset_class is None:
-            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
-        patch_size = self.configuration_manager.patch_size
-        deep_supervision_scales = self._get_deep_supervision_scales()
-        rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
-            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        lm = self.label_manager
-        tr_transforms = self.get_training_transforms(
-            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
-            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
-            foreground_labels=lm.foreground_labels, regions=lm.foreground_regions if lm.has_regions else None,
-            ignore_label=lm.ignore_label)
-        val_transforms = self.get_validation_transforms(
-            deep_supervision_scales, is_cascaded=self.is_cascaded, foreground_labels=lm.foreground_labels,
-            regions=lm.foreground_regions if lm.has_regions else None, ignore_label=lm.ignore_label)
-        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
-        dl_tr = nnUNetDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, lm,
-                                 oversample_foreground_percent=self.oversample_foreground_percent,
-                                 sampling_probabilities=self.bank_sampling_probabilities, pad_sides=None,
-                                 transforms=tr_transforms, probabilistic_oversampling=self.probabilistic_oversampling)
-        dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, lm,
-                                  oversample_foreground_percent=self.oversample_foreground_percent,
-                                  sampling_probabilities=None, pad_sides=None, transforms=val_transforms,
-                                  probabilistic_oversampling=self.probabilistic_oversampling)
-        allowed_num_processes = get_allowed_n_proc_DA()
-        if allowed_num_processes == 0:
-            mt_gen_train = SingleThreadedAugmenter(dl_tr, None)
-            mt_gen_val = SingleThreadedAugmenter(dl_val, None)
-        else:
-            pin = self.device.type == "cuda"
-            mt_gen_train = NonDetMultiThreadedAugmenter(data_loader=dl_tr, transform=None,
-                                                        num_processes=allowed_num_processes,
-                                                        num_cached=max(6, allowed_num_processes // 2), seeds=None,
-                                                        pin_memory=pin, wait_time=0.002)
-            mt_gen_val = NonDetMultiThreadedAugmenter(data_loader=dl_val, transform=None,
-                                                      num_processes=max(1, allowed_num_processes // 2),
-                                                      num_cached=max(3, allowed_num_processes // 4), seeds=None,
-                                                      pin_memory=pin, wait_time=0.002)
-        _ = next(mt_gen_train)
-        _ = next(mt_gen_val)
-        return mt_gen_train, mt_gen_val
+        # nnU-Net's loaders with one change: the training loader gets sampling_probabilities (nnU-Net hard-codes
+        # None there), known once get_tr_and_val_datasets has found the bank; validation is unchanged
+        return build_dataloaders(self, sampling_probabilities=lambda: self.bank_sampling_probabilities)
 
     def train_step(self, batch: dict) -> dict:
         keys = batch.get("keys", [])

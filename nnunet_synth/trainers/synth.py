@@ -10,9 +10,17 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_synth.generators.templates import fold_templates
-from nnunet_synth.injection import SynthTumourTransform, achieved_rates, new_counters
+from nnunet_synth.injection import (
+    INSERTED,
+    NOTHING_FITTED,
+    OUTCOME_KEY,
+    OutcomeDataLoader,
+    SynthTumourTransform,
+    new_counters,
+)
 from nnunet_synth.planning import format_plan, load_synth_plan, write_json_atomic
-from nnunet_synth.synth_plan import SYNTH_PLANS_FILE, SynthPlan, synth_plan_file
+from nnunet_synth.synth_plan import SYNTH_PLANS_FILE, SynthPlan, SynthPlanError, synth_plan_file
+from nnunet_synth.trainers.loaders import build_dataloaders
 from nnunet_synth.trainers.schedules import apply_schedule_override
 
 
@@ -27,14 +35,16 @@ class nnUNetTrainerSynth(nnUNetTrainer):
     synth_backend: str = "analytic"
     # overrides of the plan's "shapes" (size_class, deformation, size_preset) that a named variant fixes
     synth_shapes: dict = {}
+    # backend_params of the plan that a named variant fixes (e.g. the analytic backend's paper texture)
+    synth_backend_params: dict = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule_override(self)
         self.synth_plan: SynthPlan | None = None
-        self.synth_counters = new_counters()
-        self._synth_counted = achieved_rates(self.synth_counters)
+        self.synth_counters = new_counters()  # every sample the loader workers made, prefetched ones included
+        self._synth_consumed = {"seen": 0, "synthetic": 0, "skipped": 0}  # samples the training steps used
         self.synth_transform: SynthTumourTransform | None = None
         self.synth_template_cases: list[str] = []
 
@@ -53,12 +63,18 @@ class nnUNetTrainerSynth(nnUNetTrainer):
             SynthPlanError: a plan, or this trainer's overrides of it, that does not fit the dataset.
         """
         plans_name = self.plans_manager.plans_name
-        plan = load_synth_plan(self.plans_manager.dataset_name, self.configuration_name, plans_name)
+        plan = load_synth_plan(self.plans_manager.dataset_name, self.configuration_name, plans_name, fold=self.fold)
+        if plan.statistics_fold is not None and plan.statistics_fold != self.fold:
+            raise SynthPlanError(f"the synth plan of {self.plans_manager.dataset_name} measured the hidden tumours of "
+                                 f"fold {plan.statistics_fold}'s training cases, which may hold fold {self.fold}'s "
+                                 f"validation cases; run nnUNetv2_synth_plan -d {self.plans_manager.dataset_name} "
+                                 f"-c {self.configuration_name} -p {plans_name} -f {self.fold} first")
         if plan.backend != self.synth_backend:
             self.print_to_log_file(f"synth plan names backend {plan.backend!r}; {self.__class__.__name__} "
                                    f"uses {self.synth_backend!r}")
         fold_seed = int(plan.seed) + 1000 * (self.fold if isinstance(self.fold, int) else 0)
-        plan = plan.replace(backend=self.synth_backend, shapes=dict(self.synth_shapes), seed=fold_seed)
+        plan = plan.replace(backend=self.synth_backend, shapes=dict(self.synth_shapes), seed=fold_seed,
+                            backend_params={**plan.backend_params, **self.synth_backend_params})
         source = (f"{synth_plan_file(self.preprocessed_dataset_folder_base, plans_name)} with the settings of "
                   f"{self.__class__.__name__} (backend {self.synth_backend!r}, shapes {self.synth_shapes})")
         plan = plan.validated(source, self.dataset_json)
@@ -90,10 +106,22 @@ class nnUNetTrainerSynth(nnUNetTrainer):
                                f"{len(self.synth_template_cases)} training-fold cases")
         return templates
 
+    def get_dataloaders(self):
+        # nnU-Net's loaders, the training loader's batches carrying what the synth transform did to each sample
+        return build_dataloaders(self, OutcomeDataLoader)
+
+    def train_step(self, batch: dict) -> dict:
+        outcomes = batch.get(OUTCOME_KEY)
+        if outcomes is not None:
+            counts = torch.bincount(torch.as_tensor(outcomes).flatten(), minlength=3)
+            self._synth_consumed["seen"] += int(counts.sum())
+            self._synth_consumed["synthetic"] += int(counts[INSERTED])
+            self._synth_consumed["skipped"] += int(counts[NOTHING_FITTED])
+        return super().train_step(batch)
+
     def on_epoch_end(self) -> None:
-        now = achieved_rates(self.synth_counters)
-        delta = {k: now[k] - self._synth_counted[k] for k in now}
-        self._synth_counted = now
+        # the samples this epoch's training steps consumed (not those the workers prefetched at start or resume)
+        delta, self._synth_consumed = self._synth_consumed, {"seen": 0, "synthetic": 0, "skipped": 0}
         rate = delta["synthetic"] / max(1, delta["seen"])
         self.print_to_log_file(f"synthetic tumours this epoch: {delta['synthetic']}/{delta['seen']} samples "
                                f"({rate:.1%}; target {self.synth_probability:.0%}), {delta['skipped']} skipped "

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nnunet_synth.extras import require_extra
+
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 LAYOUT_HELP = ("a local Stable Diffusion 1.x folder in diffusers' save_pretrained layout with the subfolders "
@@ -107,7 +109,11 @@ def load_parts(base_model: str | Path, device: str | torch.device = "cpu", lora_
     """Loads the parts of a local base model; with ``lora_rank`` adds trainable LoRA adapters to the UNet.
 
     The safety checker is never loaded (medical images; the prompts avoid the words it flags).
+
+    Raises:
+        MissingExtraError: diffusers, peft or transformers is not installed (the ``[sd]`` extra).
     """
+    require_extra("sd")
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 

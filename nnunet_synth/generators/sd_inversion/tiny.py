@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from nnunet_synth.extras import require_extra
 from nnunet_synth.generators.sd_inversion.captions import NO_TUMOUR_TEMPLATES, SIZE_WORDS, TUMOUR_TEMPLATES
 
 MAX_TOKENS = 77
@@ -32,6 +33,7 @@ def _write_tokenizer_files(folder: Path) -> tuple[Path, Path]:
 
 def build_tiny_base_model(folder: str | Path, resolution: int = 32, seed: int = 0) -> Path:
     """Writes a tiny Stable Diffusion pipeline (VAE factor 2, two UNet levels) of ``resolution`` to ``folder``."""
+    require_extra("sd", "diffusers", "transformers")
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
