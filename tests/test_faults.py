@@ -227,13 +227,13 @@ def test_conversion_removes_what_a_killed_conversion_left(tmp_path):
     src = tmp_path / "src"
     _generic_input(src)
     raw = tmp_path / "raw"
-    stale = raw / f".Dataset931_Generic.partial-0123abcd.pid{_dead_pid()}@{os.uname().nodename}"
+    stale = raw / f".Dataset948_Generic.partial-0123abcd.pid{_dead_pid()}@{os.uname().nodename}"
     (stale / "imagesTr").mkdir(parents=True)
-    running = raw / f".Dataset932_Generic.partial-4567abcd{process_tag()}"  # a conversion running now
+    running = raw / f".Dataset949_Generic.partial-4567abcd{process_tag()}"  # a conversion running now
     running.mkdir()
-    assert convert_main(["generic", "-i", str(src), "-d", "931", "--raw-dir", str(raw), "--quiet", "--labels",
+    assert convert_main(["generic", "-i", str(src), "-d", "948", "--raw-dir", str(raw), "--quiet", "--labels",
                          "background=0", "organ=1", "tumor=2"]) == 0
-    assert sorted(p.name for p in raw.iterdir()) == sorted([running.name, "Dataset931_Generic"])
+    assert sorted(p.name for p in raw.iterdir()) == sorted([running.name, "Dataset948_Generic"])
 
 
 # --- 0, 3, 7. export -------------------------------------------------------------------------------------------------

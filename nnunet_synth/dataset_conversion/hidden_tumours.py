@@ -228,8 +228,10 @@ class HiddenTumourLabels:
 
     @classmethod
     def of(cls, preprocessed: Path, plans_identifier: str, configuration: str) -> HiddenTumourLabels | None:
-        """The real labels of a dataset that hides its tumours; None for an ordinary dataset."""
-        dataset_json = load_json(str(Path(preprocessed) / "dataset.json"))
+        """The real labels of a dataset that hides its tumours; None for an ordinary dataset (or a folder without
+        dataset.json, which nnU-Net's preprocessing always writes: nothing hidden can be known of it)."""
+        path = Path(preprocessed) / "dataset.json"
+        dataset_json = load_json(str(path)) if path.is_file() else {}
         return cls(preprocessed, plans_identifier, configuration, dataset_json) \
             if hidden_tumours_record(dataset_json) else None
 
