@@ -4,7 +4,8 @@ It records which label is the organ (placement region) and which the tumour, the
 real tumours in mm, per-channel intensity priors of tumour against organ in nnU-Net's normalised space,
 and the shape, placement and backend settings. Dataset-level settings sit at the top (edit them by hand
 to change backend or shapes); statistics that depend on the configuration's resampling sit under
-``configurations``. Statistics use all preprocessed cases, as nnU-Net's own fingerprint does. This module
+``configurations``. Statistics use all preprocessed cases, as nnU-Net's own fingerprint does (a dataset whose
+tumours are hidden behind the ignore label: the kept masks of one fold's training cases). This module
 measures and writes; :mod:`nnunet_synth.synth_plan` holds the typed, validated object that everything reads.
 """
 
