@@ -8,6 +8,13 @@ so ``python -m nnunet_synth.ext_path`` stays instant.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for type checkers and linters; at run time __getattr__ imports on first use
+    from nnunet_synth.generators.lesions import LesionInfo, insert_tumours
+    from nnunet_synth.planning import load_synth_plan
+    from nnunet_synth.synth_plan import SynthPlan, SynthPlanError
+
 # The one place the version is written: pyproject.toml reads it (setuptools dynamic version), CHANGELOG.md and
 # CITATION.cff name it (tests/test_packaging.py checks that they agree).
 __version__ = "0.1.0"

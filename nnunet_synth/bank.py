@@ -441,7 +441,7 @@ def _check_manifest(path: Path, manifest: dict, part: str) -> None:
 
     with creation_lock(path):  # parts started together update one manifest in turn
         if path.is_file():
-            old = json.loads(path.read_text())
+            old = json.loads(path.read_text(encoding="utf-8"))
             # keys an older manifest lacks (shapes, settings: recorded since) are not held against it
             diff = _differences(old, manifest, MANIFEST_KEYS)
             if diff:
@@ -461,7 +461,7 @@ def _finish_part(path: Path, part: str, num_cases: int, skipped: list[int]) -> N
     from nnunet_synth.planning import write_json_atomic
 
     with creation_lock(path):
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
         manifest.setdefault("parts", {}).setdefault(part, {}).update(num_cases=num_cases, finished=True)
         manifest["skipped"] = sorted(set(manifest.get("skipped", [])) | set(skipped))
         write_json_atomic(manifest, path)
@@ -485,7 +485,7 @@ def check_bank(dataset: str | int, backend: str, configuration: str, fold: int |
     if not path.is_file():
         raise BankError(f"the {backend} bank {folder} has no manifest for fold {fold} ({path}), so nothing says "
                         f"how it was made or whether it is complete; make it with: {command}")
-    manifest = json.loads(path.read_text())
+    manifest = json.loads(path.read_text(encoding="utf-8"))
     plan = bank_plan(dataset, backend, configuration, plans_identifier, manifest.get("shape_overrides"))
     requested = int(manifest["num_cases"])
     flags = {"--seed": manifest.get("seed"), "--sampling-steps": manifest.get("sampling_steps"),

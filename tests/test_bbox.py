@@ -153,8 +153,8 @@ def fake_model(results: Path, channels=("T1_CE_MRI", "noNorm"), labels=LABELS, b
             "numTraining": 2, "file_ending": ".nii.gz"}
     if box_channel is not None:
         meta["nnunet_synth"] = {"box_channel": box_channel, "tumour_label": 2}
-    (folder / "dataset.json").write_text(json.dumps(meta))
-    (folder / "plans.json").write_text("{}")
+    (folder / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
+    (folder / "plans.json").write_text("{}", encoding="utf-8")
     return folder
 
 
@@ -207,7 +207,7 @@ def test_bbox_dataset_appends_box_channel_and_keeps_labels(raw, monkeypatch):
     assert bbox_dataset_main(["-i", "935", "-d", "936", "--margin-vox", "1", "--quiet"]) == 0
     out = raw / "Dataset936_ATLASLikeBoxes"
     verify(out, monkeypatch)
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert meta["channel_names"] == {"0": "MRI", "1": "noNorm"} and meta["labels"] == LABELS
     info = meta["nnunet_synth"]
     assert info["box_channel"] == 1 and info["tumour_label"] == 2 and info["margin_vox"] == [1, 1, 1]
@@ -220,7 +220,7 @@ def test_bbox_dataset_appends_box_channel_and_keeps_labels(raw, monkeypatch):
         assert box.GetSpacing() == pytest.approx(SPACING) and box.GetOrigin() == pytest.approx((-5, 2, 7))
         expected = render_boxes(component_boxes(liver_with_tumours() == 2, 1), SHAPE)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(box), expected)
-    source = json.loads((out / "bbox_source.json").read_text())
+    source = json.loads((out / "bbox_source.json").read_text(encoding="utf-8"))
     assert source["source_dataset"] == src.name and "maxima inclusive" in source["box_convention"]
     assert source["cases"]["atlas_000"][1] == {"index": 1, "box_zyx_min": [5, 9, 11], "box_zyx_max": [9, 16, 17],
                                                "voxels": 5 * 8 * 7}
@@ -233,7 +233,8 @@ def test_bbox_dataset_organ_label_drops_other_labels(raw):
     labels = {"background": 0, "liver": 1, "lesion": 2, "vessel": 3}
     write_raw(raw, 935, "Multi", {"c1": ([mri(1)], lab)}, labels=labels)
     out = make_bbox_dataset(935, 936, organ_label=1, progress=False)
-    assert json.loads((out / "dataset.json").read_text())["labels"] == {"background": 0, "liver": 1, "lesion": 2}
+    labels = json.loads((out / "dataset.json").read_text(encoding="utf-8"))["labels"]
+    assert labels == {"background": 0, "liver": 1, "lesion": 2}
     got = read(out / "labelsTr" / "c1.nii.gz")
     assert not np.any(got == 3) and np.array_equal(got == 2, lab == 2)
     with pytest.raises(ConversionError, match="--organ-label 2 is not a foreground non-tumour label"):
@@ -264,9 +265,9 @@ def test_bbox_dataset_refuses_bad_input_and_leaves_nothing(raw, problem, message
     elif problem == "extra_channel":
         sitk.WriteImage(image(mri(9)), str(src / "imagesTr" / "atlas_001_0001.nii.gz"), True)
     elif problem == "no_tumour_name":
-        meta = json.loads((src / "dataset.json").read_text())
+        meta = json.loads((src / "dataset.json").read_text(encoding="utf-8"))
         meta["labels"] = {"background": 0, "liver": 1, "blob": 2}
-        (src / "dataset.json").write_text(json.dumps(meta))
+        (src / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     with pytest.raises(ConversionError, match=message):
         make_bbox_dataset(935, 936, progress=False)
     assert sorted(p.name for p in raw.iterdir()) == [src.name]
@@ -280,7 +281,7 @@ def test_bbox_dataset_cli_refuses_existing_output_and_box_input(raw, capsys):
     assert "Dataset936_ATLASLikeBoxes already exists; pass --overwrite" in capsys.readouterr().err
     assert bbox_dataset_main(["-i", "935", "-d", "936", "--quiet", "--overwrite", "--margin-vox", "2"]) == 0
     out = raw / "Dataset936_ATLASLikeBoxes"
-    assert json.loads((out / "bbox_source.json").read_text())["margin_vox"] == [2, 2, 2]
+    assert json.loads((out / "bbox_source.json").read_text(encoding="utf-8"))["margin_vox"] == [2, 2, 2]
     assert refused(bbox_dataset_main, ["-i", "936", "-d", "937", "--quiet"]) == 2
     assert "already has a box channel" in capsys.readouterr().err
     assert refused(bbox_dataset_main, ["-i", "935", "-d", "935", "--quiet", "--name", "Other"]) == 2
@@ -303,7 +304,7 @@ def box_cohort(raw: Path, n: int = 2, empty_case: bool = False, json_boxes: bool
     if json_boxes:
         records = {c: {"lesions": [{"index": str(k), "selected": True, **b.to_json()}
                                    for k, b in enumerate(component_boxes(lab == 2))]} for c, (_, lab) in cases.items()}
-        (folder / "lesion_boxes.json").write_text(json.dumps(records))
+        (folder / "lesion_boxes.json").write_text(json.dumps(records), encoding="utf-8")
     return folder
 
 
@@ -345,13 +346,13 @@ def test_pseudolabel_refuses_cases_without_boxes(raw):
 def test_pseudolabel_refuses_bad_json_boxes_and_bad_targets(raw, monkeypatch):
     folder = box_cohort(raw, json_boxes=True)
     model = resolve_model(fake_model(raw.parent / "nnUNet_results"))
-    records = json.loads((folder / "lesion_boxes.json").read_text())
+    records = json.loads((folder / "lesion_boxes.json").read_text(encoding="utf-8"))
     records["mr1_arterial"]["lesions"][0]["box_zyx_max"] = [4, 5, 25]
-    (folder / "lesion_boxes.json").write_text(json.dumps(records))
+    (folder / "lesion_boxes.json").write_text(json.dumps(records), encoding="utf-8")
     with pytest.raises(ConversionError, match=r"case mr1_arterial: lesion 0 box .* outside the volume \[12, 20, 20\]"):
         pseudolabel(937, 938, model, device="cpu", progress=False)
     del records["mr1_arterial"]
-    (folder / "lesion_boxes.json").write_text(json.dumps(records))
+    (folder / "lesion_boxes.json").write_text(json.dumps(records), encoding="utf-8")
     with pytest.raises(ConversionError, match="case mr1_arterial: no entry in .*lesion_boxes.json"):
         pseudolabel(937, 938, model, device="cpu", progress=False)
     with pytest.raises(ConversionError, match="would replace the input dataset"):
@@ -399,10 +400,10 @@ def _box_only_cohort(dataset_id: int) -> tuple[Path, dict[str, np.ndarray]]:
         cid = path.name.removesuffix(".nii.gz")
         regions[cid] = region.astype(bool)
         records[cid] = {"lesions": [{"index": str(i), "selected": True, **b.to_json()} for i, b in enumerate(boxes)]}
-    meta = json.loads((folder / "dataset.json").read_text())
+    meta = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     meta["nnunet_synth"] = {"tumour_label_is_box": True}
-    (folder / "dataset.json").write_text(json.dumps(meta))
-    (folder / "lesion_boxes.json").write_text(json.dumps(records))
+    (folder / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
+    (folder / "lesion_boxes.json").write_text(json.dumps(records), encoding="utf-8")
     return folder, regions
 
 
@@ -412,14 +413,16 @@ def test_bbox_pipeline_end_to_end_on_phantoms(nnunet_dirs, monkeypatch):
     source = write_phantom_dataset(930, num_train=5, num_test=0, modality="CT", seed=20, config=TINY)
     run(["nnUNetv2_synth_bbox_dataset", "-i", "930", "-d", "931", "--margin-vox", "1", "--quiet"])
     boxes_ds = raw / "Dataset931_PhantomCTBoxes"
-    assert json.loads((boxes_ds / "dataset.json").read_text())["channel_names"] == {"0": "CT", "1": "noNorm"}
+    channels = json.loads((boxes_ds / "dataset.json").read_text(encoding="utf-8"))["channel_names"]
+    assert channels == {"0": "CT", "1": "noNorm"}
 
     # nnU-Net 2.8.1 breaks planning under nnUNet_n_proc_DA=0; -npfp 2 keeps the fingerprint pool from spawning 8
     # interpreters on a 2-core machine.
     env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_n_proc_DA", "nnUNet_extTrainer")}
     run(["nnUNetv2_plan_and_preprocess", "-d", "931", "-c", "3d_fullres", "-np", "2", "-npfp", "2",
          "--verify_dataset_integrity"], env=env)
-    plans = json.loads((Path(os.environ["nnUNet_preprocessed"]) / boxes_ds.name / "nnUNetPlans.json").read_text())
+    plans_file = Path(os.environ["nnUNet_preprocessed"]) / boxes_ds.name / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
     # the box channel stays binary: nnU-Net maps the channel name "noNorm" to NoNormalization
     assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["CTNormalization", "NoNormalization"]
     # nnUNet_def_n_proc=1: the final validation's export and metric pools otherwise spawn 8 interpreters each.
@@ -437,10 +440,10 @@ def test_bbox_pipeline_end_to_end_on_phantoms(nnunet_dirs, monkeypatch):
     out = raw / "Dataset933_PhantomCTPseudo"
     assert f"wrote {out}" in result.stdout
     verify(out, monkeypatch)
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert meta["channel_names"] == {"0": "CT"} and meta["labels"] == {"background": 0, "organ": 1, "tumour": 2}
     assert meta["nnunet_synth"]["input_channel_names"] == ["CT"] and meta["nnunet_synth"]["pseudo_labels"]
-    report = json.loads((out / "pseudolabel_report.json").read_text())
+    report = json.loads((out / "pseudolabel_report.json").read_text(encoding="utf-8"))
     assert sorted(report["cases"]) == sorted(regions) and report["box_source"] == "label"
     for cid, region in regions.items():
         src_img = sitk.ReadImage(str(cohort / "imagesTr" / f"{cid}_0000.nii.gz"))

@@ -82,7 +82,7 @@ def build_msd(root: Path, task: str = "Task07_Pancreas", organ: str = "pancreas"
     meta = {"name": organ, "modality": {"0": "CT"}, "labels": {"0": "background", "1": organ, "2": "cancer"},
             "numTraining": n, "training": [{"image": f"./imagesTr/{prefix}_{i:03d}.nii.gz",
                                             "label": f"./labelsTr/{prefix}_{i:03d}.nii.gz"} for i in range(1, n + 1)]}
-    (folder / "dataset.json").write_text(json.dumps(meta))
+    (folder / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     for i in range(1, n + 1):
         write(volume(ct_array(i)), folder / "imagesTr" / f"{prefix}_{i:03d}.nii.gz")
         write(volume(organ_tumour()), folder / "labelsTr" / f"{prefix}_{i:03d}.nii.gz")
@@ -174,7 +174,7 @@ def build_lld(root: Path) -> dict:
     info["MR0001"][0]["annotation"]["lesion"]["1"] = {"category": 4, "bbox": {"3D_box": dict(
         zip(("z_min", "y_min", "x_min", "z_max", "y_max", "x_max"), (10, 15, 15, 11, 16, 17), strict=True))}}
     (root / "labels").mkdir(parents=True, exist_ok=True)
-    (root / "labels" / "Annotation.json").write_text(json.dumps({"Annotation_info": info}))
+    (root / "labels" / "Annotation.json").write_text(json.dumps({"Annotation_info": info}), encoding="utf-8")
     return info
 
 
@@ -194,7 +194,7 @@ def build_mama(root: Path, spacing=(0.7, 0.7, 2.0)) -> None:
             {"patient_id": pid, "primary_lesion": {"breast_coordinates": {
                 "x_min": 0, "x_max": 15, "y_min": 0, "y_max": 23, "z_min": 0, "z_max": 23}},
              "imaging_data": {"dataset": pid.split("_")[0], "bilateral": True}}))
-    with open(root / "train_test_splits.csv", "w", newline="") as f:
+    with open(root / "train_test_splits.csv", "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(["train_split", "test_split"])
         w.writerow(["DUKE_001", "NACT_01"])
@@ -327,7 +327,7 @@ def verify(monkeypatch):
 
     def run(folder: Path) -> dict:
         vdi.verify_dataset_integrity(str(folder), num_processes=1)
-        return json.loads((folder / "dataset.json").read_text())
+        return json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
 
     return run
 
@@ -445,7 +445,7 @@ def test_lld_mmri_boxes_phases_and_categories(verify, raw, tmp_path, capsys):
     want[3:7, 4:9, 5:11] = 2  # z 3..6, y 4..8, x 5..10 inclusive
     want[10:12, 15:17, 15:18] = 2  # the second lesion (a cyst; all categories kept)
     assert np.array_equal(label, want)
-    boxes = json.loads((folder / "lesion_boxes.json").read_text())
+    boxes = json.loads((folder / "lesion_boxes.json").read_text(encoding="utf-8"))
     assert boxes["MR0001_arterial"]["lesions"][0]["box_zyx_max"] == [6, 8, 10]
     assert boxes["MR0001_arterial"]["phase"] == "C+A"
 
@@ -455,7 +455,7 @@ def test_lld_mmri_hcc_only(verify, raw, tmp_path):
     folder = lld_mmri.convert(tmp_path / "lld", 505, categories=["hcc"], phases=["C+V"], progress=False)
     verify(folder)
     assert cases_of(folder) == ["MR0001_venous"]  # MR0002 has a cyst only
-    boxes = json.loads((folder / "lesion_boxes.json").read_text())
+    boxes = json.loads((folder / "lesion_boxes.json").read_text(encoding="utf-8"))
     arterial = lld_mmri.convert(tmp_path / "lld", 506, categories=["hcc"], phases=["C+A"], progress=False)
     label = read(arterial / "labelsTr" / "MR0001_arterial.nii.gz")
     assert label[10:12, 15:17, 15:18].max() == 0 and label[3:7, 4:9, 5:11].min() == 2  # the cyst box is left out
@@ -465,7 +465,8 @@ def test_lld_mmri_hcc_only(verify, raw, tmp_path):
 def test_lld_mmri_box_outside_volume(raw, tmp_path):
     info = build_lld(tmp_path / "lld")
     info["MR0002"][1]["annotation"]["lesion"]["0"]["bbox"]["3D_box"]["z_max"] = SHAPE[0]  # one past the last slice
-    (tmp_path / "lld" / "labels" / "Annotation.json").write_text(json.dumps({"Annotation_info": info}))
+    annotation = tmp_path / "lld" / "labels" / "Annotation.json"
+    annotation.write_text(json.dumps({"Annotation_info": info}), encoding="utf-8")
     with pytest.raises(ConversionError, match=r"case MR0002_venous: lesion 0 box .* outside the volume"):
         lld_mmri.convert(tmp_path / "lld", 505, progress=False)
     assert leftovers(raw) == []
@@ -488,7 +489,7 @@ def test_mama_mia(verify, raw, tmp_path, capsys, post_phase, expected_cases):
     assert meta["labels"] == {"background": 0, "tumor": 1}
     assert list(meta["channel_names"].values())[0] == "DCE_pre"
     assert cases_of(folder) == expected_cases
-    split = json.loads((folder / "splits_final.json").read_text())
+    split = json.loads((folder / "splits_final.json").read_text(encoding="utf-8"))
     assert len(split) == 1
     assert split[0]["val"] == [c for c in expected_cases if c.startswith("nact_01")]
     assert sorted(split[0]["train"] + split[0]["val"]) == expected_cases
@@ -509,7 +510,7 @@ def test_mama_mia_isotropic_resampling_and_grouped_split(verify, raw, tmp_path):
     label = read(folder / "labelsTr" / "duke_001_post1.nii.gz")
     assert label.shape == (32, 17, 17) and set(np.unique(label)) == {0, 1}
     assert abs(label.sum() * 1.0 - organ_tumour(tumour=False).sum() * 0.7 * 0.7 * 2.0) < 0.15 * label.sum()
-    folds = json.loads((folder / "splits_final.json").read_text())
+    folds = json.loads((folder / "splits_final.json").read_text(encoding="utf-8"))
     assert len(folds) == 4  # four patients: one per fold at most
     for fold in folds:  # phases of one patient never straddle train and val
         patients = lambda ids: {c.rsplit("_post", 1)[0] for c in ids}  # noqa: E731
@@ -518,7 +519,7 @@ def test_mama_mia_isotropic_resampling_and_grouped_split(verify, raw, tmp_path):
 
 def test_mama_mia_split_must_cover_cases(raw, tmp_path):
     build_mama(tmp_path / "mama")
-    with open(tmp_path / "mama" / "train_test_splits.csv", "w", newline="") as f:
+    with open(tmp_path / "mama" / "train_test_splits.csv", "w", encoding="utf-8", newline="") as f:
         csv.writer(f).writerows([["train_split", "test_split"], ["DUKE_001", "NACT_01"], ["DUKE_002", ""]])
     with pytest.raises(ConversionError, match=r"not in the official split file: \['ispy1_1001'\]"):
         mama_mia.convert(tmp_path / "mama", 507, split="official", progress=False)
@@ -626,9 +627,9 @@ def test_merge_tumour_and_healthy(verify, raw, tmp_path, capsys):
     meta = verify(folder)
     assert meta["labels"] == {"background": 0, "pancreas": 1, "tumor": 2}
     assert meta["numTraining"] == 3 + 2 + 2
-    healthy = json.loads((folder / "healthy_cases.json").read_text())
+    healthy = json.loads((folder / "healthy_cases.json").read_text(encoding="utf-8"))
     assert healthy == ["btcv_0001", "btcv_0002", "pancreasct_0001", "pancreasct_0002"]
-    sources = json.loads((folder / "merge_sources.json").read_text())
+    sources = json.loads((folder / "merge_sources.json").read_text(encoding="utf-8"))
     assert sources["pancreas_001"] == "Dataset501_MSDPancreas" and sources["btcv_0002"] == "Dataset503_BTCVPancreas"
     assert np.array_equal(read(folder / "labelsTr" / "pancreas_003.nii.gz"), organ_tumour())
     btcv_src = read(tmp_path / "btcv" / "RawData" / "Training" / "label" / "label0001.nii.gz")
@@ -760,9 +761,9 @@ def test_existing_dataset_needs_overwrite(raw, tmp_path, capsys):
     assert marker.stat().st_mtime_ns == mtime and leftovers(raw) == ["Dataset501_MSDPancreas"]
     (src / "labelsTr" / "pancreas_003.nii.gz").unlink()
     (src / "imagesTr" / "pancreas_003.nii.gz").unlink()
-    src_json = json.loads((src / "dataset.json").read_text())
+    src_json = json.loads((src / "dataset.json").read_text(encoding="utf-8"))
     src_json["training"] = src_json["training"][:2]
-    (src / "dataset.json").write_text(json.dumps(src_json))
+    (src / "dataset.json").write_text(json.dumps(src_json), encoding="utf-8")
     assert convert_cli(["msd_pancreas", "-i", str(src), "-d", "501", "--overwrite"], capsys)[0] == 0
     assert cases_of(raw / "Dataset501_MSDPancreas") == ["pancreas_001", "pancreas_002"]
     assert leftovers(raw) == ["Dataset501_MSDPancreas"]
@@ -1044,7 +1045,7 @@ def test_plan_and_preprocess_accepts_converted_dataset(raw, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "verify_dataset_integrity Done" in result.stdout
     pre = Path(os.environ["nnUNet_preprocessed"]) / "Dataset507_MAMAMIA"
-    assert json.loads((pre / "splits_final.json").read_text())[0]["val"] == ["nact_01"]
+    assert json.loads((pre / "splits_final.json").read_text(encoding="utf-8"))[0]["val"] == ["nact_01"]
     assert (pre / "nnUNetPlans.json").is_file()
     assert len(list((pre / "nnUNetPlans_3d_fullres").glob("*.b2nd"))) + len(
         list((pre / "nnUNetPlans_3d_fullres").glob("*.npz"))) >= 4

@@ -98,7 +98,7 @@ def test_masked_forward_process_and_inpainting_keep_the_known_region():
 
 
 def test_training_loss_falls_and_outputs_are_written(phantom_ct, generator):
-    log = json.loads((generator / "training_log.json").read_text())
+    log = json.loads((generator / "training_log.json").read_text(encoding="utf-8"))
     losses = np.asarray(log["train_loss"])
     assert len(losses) == ITERATIONS
     first, last = losses[:8].mean(), losses[-8:].mean()
@@ -219,7 +219,7 @@ def test_bank_is_reproducible_and_parts_split_the_work(phantom_ct, bank):
     assert np.array_equal(np.asarray(nnUNetDatasetBlosc2(str(folder)).load_case(victim)[0]), before)
     # parts of a larger bank: part 1 of 2 writes the odd new index, part 0 the even one
     manifest = folder / "manifest" / "fold_0.json"
-    fixture_manifest = manifest.read_text()
+    fixture_manifest = manifest.read_text(encoding="utf-8")
     part1 = generate_bank(phantom_ct, "ddpm", BANK_CASES + 2, sampling_steps=SAMPLING_STEPS, device="cpu",
                           num_parts=2, part=1, progress=False)
     part0 = generate_bank(phantom_ct, "ddpm", BANK_CASES + 2, sampling_steps=SAMPLING_STEPS, device="cpu",
@@ -230,7 +230,8 @@ def test_bank_is_reproducible_and_parts_split_the_work(phantom_ct, bank):
     for identifier in part0 + part1:  # back to the fixture's bank for the trainer tests
         for f in folder.glob(f"{identifier}*"):
             f.unlink()
-    manifest.write_text(fixture_manifest)  # which requested BANK_CASES: the trainers refuse an incomplete bank
+    # the fixture requested BANK_CASES: the trainers refuse an incomplete bank
+    manifest.write_text(fixture_manifest, encoding="utf-8")
 
 
 def test_bank_export_to_raw_space(phantom_ct, bank):
@@ -301,7 +302,7 @@ def test_bank_trainer_through_nnunetv2_train(phantom_ct, bank):
     assert f"training on 4 real and {BANK_CASES} bank cases" in log and "bank cases this epoch" in log
     # validation is nnU-Net's own, on real validation cases only
     _, val, _ = split_cases(phantom_ct, "3d_fullres", 0)
-    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    summary = json.loads((fold / "validation" / "summary.json").read_text(encoding="utf-8"))
     assert {Path(c["reference_file"]).name.removesuffix(".nii.gz") for c in summary["metric_per_case"]} == set(val)
 
 
@@ -332,10 +333,10 @@ def test_bank_with_the_liver_mri_preset_has_its_semi_axes(nnunet_dirs, one_torch
                 "-f", "all"])
     load_synth_plan(dataset, "3d_fullres")  # the plan file, then the preset as a user sets it
     path = preprocessed_dir(dataset) / "nnUNetSynthPlans.json"
-    raw = json.loads(path.read_text())
+    raw = json.loads(path.read_text(encoding="utf-8"))
     raw["shapes"].update(size_preset="liver_mri", size_class="any")
     raw["placement"].update(min_inside=0.3)
-    path.write_text(json.dumps(raw))
+    path.write_text(json.dumps(raw), encoding="utf-8")
     written = generate_bank(dataset, "ddpm", 6, fold="all", sampling_steps=2, device="cpu", progress=False)
     assert len(written) == 6
     bank = nnUNetDatasetBlosc2(str(bank_dir(dataset, "ddpm", "3d_fullres")))

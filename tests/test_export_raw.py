@@ -143,7 +143,7 @@ def _raw_case(scheme: str, folder: Path, rng: np.random.Generator) -> tuple[dict
         sitk.WriteImage(itk, str(path), True)
     dataset_json = {"channel_names": {"0": scheme}, "labels": {"background": 0, "organ": 1, "tumour": TUMOUR},
                     "numTraining": 1, "file_ending": ".nii.gz"}
-    (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json), encoding="utf-8")
     return dataset_json, image, seg
 
 
@@ -153,7 +153,7 @@ def test_round_trip_through_nnunet_preprocessing(phantom_ct, scheme, tmp_path):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     dtype, use_mask, step = ROUND_TRIP[scheme]
-    plans = json.loads((preprocessed_dir(phantom_ct) / "nnUNetPlans.json").read_text())
+    plans = json.loads((preprocessed_dir(phantom_ct) / "nnUNetPlans.json").read_text(encoding="utf-8"))
     plans["transpose_forward"], plans["transpose_backward"] = [0, 2, 1], [0, 2, 1]
     plans["foreground_intensity_properties_per_channel"] = {"0": CT_PROPS}
     conf = plans["configurations"]["3d_fullres"]
@@ -234,7 +234,7 @@ def test_bank_export_is_the_raw_source_with_the_lesion_in_raw_units(phantom, req
 
     base = preprocessed_dir(dataset)
     raw_folder = next(Path(os.environ["nnUNet_raw"]).glob(f"Dataset{dataset}_*"))
-    plans_manager = PlansManager(json.loads((base / "nnUNetPlans.json").read_text()))
+    plans_manager = PlansManager(json.loads((base / "nnUNetPlans.json").read_text(encoding="utf-8")))
     conf = plans_manager.get_configuration("3d_fullres")
     plan = load_synth_plan(dataset, "3d_fullres")
     halo = float(getattr(get_backend("analytic")(plan), "halo_mm", 0.0))  # lesion edges beyond the label

@@ -123,7 +123,7 @@ def test_conversion_refuses_a_truncated_image_or_label(tmp_path, capsys, case, v
 def _evaluate(ref: Path, pred: Path, out: Path, *extra: str) -> dict:
     evaluate_entry(["-ref", str(ref), "-pred", str(pred), "-o", str(out), "-l", "1", "--bootstrap", "0", "--quiet",
                     *extra])
-    return json.loads((out / "summary.json").read_text())
+    return json.loads((out / "summary.json").read_text(encoding="utf-8"))
 
 
 def _dice(summary: dict) -> float:
@@ -182,10 +182,10 @@ def test_evaluation_report_is_replaced_as_a_whole(tmp_path, reference, monkeypat
     _write(sitk.GetArrayFromImage(image), pred / "case.nii.gz", image)
     out = tmp_path / "out"
     _evaluate(ref, pred, out)
-    old_summary = json.loads((out / "summary.json").read_text())
+    old_summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     old = {p.name: p.read_bytes() for p in out.iterdir()}
     assert set(old) == {"summary.json", "report.md", "dice_by_size.png"}
-    (out / "notes.txt").write_text("the user's own file")
+    (out / "notes.txt").write_text("the user's own file", encoding="utf-8")
     (out / f".report.pid{_dead_pid()}@{os.uname().nodename}").mkdir()  # a killed run's staging folder
 
     from nnunet_synth.evaluation import report
@@ -202,12 +202,12 @@ def test_evaluation_report_is_replaced_as_a_whole(tmp_path, reference, monkeypat
     # a new report replaces every file of the old one (its figures by the old summary's list), nothing else
     (out / "dice_difference_x_vs_y.png").write_bytes(b"old figure")
     old_summary["report_files"]["figures"].append("dice_difference_x_vs_y.png")
-    (out / "summary.json").write_text(json.dumps(old_summary))
+    (out / "summary.json").write_text(json.dumps(old_summary), encoding="utf-8")
     summary = _evaluate(ref, pred, out, "--names", "third")
     assert summary["runs"] == ["third"]
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".report.")) == [
         "dice_by_size.png", "notes.txt", "report.md", "summary.json"]
-    assert "third" in (out / "report.md").read_text()
+    assert "third" in (out / "report.md").read_text(encoding="utf-8")
     leftovers = [p.name for p in out.iterdir() if p.name.startswith(".report.")]
     assert leftovers == [], leftovers  # the dead run's folder too; the died run's own was its process's (alive)
 
@@ -333,7 +333,7 @@ def test_phantom_overwrites_only_itself_and_uses_the_umask(tmp_path, monkeypatch
         monkeypatch.setenv(f"nnUNet_{name}", str(tmp_path / name))
     other = tmp_path / "raw" / "Dataset910_Generic"
     other.mkdir()
-    (other / "dataset.json").write_text("{}")
+    (other / "dataset.json").write_text("{}", encoding="utf-8")
     (tmp_path / "results" / "Dataset911_Trained").mkdir()
 
     def phantom(*args: str) -> tuple[int, str]:
@@ -347,7 +347,7 @@ def test_phantom_overwrites_only_itself_and_uses_the_umask(tmp_path, monkeypatch
     for dataset_id, clash in (("910", other), ("911", tmp_path / "results" / "Dataset911_Trained")):
         code, line = phantom("-d", dataset_id, "--overwrite")
         assert code == 2 and f"dataset ID {dataset_id} is already used by {clash}" in line
-    assert (other / "dataset.json").read_text() == "{}"
+    assert (other / "dataset.json").read_text(encoding="utf-8") == "{}"
     old = os.umask(0o027)
     try:
         assert phantom("-d", "912")[0] == 0
@@ -427,7 +427,7 @@ def bank_fold(phantom_ct):
 
     load_synth_plan(phantom_ct, "3d_fullres")
     plan_file = preprocessed_dir(phantom_ct) / "nnUNetSynthPlans.json"
-    saved = plan_file.read_text()
+    saved = plan_file.read_text(encoding="utf-8")
     folder = bank_dir(phantom_ct, "analytic", "3d_fullres")
 
     def clean() -> None:
@@ -438,16 +438,16 @@ def bank_fold(phantom_ct):
     clean()
     yield folder
     clean()
-    plan_file.write_text(saved)
+    plan_file.write_text(saved, encoding="utf-8")
 
 
 def _edit_plan(dataset: int, change) -> None:
     from nnunet_synth.planning import preprocessed_dir
 
     path = preprocessed_dir(dataset) / "nnUNetSynthPlans.json"
-    raw = json.loads(path.read_text())
+    raw = json.loads(path.read_text(encoding="utf-8"))
     change(raw)
-    path.write_text(json.dumps(raw))
+    path.write_text(json.dumps(raw), encoding="utf-8")
 
 
 def test_a_killed_bank_is_refused_unless_the_plan_allows_a_partial_one(phantom_ct, bank_fold, monkeypatch):
@@ -491,7 +491,7 @@ def test_parts_complete_a_bank_and_leftovers_of_dead_generations_go(phantom_ct, 
     with pytest.raises(BankError, match=rf"holds 1 of the 3 cases requested for fold {BANK_FOLD}"):
         _bank_trainer(phantom_ct, monkeypatch).get_tr_and_val_datasets()
     assert len(generate_bank(phantom_ct, "analytic", 3, fold=BANK_FOLD, num_parts=2, part=0, progress=False)) == 2
-    manifest = json.loads((bank_fold / "manifest" / f"fold_{BANK_FOLD}.json").read_text())
+    manifest = json.loads((bank_fold / "manifest" / f"fold_{BANK_FOLD}.json").read_text(encoding="utf-8"))
     assert set(manifest["parts"]) == {"0/2", "1/2"} and all(p["finished"] and p["num_cases"] == 3 for p in
                                                            manifest["parts"].values())
     assert manifest["parts"]["0/2"]["settings_digest"] == manifest["parts"]["1/2"]["settings_digest"]
@@ -561,12 +561,12 @@ def test_builders_started_together_create_plan_and_template_bank_once(phantom_ct
     from nnunet_synth.synth_plan import synth_plan_file
 
     base = preprocessed_dir(phantom_ct)
-    plans = json.loads((base / "nnUNetPlans.json").read_text())
+    plans = json.loads((base / "nnUNetPlans.json").read_text(encoding="utf-8"))
     plans["plans_name"] = RACE_PLANS  # the same preprocessed cases under a plans identifier without plan or bank
     created = [base / f"{RACE_PLANS}.json", synth_plan_file(base, RACE_PLANS), template_file(base, "3d_fullres",
                                                                                             RACE_PLANS)]
     created += [p.with_name(f".{p.name}.lock") for p in created[1:]]
-    created[0].write_text(json.dumps(plans))
+    created[0].write_text(json.dumps(plans), encoding="utf-8")
     try:
         context = multiprocessing.get_context("fork")  # as nnU-Net's folds and DDP ranks: separate processes
         n = 3

@@ -260,7 +260,7 @@ def test_template_masks_in_the_ldm_bank(phantom_ct, generator):
                             checkpoint=str(generator / "checkpoint_best.pth"), deformation="template", progress=False)
     assert len(written) == 2
     folder = bank_dir(phantom_ct, "ldm", "3d_fullres")
-    manifest = json.loads((folder / "manifest" / "fold_1.json").read_text())
+    manifest = json.loads((folder / "manifest" / "fold_1.json").read_text(encoding="utf-8"))
     assert manifest["shapes"]["deformation"] == "template"
     synthetic = nnUNetDatasetBlosc2(str(folder))
     real = nnUNetDatasetBlosc2(str(split_cases(phantom_ct, "3d_fullres", 1)[2]))

@@ -77,7 +77,7 @@ def test_healthy_dataset_gets_tumours_at_the_ratio_and_validation_stays_real(tra
 
 def test_trainer_records_its_synth_plan(trainer):
     copied = Path(trainer.output_folder) / "nnUNetSynthPlans.json"
-    plan = json.loads(copied.read_text())
+    plan = json.loads(copied.read_text(encoding="utf-8"))
     assert plan["backend"] == "analytic" and plan["configuration"] == "3d_fullres"
     assert plan["organ_label"] == 1 and plan["tumour_label"] == 2
     log = Path(trainer.log_file).read_text(encoding="utf-8")

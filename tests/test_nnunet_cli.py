@@ -37,7 +37,7 @@ def _without_plugin(tmp_path: Path, **extra) -> dict:
     package of that name that raises ImportError comes first on the path)."""
     blocker = tmp_path / "no_plugin" / "nnunet_synth"
     blocker.mkdir(parents=True, exist_ok=True)
-    (blocker / "__init__.py").write_text('raise ImportError("nnunet_synth is not installed here")\n')
+    (blocker / "__init__.py").write_text('raise ImportError("nnunet_synth is not installed here")\n', encoding="utf-8")
     env = _env(PYTHONPATH=os.pathsep.join(filter(None, [str(blocker.parent), os.environ.get("PYTHONPATH")])),
                **extra)
     probe = subprocess.run([sys.executable, "-c", "import nnunet_synth"], env=env, capture_output=True, text=True,
@@ -77,16 +77,18 @@ def test_train_predict_and_export_for_plain_nnunet(phantom_ct, converted_ct, tmp
     model = next(results.glob(f"Dataset{converted_ct}_*")) / f"{TRAINER}__nnUNetPlans__3d_fullres"
     fold = model / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file()
-    assert json.loads((fold / "nnUNetSynthPlans.json").read_text())["backend"] == "analytic"
-    stats = json.loads((fold / "synth_stats.json").read_text())
+    assert json.loads((fold / "nnUNetSynthPlans.json").read_text(encoding="utf-8"))["backend"] == "analytic"
+    stats = json.loads((fold / "synth_stats.json").read_text(encoding="utf-8"))
     # the samples the training steps consumed (2 iterations), not the batch the loader drew at start
-    batch_size = json.loads((fold.parent / "plans.json").read_text())["configurations"]["3d_fullres"]["batch_size"]
+    plans = json.loads((fold.parent / "plans.json").read_text(encoding="utf-8"))
+    batch_size = plans["configurations"]["3d_fullres"]["batch_size"]
     assert len(stats) == 1 and stats[0]["seen"] == 2 * batch_size, stats
     log = "".join(p.read_text(encoding="utf-8") for p in fold.glob("training_log_*.txt"))
     assert "synthetic tumours this epoch" in log and "synth plan of" in log
     # validation is nnU-Net's own, on the real validation cases of the split only
-    split = json.loads((Path(os.environ["nnUNet_preprocessed"]) / model.parent.name / "splits_final.json").read_text())
-    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    splits_file = Path(os.environ["nnUNet_preprocessed"]) / model.parent.name / "splits_final.json"
+    split = json.loads(splits_file.read_text(encoding="utf-8"))
+    summary = json.loads((fold / "validation" / "summary.json").read_text(encoding="utf-8"))
     validated = {Path(c["reference_file"]).name.removesuffix(".nii.gz") for c in summary["metric_per_case"]}
     assert validated == set(split[0]["val"])
 

@@ -30,13 +30,13 @@ def plan_file(phantom_ct) -> Path:
 
 def edit(path: Path, key: str, value) -> None:
     """Sets a dataset-level key (``a.b`` for a nested one) of the synth plans file."""
-    raw = json.loads(path.read_text())
+    raw = json.loads(path.read_text(encoding="utf-8"))
     *parents, last = key.split(".")
     node = raw
     for parent in parents:
         node = node[parent]
     node[last] = value
-    path.write_text(json.dumps(raw))
+    path.write_text(json.dumps(raw), encoding="utf-8")
 
 
 def command(args: list[str], env: dict | None = None) -> tuple[int, list[str]]:
@@ -80,10 +80,10 @@ def test_invalid_key_stops_the_command_naming_file_and_key(phantom_ct, plan_file
 
 @pytest.mark.parametrize("content", ["{not json", ""], ids=["invalid_json", "empty_file"])
 def test_unreadable_file_is_one_line_and_overwrite_repairs_it(phantom_ct, plan_file, content):
-    plan_file.write_text(content)
+    plan_file.write_text(content, encoding="utf-8")
     rc, lines = command(["nnUNetv2_synth_plan", "-d", str(phantom_ct)])
     assert_one_error_line(rc, lines, "nnUNetv2_synth_plan", str(plan_file), "not valid JSON", "--overwrite")
-    assert plan_file.read_text() == content, "a failed command leaves the file alone"
+    assert plan_file.read_text(encoding="utf-8") == content, "a failed command leaves the file alone"
     if content:  # one repair is enough: the empty file takes the same path
         rc, _ = command(["nnUNetv2_synth_plan", "-d", str(phantom_ct), "--overwrite"])
         assert rc == 0

@@ -86,12 +86,12 @@ def test_plan_command_error_names_labels_and_flag(phantom_ct):
 def test_plan_command_writes_json_and_keeps_manual_edits(phantom_ct):
     path = preprocessed_dir(phantom_ct) / SYNTH_PLANS_FILE
     plan_synth(phantom_ct)
-    edited = json.loads(path.read_text())
+    edited = json.loads(path.read_text(encoding="utf-8"))
     edited["placement"]["margin_mm"] = 4.5
-    path.write_text(json.dumps(edited))
+    path.write_text(json.dumps(edited), encoding="utf-8")
     subprocess.run(["nnUNetv2_synth_plan", "-d", str(phantom_ct)], check=True, capture_output=True)
-    assert json.loads(path.read_text())["placement"]["margin_mm"] == 4.5
-    assert np.isfinite(json.loads(path.read_text())["configurations"]["3d_fullres"]["spacing"]).all()
+    assert json.loads(path.read_text(encoding="utf-8"))["placement"]["margin_mm"] == 4.5
+    assert np.isfinite(json.loads(path.read_text(encoding="utf-8"))["configurations"]["3d_fullres"]["spacing"]).all()
 
 
 def test_missing_preprocessing_is_a_clear_error(nnunet_dirs):

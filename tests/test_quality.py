@@ -119,11 +119,11 @@ def test_command_writes_report_and_scores_with_the_encoder_of_a_trained_model(ph
     env = dict(os.environ, nnUNet_extTrainer=ext_trainer_dir())
     result = run(["nnUNetv2_synth_quality", "-d", str(phantom_ct), "-g", "analytic", "-n", "20", "-o", str(out),
                   "-m", str(trained_model), "-f", "0", "-device", "cpu", "--repeats", "2", "--quiet"], env=env)
-    summary = json.loads((out / "quality.json").read_text())
+    summary = json.loads((out / "quality.json").read_text(encoding="utf-8"))
     assert f"realism AUC {summary['realism']['auc']:.3f}" in result.stdout
 
     # only the training cases of fold 0, as nnU-Net split them
-    splits = json.loads((preprocessed_dir(phantom_ct) / "splits_final.json").read_text())
+    splits = json.loads((preprocessed_dir(phantom_ct) / "splits_final.json").read_text(encoding="utf-8"))
     assert summary["cases"] == sorted(splits[0]["train"])
     tumours = summary["tumours"]
     assert {t["case"] for t in tumours} <= set(summary["cases"])
@@ -133,7 +133,7 @@ def test_command_writes_report_and_scores_with_the_encoder_of_a_trained_model(ph
     assert 0.0 <= summary["realism"]["auc"] <= 1.0
 
     # one-class SVM on the deepest encoder stage: its width, scores per tumour consistent with the means
-    plans = json.loads((trained_model / "plans.json").read_text())
+    plans = json.loads((trained_model / "plans.json").read_text(encoding="utf-8"))
     width = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"][-1]
     svm = summary["one_class_svm"]
     assert svm["trainer"] == "nnUNetTrainer_Debug" and svm["fold"] == 0

@@ -104,7 +104,8 @@ def test_no_synthetic_lesion_outside_the_head_without_a_brain_label(brats_tumour
     # glioma with oedema is 5-7 cm across: the label-free paper's sizes give many more draws that fit a patch
     plan = load_synth_plan(brats_tumour_only, "3d_fullres").replace(shapes={"size_preset": "labelfree"})
     folder = preprocessed_dir(brats_tumour_only) / "nnUNetPlans_3d_fullres"
-    transpose = json.loads((preprocessed_dir(brats_tumour_only) / "nnUNetPlans.json").read_text())["transpose_forward"]
+    plans_file = preprocessed_dir(brats_tumour_only) / "nnUNetPlans.json"
+    transpose = json.loads(plans_file.read_text(encoding="utf-8"))["transpose_forward"]
     ds = infer_dataset_class(str(folder))(str(folder))
     transform = SynthTumourTransform(plan, 1.0, (64, 64, 64), seed=0)
     rng = np.random.default_rng(0)
@@ -217,7 +218,7 @@ def test_generic_converter_merges_the_brain_mask(tmp_path):
                          "--organ-pattern", "{case}/brainmask.nii.gz", "--organ-label", "brain",
                          "--exclude", *cases[2:]]) == 0
     folder = tmp_path / "Dataset922_Generic"
-    meta = json.loads((folder / "dataset.json").read_text())
+    meta = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert meta["labels"] == {"background": 0, "brain": 1, "tumour": 2}
     for case in cases[:2]:
         label = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"{case}.nii.gz")))

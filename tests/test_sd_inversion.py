@@ -141,7 +141,7 @@ def test_lora_fine_tuning_trains_only_lora_and_its_loss_falls(phantom_2d, base_m
         if "lora_" not in name:
             assert torch.equal(value, fresh[name.replace(".base_layer", "")]), name
 
-    log = json.loads((generator / "training_log.json").read_text())
+    log = json.loads((generator / "training_log.json").read_text(encoding="utf-8"))
     assert len(log["train_loss"]) == ITERATIONS
     history = log["history"]
     assert [h["iteration"] for h in history] == [0, 10, 20, 30, 40]
@@ -234,9 +234,9 @@ def test_checkpoint_checks_its_base_model(phantom_2d, base_model, generator, tmp
         sd(_plan(phantom_2d, base_model=str(moved)))
     shutil.copytree(base_model, moved)
     sd(_plan(phantom_2d, base_model=str(moved)))  # a copy of the same model is fine
-    config = json.loads((moved / "unet" / "config.json").read_text())
+    config = json.loads((moved / "unet" / "config.json").read_text(encoding="utf-8"))
     config["layers_per_block"] = 2
-    (moved / "unet" / "config.json").write_text(json.dumps(config))
+    (moved / "unet" / "config.json").write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(GeneratorCheckpointError, match="has other model configurations"):
         sd(_plan(phantom_2d, base_model=str(moved)))
     with pytest.raises(GeneratorCheckpointError, match="fold_3/checkpoint_final.pth does not exist.*--base-model"):

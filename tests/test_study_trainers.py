@@ -119,7 +119,7 @@ def test_masks_command_writes_nifti_with_spacing_and_png_grids(phantom_ct, tmp_p
                    capture_output=True, env=dict(os.environ))
     niftis = sorted(out.glob("*.nii.gz"))
     assert len(niftis) == 2 * 3 * 3
-    plan = json.loads((preprocessed_dir(phantom_ct) / "nnUNetSynthPlans.json").read_text())
+    plan = json.loads((preprocessed_dir(phantom_ct) / "nnUNetSynthPlans.json").read_text(encoding="utf-8"))
     spacing = plan["configurations"]["3d_fullres"]["spacing"]
     image = sitk.ReadImage(str(niftis[0]))
     assert list(image.GetSpacing()) == pytest.approx(spacing[::-1])

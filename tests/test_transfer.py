@@ -107,7 +107,7 @@ def transfer_run(phantom_ct, tmp_path_factory) -> dict:
     run([sys.executable, str(REPO / "benchmarks" / "transfer.py"), "-d", str(phantom_ct), "-o", str(out),
          "--hidden-id", str(HIDDEN_ID), "--contenders", "analytic", "--epochs", "1", "--iterations", "2",
          "--val-iterations", "1", "--margin-mm", "3"], env=env, timeout=1800)
-    return json.loads((out / "transfer.json").read_text())
+    return json.loads((out / "transfer.json").read_text(encoding="utf-8"))
 
 
 def test_benchmark_trains_predicts_and_scores_real_tumours(transfer_run, phantom_ct):
@@ -125,12 +125,12 @@ def test_benchmark_trains_predicts_and_scores_real_tumours(transfer_run, phantom
     for run_name in rows:
         assert sorted(p.name for p in (out / "predictions" / run_name).glob("*.nii.gz")) == \
             [f"{c}.nii.gz" for c in val]
-    table = (out / "transfer.md").read_text()
+    table = (out / "transfer.md").read_text(encoding="utf-8")
     assert "| real-labels |" in table and "| analytic |" in table and "ratio to real labels" in table
     assert (out / "evaluation" / "report.md").is_file()
     log = (Path(os.environ["nnUNet_results"]) / results["hidden"] /
            "nnUNetTrainerSynth50_Transfer__nnUNetPlans__3d_fullres" / "fold_0")
-    assert "real tumours hidden" in "".join(p.read_text() for p in log.glob("training_log_*.txt"))
+    assert "real tumours hidden" in "".join(p.read_text(encoding="utf-8") for p in log.glob("training_log_*.txt"))
 
 
 def test_the_hidden_copy_has_no_tumour_label_and_its_plan_measures_the_training_folds_kept_masks(

@@ -310,6 +310,6 @@ def test_transplant_bank_writes_a_case(phantom_ct):
     train, _, _ = split_cases(phantom_ct, "3d_fullres", 0)
     folder = bank_dir(phantom_ct, "transplant", "3d_fullres")
     assert [p for p in folder.iterdir() if p.name.startswith(written[0])], "no case file written"
-    manifest = json.loads((folder / MANIFEST_DIR / "fold_0.json").read_text())
+    manifest = json.loads((folder / MANIFEST_DIR / "fold_0.json").read_text(encoding="utf-8"))
     assert manifest["backend"] == "transplant" and manifest["shapes"]["deformation"] == "template"
     assert set(manifest["training_cases"]) == set(train)

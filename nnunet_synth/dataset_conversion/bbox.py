@@ -147,7 +147,7 @@ def render_boxes(boxes: Sequence[Box], shape: Sequence[int]) -> np.ndarray:
 
 def _load_meta(folder: Path) -> dict:
     try:
-        return json.loads((folder / "dataset.json").read_text())
+        return json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ConversionError(f"{folder / 'dataset.json'}: cannot read: {err}") from err
 
@@ -566,7 +566,7 @@ def pseudolabel(input_dataset: int | str | os.PathLike, dataset_id: int, model: 
         if not json_path.is_file():
             raise ConversionError(f"{where}: --boxes json but {json_path} does not exist")
         try:
-            box_records = json.loads(json_path.read_text())
+            box_records = json.loads(json_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ConversionError(f"{json_path}: not valid JSON: {err}") from err
         tumour_in = None

@@ -559,7 +559,7 @@ def write_dataset(spec: DatasetSpec, tasks: Sequence[CaseTask], *, overwrite: bo
             raise ConversionError(f"no cases were produced for {folder_name}")
         if splits is not None:
             _check_splits(splits, written)
-            (tmp / "splits_final.json").write_text(json.dumps(splits, indent=1))
+            (tmp / "splits_final.json").write_text(json.dumps(splits, indent=1), encoding="utf-8")
         if finalize is not None:
             finalize(tmp, written)
         _write_dataset_json(tmp, spec, len(written))
@@ -607,7 +607,7 @@ def move_into_place(tmp: Path, target: Path) -> None:
 
 def write_json(path: Path, data: object) -> None:
     """Write JSON with a stable layout."""
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
     if not ann_path.is_file():
         raise ConversionError(f"annotation file not found: {ann_path}")
     try:
-        info = json.loads(ann_path.read_text())["Annotation_info"]
+        info = json.loads(ann_path.read_text(encoding="utf-8"))["Annotation_info"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ConversionError(f"{ann_path}: not an LLD-MMRI annotation file (no Annotation_info): {err!r}") from err
     unknown_phases = [p for p in phases if p not in PHASES]

@@ -59,7 +59,7 @@ def read_official_split(csv_path: Path) -> tuple[list[str], list[str]]:
     """
     if not csv_path.is_file():
         raise ConversionError(f"split file not found: {csv_path}")
-    with open(csv_path, newline="") as f:
+    with open(csv_path, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     columns = {c.strip().lower(): c for c in (rows[0].keys() if rows else [])}
     if "train_split" not in columns or "test_split" not in columns:

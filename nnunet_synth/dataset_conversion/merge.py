@@ -114,7 +114,7 @@ def convert(inputs: list[str], dataset_id: int, *, healthy: list[str] | None = N
     if len(set(folders)) != len(folders):
         raise ConversionError(f"a dataset is given twice: {[f.name for f in folders]}")
 
-    metas = [json.loads((f / "dataset.json").read_text()) for f in folders]
+    metas = [json.loads((f / "dataset.json").read_text(encoding="utf-8")) for f in folders]
     first = metas[0]
     channels = [str(v) for _, v in sorted(first["channel_names"].items(), key=lambda kv: int(kv[0]))]
     out_labels: dict[str, int] = {}

@@ -49,7 +49,7 @@ def _msd_training_list(root: Path) -> list[str] | None:
     if not path.is_file():
         return None
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ConversionError(f"cannot parse {path}: {err}") from err
     return [Path(entry["image"]).name.removesuffix(".nii.gz") for entry in meta.get("training", [])]
@@ -59,7 +59,7 @@ def _check_msd_labels(root: Path, organ: str, cohort: str) -> None:
     """Refuse a Decathlon task whose label 1 is not the expected organ (e.g. Task03 given to msd_pancreas)."""
     path = root / "dataset.json"
     if path.is_file():
-        labels = json.loads(path.read_text()).get("labels", {})
+        labels = json.loads(path.read_text(encoding="utf-8")).get("labels", {})
         if labels and organ not in str(labels.get("1", "")).lower():
             raise ConversionError(f"{path}: label 1 is {labels.get('1')!r}, expected {organ!r} for {cohort}; "
                                   "is this the right Decathlon task?")

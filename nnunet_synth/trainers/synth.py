@@ -133,6 +133,6 @@ class nnUNetTrainerSynth(nnUNetTrainer):
     def _append_synth_stats(self, entry: dict) -> None:
         # one entry per epoch; a resumed training overwrites the epochs it repeats
         path = Path(self.output_folder) / "synth_stats.json"
-        stats = json.loads(path.read_text()) if path.is_file() else []
+        stats = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
         stats = [s for s in stats if s["epoch"] < entry["epoch"]] + [entry]
         write_json_atomic(stats, path)
