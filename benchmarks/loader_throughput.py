@@ -1,14 +1,18 @@
-"""Data-loader throughput of nnUNetTrainerSynth20 (analytic) against vanilla nnUNetTrainer, in one run.
+"""Data-loader throughput of synthetic-tumour trainers against vanilla nnUNetTrainer, in one run.
 
-Both trainers build nnU-Net's real training loader (same dataset, patch size, batch size and worker
-count); each round times a fresh loader of one trainer after a warm-up, the order alternating, so machine
-noise hits both alike. Also times one
-analytic lesion (shape + placement + texture) in patches of the enlarged 3d_fullres patch size.
+Every trainer builds nnU-Net's real training loader (same dataset, patch size, batch size and worker count).
+Rounds are interleaved (vanilla, synth, vanilla, synth, ... for each synth trainer), each timing a fresh loader after
+a warm-up, so machine noise hits both alike; a round's ratio is the synth rate over the mean of the vanilla rates
+timed just before and after it, and the median ratio over rounds is printed with its spread. ``--workers 0`` is
+nnU-Net's single-process loader (``nnUNet_n_proc_DA=0``): the pure CPU cost per batch, the quantity that limits
+nnU-Net on a fast GPU. Also times one analytic lesion (shape + placement + texture) in enlarged patches.
 
-    python benchmarks/loader_throughput.py                 # on a generated phantom (64x128x128)
+    python benchmarks/loader_throughput.py                 # Synth20 on a generated phantom (64x128x128)
+    python benchmarks/loader_throughput.py --workers 0 --trainer nnUNetTrainerSynth20 nnUNetTrainerSynth60 \
+        nnUNetTrainerSynth20Large
     python benchmarks/loader_throughput.py -d 501 -c 3d_fullres --workers 4
 
-Target (DESIGN.md): ratio >= 0.95.
+Target (issue 15): median ratio >= 0.95 single-process for Synth20, Synth60 and Synth20Large.
 """
 
 from __future__ import annotations
@@ -43,10 +47,12 @@ def build_trainer(name: str, dataset: str, configuration: str):
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+    import nnunet_synth.trainers
     from nnunet_synth.planning import preprocessed_dir
-    from nnunet_synth.trainers import nnUNetTrainerSynth20
 
-    cls = {"nnUNetTrainer": nnUNetTrainer, "nnUNetTrainerSynth20": nnUNetTrainerSynth20}[name]
+    cls = nnUNetTrainer if name == "nnUNetTrainer" else getattr(nnunet_synth.trainers, name, None)
+    if cls is None:
+        raise SystemExit(f"loader_throughput: no trainer {name!r} in nnunet_synth.trainers")
     base = preprocessed_dir(dataset)
     plans = load_json(base / "nnUNetPlans.json")
     plans["continue_training"] = False
@@ -110,7 +116,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-d", "--dataset", help="preprocessed dataset (default: generate a phantom)")
     parser.add_argument("-c", "--configuration", default="3d_fullres")
-    parser.add_argument("--workers", type=int, default=2, help="nnUNet_n_proc_DA for both loaders")
+    parser.add_argument("--trainer", nargs="+", default=["nnUNetTrainerSynth20"],
+                        help="synthetic-tumour trainers compared with vanilla nnUNetTrainer")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="nnUNet_n_proc_DA of every loader (0: nnU-Net's single-process loader)")
     parser.add_argument("--batches", type=int, default=20, help="batches per round and trainer")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=8, help="batches drawn before timing (drains prefetch)")
@@ -120,34 +129,47 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dataset = args.dataset or str(make_phantom(Path(tmp)))
         os.environ["nnUNet_n_proc_DA"] = str(args.workers)
-        trainers = {name: build_trainer(name, dataset, args.configuration)
-                    for name in ("nnUNetTrainer", "nnUNetTrainerSynth20")}
-        rates: dict[str, list[float]] = {name: [] for name in trainers}
-        for r in range(args.rounds):
-            # one loader alive at a time, fresh each round, order alternating: no worker of the other
-            # trainer competes for the cores, and prefetched batches are drained before timing starts
-            for name in (list(trainers) if r % 2 == 0 else list(reversed(list(trainers)))):
-                train_loader, val_loader = trainers[name].get_dataloaders()
-                finish(val_loader)
-                time_batches(train_loader, args.warmup)
-                rates[name].append(time_batches(train_loader, args.batches))
-                finish(train_loader)
-        synth = trainers["nnUNetTrainerSynth20"]
-        ms = lesion_milliseconds(synth, args.lesions)
+        names = ["nnUNetTrainer", *args.trainer]
+        trainers = {name: build_trainer(name, dataset, args.configuration) for name in names}
+
+        def rate(name: str) -> float:
+            # one loader alive at a time, fresh each round: no worker of another trainer competes for the cores,
+            # and prefetched batches are drained before timing starts
+            train_loader, val_loader = trainers[name].get_dataloaders()
+            finish(val_loader)
+            time_batches(train_loader, args.warmup)
+            value = time_batches(train_loader, args.batches)
+            finish(train_loader)
+            return value
+
+        rates: dict[str, list[float]] = {name: [] for name in names}
+        ratios: dict[str, list[float]] = {name: [] for name in args.trainer}
+        for _ in range(args.rounds):
+            before = rate("nnUNetTrainer")
+            rates["nnUNetTrainer"].append(before)
+            for name in args.trainer:  # vanilla, synth, vanilla, synth, ...: each synth between two vanilla rounds
+                rates[name].append(rate(name))
+                after = rate("nnUNetTrainer")
+                rates["nnUNetTrainer"].append(after)
+                ratios[name].append(rates[name][-1] / ((before + after) / 2))
+                before = after
+        first = trainers[args.trainer[0]]
+        conf = first.configuration_manager
+        mode = "single-process (nnUNet_n_proc_DA=0)" if args.workers == 0 else f"{args.workers} workers"
+        print(f"dataset {first.plans_manager.dataset_name}, {args.configuration}: patch {conf.patch_size}, "
+              f"batch {first.batch_size}, {mode}, {args.rounds} interleaved rounds x {args.batches} batches")
+        for name, values in rates.items():
+            print(f"  {name:28s} {statistics.median(values):7.3f} batches/s (rounds: "
+                  f"{', '.join(f'{v:.3f}' for v in values)})")
         from nnunet_synth.injection import achieved_rates
 
-        counts = achieved_rates(synth.synth_counters)
-        conf = synth.configuration_manager
-        print(f"dataset {synth.plans_manager.dataset_name}, {args.configuration}: patch {conf.patch_size}, "
-              f"batch {synth.batch_size}, workers {args.workers}, {args.rounds} rounds x {args.batches} batches")
-        base = statistics.median(rates["nnUNetTrainer"])
-        for name, values in rates.items():
-            print(f"  {name:22s} {statistics.median(values):7.3f} batches/s (rounds: "
-                  f"{', '.join(f'{v:.3f}' for v in values)})")
-        print(f"  ratio Synth20 / vanilla: {statistics.median(rates['nnUNetTrainerSynth20']) / base:.3f} "
-              f"(target >= 0.95)")
-        print(f"  achieved synthetic rate: {counts['synthetic']}/{counts['seen']} samples, {counts['skipped']} skipped")
-        print("  ms per injected lesion (median, shape + placement + texture): "
+        for name, values in ratios.items():
+            counts = achieved_rates(trainers[name].synth_counters)
+            print(f"  ratio {name} / vanilla: median {statistics.median(values):.3f} (rounds {min(values):.3f}-"
+                  f"{max(values):.3f}; target >= 0.95); synthetic {counts['synthetic']}/{counts['seen']} samples, "
+                  f"{counts['skipped']} skipped")
+        ms = lesion_milliseconds(first, args.lesions)
+        print(f"  ms per injected lesion ({args.trainer[0]}, median, shape + placement + texture): "
               + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()))
 
 

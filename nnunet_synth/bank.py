@@ -3,7 +3,9 @@
 Each bank case is a training-fold case of the segmenter with one lesion inserted by a generator backend
 (mask from the shapes engine, position from placement, content from the backend), written with nnU-Net's
 own dataset class into ``nnUNet_preprocessed/DatasetNNN/nnUNetSynthBank_<backend>_<configuration>/``
-(:func:`nnunet_synth.generators.paths.bank_dir`; another plans identifier than ``nnUNetPlans`` is in the name).
+(:func:`nnunet_synth.generators.paths.bank_dir`; another plans identifier than ``nnUNetPlans`` is in the name, and
+so are the shape settings of a bank made with ``--size-preset``/``--size-class``/``--deformation``, e.g.
+``nnUNetSynthBank_ldm_3d_fullres_tiny``).
 Identifiers are ``<source case>__synth_f<fold>_<index>``: the fold and source are in the name, so a
 trainer takes only bank cases made for its fold from its own training cases. Case ``index`` depends only on
 (seed, fold, index), so parts (``-num_parts P -part_id I``, e.g. SLURM array tasks on different machines)
@@ -26,7 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_synth.files import creation_lock, nifti_truncation, process_tag, remove_stale
-from nnunet_synth.generators.paths import DEFAULT_PLANS_IDENTIFIER, bank_dir, generate_command
+from nnunet_synth.generators.paths import (
+    DEFAULT_PLANS_IDENTIFIER,
+    bank_dir,
+    bank_suffix,
+    generate_command,
+    shape_flags,
+)
 
 BANK_PATTERN = re.compile(r"^(?P<source>.+)__synth_f(?P<fold>all|\d+)_(?P<index>\d+)$")
 MANIFEST_DIR = "manifest"  # a subfolder, so the bank folder itself holds nothing but case files
@@ -35,8 +43,10 @@ SOURCE_TRIES = 4  # training cases tried, in turn, for one bank case before it i
 # manifest entries a later part or rerun must share with the bank it adds to
 MANIFEST_KEYS = ("backend", "configuration", "seed", "checkpoint", "sampling_steps", "shapes", "settings")
 # synth-plan keys that are no bank setting: how the generator is found and run (the manifest records its checkpoint
-# and sampling steps), the seed (recorded on its own: --seed may override it) and the partial-bank permission
-NOT_SETTINGS = ("backend_params", "seed", "allow_partial_bank")
+# and sampling steps), the seed (recorded on its own: --seed may override it), the partial-bank permission and the
+# number of bank cases a trainer mixes in and the healthy controls on-the-fly trainers prefer (how a bank is used,
+# not how it is made)
+NOT_SETTINGS = ("backend_params", "seed", "allow_partial_bank", "bank_cases", "healthy_cases")
 
 
 class BankError(RuntimeError):
@@ -73,6 +83,24 @@ def bank_identifiers(folder: Path, fold: int | str, sources: list[str] | None = 
         if parsed and parsed[1] == str(fold) and (allowed is None or parsed[0] in allowed):
             out.append(identifier)
     return sorted(out)
+
+
+def bank_disk_use(folder: Path, fold: int | str) -> tuple[int, int]:
+    """(finished bank cases of ``fold``, their bytes on disk): image, segmentation and properties files.
+
+    Each bank case stores a whole copy of its source case with the lesion in it (nnU-Net's loader reads a case as
+    one file), so a bank costs about its number of cases times the size of a preprocessed case.
+    """
+    folder = Path(folder)
+    identifiers = bank_identifiers(folder, fold)
+    names = set(identifiers)
+    size = 0
+    for file in folder.iterdir():
+        # <identifier>.b2nd / _seg.b2nd / .pkl (blosc2) or .npz / .npy / _seg.npy (numpy)
+        stem = file.name.split(".", 1)[0].removesuffix("_seg")
+        if file.is_file() and stem in names:
+            size += file.stat().st_size
+    return len(identifiers), size
 
 
 class RealAndBankDataset:
@@ -391,14 +419,21 @@ def bank_settings(plan) -> dict:
 def bank_plan(dataset: str | int, backend: str, configuration: str,
               plans_identifier: str = DEFAULT_PLANS_IDENTIFIER, shapes: dict | None = None, params: dict | None = None):
     """The synth plan a bank of ``backend`` is made with: the dataset's plan with ``backend``, the generation's
-    backend parameters and its shape overrides (``--size-class``, ``--deformation``; sd_inversion on a 2d
-    configuration: the per-slice area classes)."""
+    backend parameters and its shape overrides (``--size-preset``, ``--size-class``, ``--deformation``;
+    sd_inversion on a 2d configuration: the per-slice area classes).
+
+    Raises:
+        ValueError: sd_inversion on a 2d configuration with another size preset than ``slice_area``.
+    """
     from nnunet_synth.planning import load_synth_plan
 
     plan = load_synth_plan(dataset, configuration, plans_identifier)
     params = {**plan.backend_params, **(params or {})}
     shapes = dict(shapes or {})
     if backend == "sd_inversion" and len(plan.spacing) == 2:
+        if shapes.get("size_preset", "slice_area") != "slice_area":
+            raise ValueError(f"sd_inversion on the 2d configuration draws its masks with the size preset "
+                             f"'slice_area' (tumour areas per slice), not {shapes['size_preset']!r}")
         shapes["size_preset"] = "slice_area"  # the breast 2D paper's classes are tumour areas per slice
     return plan.replace(backend=backend, backend_params=params, shapes=shapes).validated(
         f"synth plan of {plan.dataset_name} with -g {backend} and shapes {shapes}")
@@ -468,29 +503,49 @@ def _finish_part(path: Path, part: str, num_cases: int, skipped: list[int]) -> N
 
 
 def check_bank(dataset: str | int, backend: str, configuration: str, fold: int | str,
-               plans_identifier: str = DEFAULT_PLANS_IDENTIFIER) -> str:
+               plans_identifier: str = DEFAULT_PLANS_IDENTIFIER, shapes: dict | None = None) -> str:
     """Refuses a bank a trainer must not train on; returns a line for the training log.
 
-    A bank is usable when its manifest's settings are those of the current synth plan and it holds every case
-    that was requested (finished or skipped because no lesion fitted); a stopped generation is accepted only
-    where the synth plan sets ``allow_partial_bank``.
+    A bank is usable when it was made with the shape overrides asked for (``shapes``: those of its folder name),
+    its manifest's settings are those of the current synth plan and it holds every case that was requested
+    (finished or skipped because no lesion fitted); a stopped generation is accepted only where the synth plan
+    sets ``allow_partial_bank``.
+
+    Args:
+        dataset: dataset name or ID.
+        backend: generator backend name.
+        configuration: nnU-Net configuration of the bank's cases.
+        fold: the fold whose bank cases are checked.
+        plans_identifier: nnU-Net plans identifier.
+        shapes: the bank's shape overrides (``size_preset``, ``size_class``, ``deformation``); None: the bank of
+            the synth plan's shapes.
 
     Raises:
-        BankError: no manifest, other settings than the current plan, or an incomplete bank; naming found and
-            requested cases and the command that completes or remakes it.
+        BankError: no manifest, other shape overrides than asked for (a bank made before folders carried them),
+            other settings than the current plan, or an incomplete bank; naming found and requested cases and the
+            command that completes or remakes it.
     """
-    folder = bank_dir(dataset, backend, configuration, plans_identifier)
+    folder = bank_dir(dataset, backend, configuration, plans_identifier, shapes)
     path = folder / MANIFEST_DIR / f"fold_{fold}.json"
-    command = generate_command(dataset, backend, configuration, fold, plans_identifier)
+    command = generate_command(dataset, backend, configuration, fold, plans_identifier, shapes)
     if not path.is_file():
         raise BankError(f"the {backend} bank {folder} has no manifest for fold {fold} ({path}), so nothing says "
                         f"how it was made or whether it is complete; make it with: {command}")
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    plan = bank_plan(dataset, backend, configuration, plans_identifier, manifest.get("shape_overrides"))
+    made_with = manifest.get("shape_overrides") or {}
+    if bank_suffix(backend, made_with) != bank_suffix(backend, shapes):
+        # made before bank folders carried their shape settings: it belongs to another study's folder
+        own = bank_dir(dataset, backend, configuration, plans_identifier, made_with)
+        raise BankError(f"the {backend} bank {folder} (fold {fold}) was generated with "
+                        f"{shape_flags(made_with).strip() or 'the synth plan shapes'}, not with "
+                        f"{shape_flags(shapes).strip() or 'the synth plan shapes'}; a bank with shape settings has "
+                        f"its own folder now: move it to {own}, and make this one with: {command}")
+    plan = bank_plan(dataset, backend, configuration, plans_identifier, made_with)
     requested = int(manifest["num_cases"])
+    # the bank's own shape flags (also those its name leaves out, as transplant's --deformation template)
+    command = generate_command(dataset, backend, configuration, fold, plans_identifier, made_with)
     flags = {"--seed": manifest.get("seed"), "--sampling-steps": manifest.get("sampling_steps"),
-             "--checkpoint": manifest.get("checkpoint"), **{f"--{k.replace('_', '-')}": v for k, v in
-                                                           (manifest.get("shape_overrides") or {}).items()}}
+             "--checkpoint": manifest.get("checkpoint")}
     command = command.replace(" -n N", f" -n {requested}") + "".join(
         f" {flag} {value}" for flag, value in flags.items() if value is not None)
     if "settings" in manifest:
@@ -516,9 +571,13 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
                   fold: int | str = 0, plans_identifier: str = DEFAULT_PLANS_IDENTIFIER,
                   sampling_steps: int | None = None, num_parts: int = 1, part: int = 0, device: str | None = None,
                   checkpoint: str | None = None, seed: int | None = None, export_raw_dir: Path | None = None,
-                  progress: bool = True, size_class: str | None = None, deformation: str | None = None
-                  ) -> list[str]:
+                  progress: bool = True, size_class: str | None = None, deformation: str | None = None,
+                  size_preset: str | None = None) -> list[str]:
     """Generates bank cases ``part, part + num_parts, ...`` below ``num_cases`` for one fold.
+
+    ``size_preset``, ``size_class`` and ``deformation`` override the synth plan's shapes; a bank made with any
+    of them has its own folder, named by them (:func:`~nnunet_synth.generators.paths.bank_dir`, e.g.
+    ``nnUNetSynthBank_ldm_3d_fullres_tiny``), and records them in its manifest (``shape_overrides``).
 
     Returns:
         Identifiers written by this call (finished cases found on disk are skipped).
@@ -540,7 +599,8 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
         raise ValueError(f"-part_id must be in [0, {num_parts}), got {part}")
     params = {k: v for k, v in {"fold": fold, "checkpoint": checkpoint, "sampling_steps": sampling_steps,
                                 "device": device}.items() if v is not None}
-    shapes = {k: v for k, v in {"size_class": size_class, "deformation": deformation}.items() if v is not None}
+    shapes = {k: v for k, v in {"size_preset": size_preset, "size_class": size_class,
+                                "deformation": deformation}.items() if v is not None}
     plan = bank_plan(dataset, backend, configuration, plans_identifier, shapes, params)
     seed = int(plan.seed if seed is None else seed)
     generator = get_backend(backend)(plan)
@@ -555,7 +615,7 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
     templates = None
     if plan.shapes.deformation == "template":
         templates, _ = fold_templates(base, conf, plan, train_cases)
-    out = bank_dir(dataset, backend, configuration, plans_identifier)
+    out = bank_dir(dataset, backend, configuration, plans_identifier, shapes)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale(out / TMP_DIR)  # what killed generations left
     if export_raw_dir is not None:
@@ -589,11 +649,15 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
             continue
         props = copy.deepcopy(properties)
         props["class_locations"] = class_locations(new_seg, label_manager)
+        synthetic = (new_seg[0] == plan.tumour_label) & (np.asarray(seg)[0] != plan.tumour_label)
+        # the slices (first spatial axis, nnU-Net's 2d slicing) holding synthetic tumour: a 2d trainer's sample of
+        # this case is one of them (nnunet_synth.trainers.bank.SyntheticSlices)
+        synthetic_slices = [int(s) for s in np.flatnonzero(synthetic.any(axis=tuple(range(1, synthetic.ndim))))]
         props["synth"] = {"source": source, "fold": fold, "index": index, "backend": backend, "seed": seed,
                           "lesions": [lesion.to_dict() for lesion in lesions], "slice": z,
+                          "synthetic_slices": synthetic_slices,
                           "checkpoint": manifest["checkpoint"], "sampling_steps": manifest["sampling_steps"]}
         if export_raw_dir is not None:  # first: a failed export (e.g. a missing raw file) leaves no bank case behind
-            synthetic = (new_seg[0] == plan.tumour_label) & (np.asarray(seg)[0] != plan.tumour_label)
             export_raw(new_data, np.asarray(data), synthetic, props, plans_manager, conf, dataset_json,
                        Path(export_raw_dir), identifier, plan.tumour_label)
         _save_case_atomic(dataset_class, new_data, new_seg.astype(np.asarray(seg).dtype), props, out, identifier,
@@ -638,6 +702,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--deformation", default=None, choices=["elastic", "simplex", "template", "none"],
                         help="lesion deformation (default: the synth plan's shapes.deformation); template: real "
                         "tumour masks of the fold's training cases")
+    parser.add_argument("--size-preset", default=None, help="size preset whose classes --size-class names "
+                        "(default: the synth plan's shapes.size_preset): labelfree, quartile or liver_mri. A bank "
+                        "made with --size-preset, --size-class or --deformation has its own folder named by them "
+                        "(e.g. nnUNetSynthBank_ldm_3d_fullres_tiny), mixed in by the study trainers such as "
+                        "nnUNetTrainerSynth20TinyLDM")
     args = parser.parse_args(argv)
     from nnunet_synth.cli import exit_on_user_error
     from nnunet_synth.generators.splits import parse_fold
@@ -647,9 +716,16 @@ def main(argv: list[str] | None = None) -> None:
         written = generate_bank(args.dataset, args.generator, args.num_cases, args.configuration,
                                 parse_fold(args.fold), args.plans, args.sampling_steps, args.num_parts, args.part_id,
                                 args.device, args.checkpoint, args.seed, args.export_raw,
-                                size_class=args.size_class, deformation=args.deformation)
-        out = bank_dir(args.dataset, args.generator, args.configuration, args.plans)
+                                size_class=args.size_class, deformation=args.deformation,
+                                size_preset=args.size_preset)
+        out = bank_dir(args.dataset, args.generator, args.configuration, args.plans,
+                       {"size_preset": args.size_preset, "size_class": args.size_class,
+                        "deformation": args.deformation})
         print(f"wrote {len(written)} bank case(s) to {out}")
+        cases, size = bank_disk_use(out, parse_fold(args.fold))
+        if cases:
+            print(f"bank fold {args.fold}: {cases} case(s), {size / 2 ** 20:.1f} MiB on disk, "
+                  f"{size / cases / 2 ** 20:.2f} MiB per case (each a whole copy of its source case)")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@
 loader's crop of the enlarged patch and before spatial and intensity augmentation, so synthetic lesions are
 rotated, scaled, noised and mirrored like real ones. It is a top-level, picklable class that holds no
 reference to the trainer; it draws from its own numpy Generator, seeded per data-loader worker.
+
+Healthy controls first: where the synth plan lists ``healthy_cases`` (a merged dataset's healthy scans, as the
+pancreas paper inserts into), :class:`OutcomeDataLoader` hands the transform each sample's case identifier, and a
+sample of a healthy case is chosen with probability ``min(1, p / h)``, any other with ``max(0, (p - h) / (1 - h))``,
+``h`` being the share of drawn samples that come from healthy cases: the expected synthetic share stays ``p``.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -82,6 +88,39 @@ class SynthTumourTransform(BasicTransform):
         self._rng: np.random.Generator | None = None
         self._rng_pid: int | None = None
         self._outcomes: deque[int] = deque(maxlen=PENDING_OUTCOMES)
+        self.healthy: frozenset[str] = frozenset()
+        self.healthy_share = 0.0
+        self._keys: deque[str] = deque()
+
+    def prefer_cases(self, healthy: Iterable[str], share: float) -> None:
+        """Insert into the ``healthy`` cases first (see the module docstring).
+
+        Args:
+            healthy: identifiers of the healthy-control cases among the loader's cases.
+            share: probability that a drawn sample comes from one of them (their sampling mass).
+        """
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"share of healthy samples must be in [0, 1], got {share}")
+        self.healthy, self.healthy_share = frozenset(str(c) for c in healthy), float(share)
+
+    def set_batch_keys(self, keys: Iterable[str]) -> None:
+        """The case identifiers of the next samples, in the order the transform will see them (the loader's batch)."""
+        self._keys = deque(str(k) for k in keys)
+
+    def case_probabilities(self) -> tuple[float, float]:
+        """The chances of a synthetic tumour in a sample of a healthy case and in one of any other case: healthy
+        cases first, so that the expected share over all samples is the probability."""
+        p, h = float(self.probability[0]), self.healthy_share
+        if not self.healthy or h <= 0.0 or h >= 1.0:
+            return p, p
+        return min(1.0, p / h), max(0.0, (p - h) / (1.0 - h))
+
+    def sample_probability(self, identifier: str | None) -> float:
+        """The chance that a sample of case ``identifier`` (None: unknown) gets a synthetic tumour."""
+        if identifier is None:
+            return float(self.probability[0])
+        healthy, other = self.case_probabilities()
+        return healthy if identifier in self.healthy else other
 
     @property
     def rng(self) -> np.random.Generator:
@@ -95,6 +134,7 @@ class SynthTumourTransform(BasicTransform):
         state = self.__dict__.copy()
         state["_rng"] = state["_rng_pid"] = None
         state["_outcomes"] = deque(maxlen=PENDING_OUTCOMES)
+        state["_keys"] = deque()
         return state
 
     def take_outcomes(self) -> list[int]:
@@ -109,7 +149,8 @@ class SynthTumourTransform(BasicTransform):
         rng = self.rng
         row = self.counters[worker_index() % MAX_WORKER_ROWS]
         row[SEEN] += 1
-        if rng.uniform() >= float(self.probability[0]):
+        identifier = self._keys.popleft() if self._keys else None
+        if rng.uniform() >= self.sample_probability(identifier):
             self._outcomes.append(NOT_CHOSEN)
             return data_dict
         image, seg = self.insert(data_dict["image"], data_dict["segmentation"], rng)
@@ -141,11 +182,36 @@ class OutcomeDataLoader(nnUNetDataLoader):
     """nnU-Net's training loader whose batches also hold :data:`OUTCOME_KEY`: per sample, what the
     :class:`SynthTumourTransform` among its transforms did (it runs in the same worker process, once per sample, in
     batch order). The Synth trainers count the samples their training step consumes from it, not the ones the
-    loader workers prefetched at start or resume."""
+    loader workers prefetched at start or resume.
+
+    It also tells the transform each sample's case, and which of its cases are the plan's healthy controls with
+    their share of the drawn samples, so that synthetic tumours go into healthy cases first."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        synth = self.synth_transform
+        if synth is not None and synth.plan.healthy_cases:
+            listed = set(synth.plan.healthy_cases)
+            is_healthy = np.array([i in listed for i in self.indices], dtype=bool)
+            weights = (np.full(len(self.indices), 1.0 / max(1, len(self.indices))) if self.sampling_probabilities
+                       is None else np.asarray(self.sampling_probabilities, dtype=float))
+            synth.prefer_cases(np.asarray(self.indices)[is_healthy].tolist(),
+                               float(np.clip(weights[is_healthy].sum() / weights.sum(), 0.0, 1.0)))
+
+    @property
+    def synth_transform(self) -> SynthTumourTransform | None:
+        return next((t for t in getattr(self.transforms, "transforms", []) if isinstance(t, SynthTumourTransform)),
+                    None)
+
+    def get_indices(self):
+        keys = super().get_indices()
+        synth = self.synth_transform
+        if synth is not None:
+            synth.set_batch_keys(keys)
+        return keys
 
     def generate_train_batch(self) -> dict:
-        synth = next((t for t in getattr(self.transforms, "transforms", []) if isinstance(t, SynthTumourTransform)),
-                     None)
+        synth = self.synth_transform
         if synth is not None:
             synth.take_outcomes()  # none left from an interrupted batch
         batch = super().generate_train_batch()

@@ -5,7 +5,8 @@ real tumours in mm, per-channel intensity priors of tumour against organ in nnU-
 and the shape, placement and backend settings. Dataset-level settings sit at the top (edit them by hand
 to change backend or shapes); statistics that depend on the configuration's resampling sit under
 ``configurations``. Statistics use all preprocessed cases, as nnU-Net's own fingerprint does (a dataset whose
-tumours are hidden behind the ignore label: the kept masks of one fold's training cases). This module
+tumours are hidden behind the ignore label: the kept masks of one fold's training cases). A merged dataset's
+healthy controls (``healthy_cases.json`` of its raw folder) become the plan's ``healthy_cases``. This module
 measures and writes; :mod:`nnunet_synth.synth_plan` holds the typed, validated object that everything reads.
 """
 
@@ -32,6 +33,7 @@ from nnunet_synth.generators.splits import parse_fold
 from nnunet_synth.synth_plan import (
     DEFAULT_PLANS_IDENTIFIER,
     DEFAULT_SEED,
+    HEALTHY_CASES_FILE,
     SYNTH_PLANS_FILE,  # noqa: F401 - re-exported: the file name of the default plans
     ChannelPrior,
     ShapeSettings,
@@ -365,6 +367,41 @@ def default_plan(dataset_json: dict, dataset_name: str, plans_identifier: str, o
     }
 
 
+def read_healthy_cases(dataset_name: str, identifiers: list[str], dataset_json: dict | None = None
+                       ) -> list[str] | None:
+    """The healthy-control cases of a dataset: ``healthy_cases.json`` of its raw folder (``nnUNet_raw/<name>``,
+    written by ``nnUNetv2_synth_convert merge``), checked against the preprocessed ``identifiers``.
+
+    Returns:
+        The sorted identifiers, or None where the file is absent (or ``nnUNet_raw`` unset): the plan keeps what it
+        holds. A dataset.json that names the file (``healthy_cases_file``) without it being found gets a warning.
+
+    Raises:
+        SynthPlanError: the file is not a JSON list of strings, or names cases that were not preprocessed.
+    """
+    from nnunet_synth.dataset_conversion.common import _nnunet_path
+
+    raw = _nnunet_path("nnUNet_raw")
+    path = Path(raw) / dataset_name / HEALTHY_CASES_FILE if raw else None
+    if path is None or not path.is_file():
+        if dataset_json is not None and dataset_json.get("healthy_cases_file"):
+            warnings.warn(f"dataset.json of {dataset_name} lists its healthy controls in "
+                          f"{dataset_json['healthy_cases_file']}, which is not at {path or '$nnUNet_raw (unset)'}: "
+                          f"the synth plan keeps the healthy cases it holds", stacklevel=2)
+        return None
+    try:
+        listed = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SynthPlanError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(listed, list) or not all(isinstance(c, str) for c in listed):
+        raise SynthPlanError(f"{path}: expected a JSON list of case identifiers, got {str(listed)[:200]}")
+    unknown = sorted(set(listed) - set(identifiers))
+    if unknown:
+        raise SynthPlanError(f"{path}: {len(unknown)} healthy case(s) are not among the {len(identifiers)} "
+                             f"preprocessed cases of {dataset_name}: {unknown[:10]}")
+    return sorted(set(listed))
+
+
 def write_json_atomic(obj: dict | list, path: Path) -> None:
     """Writes JSON to a temporary file and renames it, so readers never see half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -398,6 +435,14 @@ def plan_synth(dataset: str | int, configuration: str = "3d_fullres", organ_labe
         plan.update(organ_label=organ, tumour_label=tumour)
     stats = configuration_statistics(dataset, configuration, plan["organ_label"], plan["tumour_label"],
                                      plans_identifier, plan["seed"], fold)
+    # the healthy controls (merged datasets): preferred insertion targets; a plan keeps its list without the raw file
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    folder = base / PlansManager(load_json(base / f"{plans_identifier}.json")).get_configuration(
+        configuration).data_identifier
+    healthy = read_healthy_cases(base.name, sorted(f.stem for f in folder.glob("*.pkl")), dataset_json)
+    if healthy is not None:
+        plan["healthy_cases"] = healthy
     shapes = plan.setdefault("shapes", {})
     count = stats["tumour_sizes"]["count"]
     if count >= 4 and shapes.get("size_preset") == "labelfree":
@@ -482,6 +527,8 @@ def format_plan(plan: SynthPlan) -> str:
              + ("" if plan.statistics_fold is None else f"; real tumours hidden (ignore label {plan.ignore_label}), "
                 f"statistics from the kept masks of fold {plan.statistics_fold}'s training cases"),
              f"  shapes: {dataclasses.asdict(plan.shapes)}; placement: {dataclasses.asdict(plan.placement)}"]
+    if plan.healthy_cases:
+        lines.append(f"  healthy controls: {len(plan.healthy_cases)} cases, preferred as insertion targets")
     if sizes.count:
         lines.append(f"  real tumours: {sizes.count} in {sizes.cases} cases ({sizes.rule}), equivalent diameter mm "
                      f"{ {k: round(v, 1) for k, v in sizes.equivalent_diameter_mm.items()} }")

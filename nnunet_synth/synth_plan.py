@@ -22,6 +22,8 @@ from nnunet_synth.generators.paths import DEFAULT_PLANS_IDENTIFIER
 from nnunet_synth.generators.placement import PlacementRules
 
 SYNTH_PLANS_FILE = "nnUNetSynthPlans.json"
+# beside the raw dataset.json (written by ``nnUNetv2_synth_convert merge``): the healthy-control case identifiers
+HEALTHY_CASES_FILE = "healthy_cases.json"
 SIZE_PRESETS = ("labelfree", "quartile", "liver_mri", "slice_area")
 DEFORMATIONS = ("elastic", "simplex", "template", "none")
 DEFAULT_SEED = 12345
@@ -194,8 +196,14 @@ class SynthPlan:
         texture: appearance of the real tumours (None without real tumours: the label-free paper's texture).
         allow_partial_bank: bank trainers accept a bank that holds fewer cases than were requested (a generation
             that was stopped); without it they refuse one.
+        bank_cases: bank trainers mix exactly this many synthetic cases (the fold's first by bank index, so a
+            larger count holds a smaller one's) into the real training cases and draw all cases alike, instead of
+            giving the bank the share N/100 (the liver-MRI paper's synthetic-count study); 0 trains on real cases
+            only; None: the trainer's share.
         statistics_fold: the fold whose training cases' kept tumour masks the statistics come from (datasets with
             hidden tumours); None: all cases.
+        healthy_cases: identifiers of the healthy-control cases (the raw dataset's ``healthy_cases.json``, read by
+            ``nnUNetv2_synth_plan``): the preferred insertion targets of the on-the-fly trainers.
     """
 
     dataset_name: str
@@ -215,7 +223,9 @@ class SynthPlan:
     tissue: TissueRegion | None = None
     texture: TumourTexture | None = None
     allow_partial_bank: bool = False
+    bank_cases: int | None = None
     statistics_fold: int | str | None = None
+    healthy_cases: tuple[str, ...] = ()
 
     @property
     def ignore_label(self) -> int | None:
@@ -280,6 +290,9 @@ class SynthPlan:
             tissue = {"channel": band["channel"], "range": band["range"], "source": band.get("source", "")}
         tissue = None if tissue is None else _sub(check, TissueRegion, {**tissue, "range": tuple(tissue["range"])},
                                                   "tissue")
+        healthy = flat.get("healthy_cases", [])
+        check.that(isinstance(healthy, list) and all(isinstance(c, str) for c in healthy), "healthy_cases", healthy,
+                   "a list of case identifiers")
         plan = cls(dataset_name=str(flat["dataset_name"]), configuration=str(flat["configuration"]),
                    spacing=tuple(flat["spacing"]) if isinstance(flat["spacing"], (list, tuple)) else flat["spacing"],
                    tumour_label=flat["tumour_label"], organ_label=flat["organ_label"], channels=priors,
@@ -288,8 +301,8 @@ class SynthPlan:
                    backend_params=flat.get("backend_params", {}), shapes=shapes, placement=placement,
                    seed=flat.get("seed", DEFAULT_SEED), tumour_sizes=sizes, tissue=tissue,
                    texture=None if flat.get("texture") is None else TumourTexture.from_dict(flat["texture"], check),
-                   allow_partial_bank=flat.get("allow_partial_bank", False),
-                   statistics_fold=flat.get("statistics_fold"))
+                   allow_partial_bank=flat.get("allow_partial_bank", False), bank_cases=flat.get("bank_cases"),
+                   statistics_fold=flat.get("statistics_fold"), healthy_cases=tuple(healthy))
         return plan.validated(source)
 
     def validated(self, source: str = "synth plan", dataset_json: dict | None = None) -> SynthPlan:
@@ -322,6 +335,11 @@ class SynthPlan:
             "a fold number, 'all' or null")
         check.that(isinstance(self.allow_partial_bank, bool), "allow_partial_bank", self.allow_partial_bank,
                    "true or false")
+        check.that(self.bank_cases is None or (_integer(self.bank_cases) and self.bank_cases >= 0), "bank_cases",
+                   self.bank_cases, "a number of bank cases >= 0, or null (the trainer's share N/100)")
+        check.that(isinstance(self.healthy_cases, tuple) and all(isinstance(c, str) and c for c in self.healthy_cases)
+                   and len(set(self.healthy_cases)) == len(self.healthy_cases), "healthy_cases",
+                   list(self.healthy_cases), "distinct case identifiers")
         shapes = self.shapes
         check.that(shapes.size_preset in SIZE_PRESETS, "shapes.size_preset", shapes.size_preset,
                    f"one of {', '.join(SIZE_PRESETS)}")

@@ -259,7 +259,7 @@ def test_template_masks_in_the_ldm_bank(phantom_ct, generator):
     written = generate_bank(phantom_ct, "ldm", 2, fold=1, sampling_steps=SAMPLING_STEPS, device="cpu",
                             checkpoint=str(generator / "checkpoint_best.pth"), deformation="template", progress=False)
     assert len(written) == 2
-    folder = bank_dir(phantom_ct, "ldm", "3d_fullres")
+    folder = bank_dir(phantom_ct, "ldm", "3d_fullres", shapes={"deformation": "template"})
     manifest = json.loads((folder / "manifest" / "fold_1.json").read_text(encoding="utf-8"))
     assert manifest["shapes"]["deformation"] == "template"
     synthetic = nnUNetDatasetBlosc2(str(folder))

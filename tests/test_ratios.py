@@ -14,7 +14,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunet_synth import trainers
 from nnunet_synth.bank import RealAndBankDataset
 from nnunet_synth.injection import SynthTumourTransform, achieved_rates
-from nnunet_synth.label_noise import LABEL_NOISE_MM, NoisyTumourLabelTransform
+from nnunet_synth.label_noise import LABEL_NOISE_MM, NoisyLabelDataset, NoisyTumourLabelTransform
 from nnunet_synth.planning import preprocessed_dir
 
 from .test_injection import ORGAN, make_patch, make_plan
@@ -74,10 +74,22 @@ def test_achieved_rate_is_the_named_ratio_within_a_tenth(name):
     assert rates["seen"] == n and abs(chosen / n - p) < 4 * np.sqrt(p * (1 - p) / n), (chosen / n, p)
 
 
-def _changed_boundary_mm(transform: NoisyTumourLabelTransform, seeds: int = 4) -> float:
-    """Mean shift of a 36 mm tumour's boundary: changed tumour volume over its surface area, averaged over seeds."""
+class _OneCase:
+    """A dataset whose every identifier holds the same segmentation."""
+
+    def __init__(self, seg: np.ndarray, identifiers: list[str]):
+        self.seg, self.identifiers = seg, identifiers
+
+    def load_case(self, identifier: str):
+        return np.zeros((1, *self.seg.shape[1:]), np.float32), self.seg, None, {}
+
+
+def _changed_boundary_mm(noise: NoisyTumourLabelTransform | NoisyLabelDataset, seeds: int = 4) -> float:
+    """Mean shift of a 36 mm tumour's boundary: changed tumour volume over its surface area, averaged over seeds
+    (for the per-case noise: over cases, each its own draw)."""
     from skimage.measure import marching_cubes, mesh_surface_area
 
+    transform = noise
     spacing = np.asarray(transform.spacing)
     shape = tuple(int(s) for s in np.ceil(120 / spacing))
     grid = (np.indices(shape) - np.array(shape)[:, None, None, None] / 2) * spacing[:, None, None, None]
@@ -89,9 +101,15 @@ def _changed_boundary_mm(transform: NoisyTumourLabelTransform, seeds: int = 4) -
     verts, faces, _, _ = marching_cubes(tumour.astype(float), 0.5, spacing=tuple(spacing))
     shifts = []
     for seed in range(seeds):
-        transform.seed, transform._rng = seed, None  # noqa: SLF001 - a fresh generator per seed
-        out = transform(image=torch.zeros((1, *shape)), segmentation=torch.from_numpy(seg[None].copy()))
-        changed = (out["segmentation"][0].numpy() == transform.tumour_label) != tumour
+        if isinstance(noise, NoisyLabelDataset):
+            cases = NoisyLabelDataset(_OneCase(seg[None], [f"case_{seed}"]), noise.tumour_label, noise.fill_label,
+                                      noise.mean_displacement_mm, noise.spacing, noise.seed, noise.ignore_label)
+            new = cases.load_case(f"case_{seed}")[1][0]
+        else:
+            transform.seed, transform._rng = seed, None  # noqa: SLF001 - a fresh generator per seed
+            new = transform(image=torch.zeros((1, *shape)),
+                            segmentation=torch.from_numpy(seg[None].copy()))["segmentation"][0].numpy()
+        changed = (new == transform.tumour_label) != tumour
         shifts.append(changed.sum() * spacing.prod() / mesh_surface_area(verts, faces))
     return float(np.mean(shifts))
 
@@ -100,19 +118,26 @@ def test_noisy_label_trainers_deform_their_training_labels_by_their_level(phanto
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     base = preprocessed_dir(phantom_ct)
     shifts = []
-    for level, mm in LABEL_NOISE_MM.items():
+    for level, mm in [*LABEL_NOISE_MM.items(), ("HighJitter", LABEL_NOISE_MM["High"])]:
         plans = dict(load_json(base / "nnUNetPlans.json"), continue_training=False)
         trainer = getattr(trainers, f"nnUNetTrainerNoisyLabels{level}")(plans, "3d_fullres", 0,
                                                                         load_json(base / "dataset.json"),
                                                                         torch.device("cpu"))
         trainer.initialize()
         train_loader, val_loader = trainer.get_dataloaders()
-        transform = train_loader.data_loader.transforms.transforms[0]
-        assert isinstance(transform, NoisyTumourLabelTransform), f"{level}: no noisy-label transform in training"
+        jitter = level.endswith("Jitter")
+        # the paper's trainers corrupt each training case once (dataset); the Jitter ones every sample (transform)
+        noise = train_loader.data_loader.transforms.transforms[0] if jitter else train_loader.data_loader._data
+        assert isinstance(noise, NoisyTumourLabelTransform if jitter else NoisyLabelDataset), level
+        assert jitter == any(isinstance(t, NoisyTumourLabelTransform)
+                             for t in train_loader.data_loader.transforms.transforms)
         assert not any(isinstance(t, NoisyTumourLabelTransform) for t in val_loader.data_loader.transforms.transforms)
-        assert transform.mean_displacement_mm == mm
-        assert transform.tumour_label == trainer.synth_plan.tumour_label
+        assert not isinstance(val_loader.data_loader._data, NoisyLabelDataset), "validation labels must stay real"
+        assert noise.mean_displacement_mm == mm
+        assert noise.tumour_label == trainer.synth_plan.tumour_label
+        if jitter:
+            continue
         # a mean displacement L moves a boundary by about L/2 along its normal; the voxel grid blurs small shifts
-        shifts.append(_changed_boundary_mm(transform))
+        shifts.append(_changed_boundary_mm(noise))
         assert 0.15 * mm < shifts[-1] < 0.8 * mm, (level, shifts[-1])
     assert shifts == sorted(shifts) and shifts[-1] > 5 * shifts[0], shifts

@@ -44,6 +44,7 @@ DATASET = 905
 TUMOUR = 2
 ITERATIONS = 40
 BANK_CASES = 3
+SMALL = {"size_class": "small"}  # the fixture bank's shape setting
 STEPS = 10
 
 
@@ -247,7 +248,12 @@ def test_checkpoint_checks_its_base_model(phantom_2d, base_model, generator, tmp
 def bank(phantom_2d, generator) -> Path:
     generate_main(["-d", str(phantom_2d), "-g", "sd_inversion", "-c", "2d", "-n", str(BANK_CASES), "--size-class",
                    "small", "--sampling-steps", str(STEPS), "-device", "cpu"])
-    return bank_dir(phantom_2d, "sd_inversion", "2d")
+    return bank_dir(phantom_2d, "sd_inversion", "2d", shapes=SMALL)
+
+
+def _small_bank(cls: type) -> type:
+    """``cls`` reading the fixture's bank, made with ``--size-class small`` (its own folder)."""
+    return type(f"{cls.__name__}Small", (cls,), {"synth_shapes": SMALL})
 
 
 def test_bank_inserts_a_tumour_of_the_requested_class_into_one_slice(phantom_2d, bank):
@@ -278,7 +284,7 @@ def test_bank_inserts_a_tumour_of_the_requested_class_into_one_slice(phantom_2d,
 @pytest.mark.parametrize("cls", [nnUNetTrainerSynth20SD, nnUNetTrainerSynth60SD])
 def test_sd_bank_trainers_reach_their_ratio(phantom_2d, bank, monkeypatch, cls):
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    trainer = _trainer(cls, phantom_2d)
+    trainer = _trainer(_small_bank(cls), phantom_2d)
     train_loader, val_loader = trainer.get_dataloaders()
     train, val, _ = split_cases(phantom_2d, "2d", 0)
     ids = train_loader.data_loader.indices
@@ -296,7 +302,7 @@ def test_sd_bank_trainers_reach_their_ratio(phantom_2d, bank, monkeypatch, cls):
 
 def test_sd_realfinetune_trains_on_real_cases_only_at_the_end(phantom_2d, bank, monkeypatch):
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    trainer = _trainer(nnUNetTrainerSynth20SDRealFinetune, phantom_2d, num_epochs=10)
+    trainer = _trainer(_small_bank(nnUNetTrainerSynth20SDRealFinetune), phantom_2d, num_epochs=10)
     trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
     loader = trainer.dataloader_train.data_loader
     is_bank = np.array([is_bank_identifier(i) for i in loader.indices])
@@ -347,7 +353,10 @@ def test_bank_of_a_3d_configuration_inpaints_3d_lesions_slice_by_slice(phantom_2
 
 
 @pytest.mark.slow
-def test_sd_bank_trainer_through_nnunetv2_train(phantom_2d, bank):
+def test_sd_bank_trainer_through_nnunetv2_train(phantom_2d, generator):
+    # the bank of the synth plan's own shapes (no --size-class), the one nnUNetTrainerSynth20SD reads
+    generate_main(["-d", str(phantom_2d), "-g", "sd_inversion", "-c", "2d", "-n", str(BANK_CASES), "--sampling-steps",
+                   str(STEPS), "-device", "cpu"])
     fold = train_as_the_readme_says(phantom_2d, "2d", "nnUNetTrainerSynth20SD_Debug")
     log = training_log(fold)
     assert f"training on 4 real and {BANK_CASES} bank cases" in log and "bank cases this epoch" in log

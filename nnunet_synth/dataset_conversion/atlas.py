@@ -28,6 +28,7 @@ from nnunet_synth.dataset_conversion.common import (
     read_header,
     read_image,
     remap_labels,
+    resumable,
     select_cases,
     write_dataset,
 )
@@ -47,9 +48,10 @@ def _root(path: Path) -> Path:
     return found[0]
 
 
+@resumable
 def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None = None, overwrite: bool = False,
             raw_dir: str | os.PathLike | None = None, exclude: list[str] | None = None,
-            progress: bool = True) -> Path:
+            progress: bool = True, num_processes: int = 1) -> Path:
     """Convert ATLAS.
 
     Args:
@@ -60,6 +62,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
         raw_dir: Output root instead of ``nnUNet_raw``.
         exclude: Case numbers (``7``) or names (``im7``, ``atlas_007``) to leave out.
         progress: Show progress bars.
+        num_processes: Worker processes converting cases (1: in this process).
 
     Returns:
         The written dataset folder.
@@ -103,7 +106,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
                        reference=REFERENCE, licence="see the ATLAS challenge data terms",
                        extra={"organ": "liver", "tumour": "tumor"})
     return write_dataset(spec, [make_task(n) for n in selected], overwrite=overwrite, raw_dir=raw_dir,
-                         progress=progress)
+                         progress=progress, num_processes=num_processes)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,4 +116,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Path:
     """Entry from the command line."""
     return convert(args.input, args.dataset_id, name=args.name, overwrite=args.overwrite, raw_dir=args.raw_dir,
-                   exclude=args.exclude, progress=not args.quiet)
+                   exclude=args.exclude, progress=not args.quiet, num_processes=args.num_processes)

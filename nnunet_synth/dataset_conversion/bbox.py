@@ -34,7 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from nnunet_synth.cli import HelpFormatter, add_deprecated_alias, exit_on_user_error
+from nnunet_synth.cli import HelpFormatter, add_deprecated_alias, add_num_processes_argument, exit_on_user_error
 from nnunet_synth.dataset_conversion.common import (
     CaseTask,
     ConversionError,
@@ -48,6 +48,7 @@ from nnunet_synth.dataset_conversion.common import (
     read_header,
     read_image,
     remap_labels,
+    resumable,
     select_cases,
     write_dataset,
     write_json,
@@ -243,11 +244,12 @@ def _read_label(case: str, label: Path, allowed: Sequence[int]) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@resumable
 def make_bbox_dataset(source: int | str | os.PathLike, dataset_id: int, *, name: str | None = None,
                       tumour_label: int | None = None, organ_label: int | None = None,
                       margin_vox: int | Sequence[int] = 0, overwrite: bool = False,
                       raw_dir: str | os.PathLike | None = None, exclude: Sequence[str] | None = None,
-                      progress: bool = True) -> Path:
+                      progress: bool = True, num_processes: int = 1) -> Path:
     """Write a copy of a labelled dataset with the tumour boxes as an extra, last input channel.
 
     Args:
@@ -262,6 +264,7 @@ def make_bbox_dataset(source: int | str | os.PathLike, dataset_id: int, *, name:
         raw_dir: Root of input IDs/names and of the output instead of ``nnUNet_raw``.
         exclude: Case identifiers to leave out.
         progress: Show progress bars.
+        num_processes: Worker processes converting cases (1: in this process).
 
     Returns:
         The written dataset folder.
@@ -294,7 +297,7 @@ def make_bbox_dataset(source: int | str | os.PathLike, dataset_id: int, *, name:
     first_images = next(iter(cases.values()))[0]
     ndim = read_header(first_images[0], case=next(iter(cases)))[0].ndim
     margin = parse_margin(margin_vox, ndim)
-    records: dict[str, list[dict]] = {}
+    records: dict[str, object] = {}  # filled by write_dataset from the cases' records
 
     def make_task(cid: str, images: list[Path], label: Path) -> CaseTask:
         def check() -> None:
@@ -305,10 +308,10 @@ def make_bbox_dataset(source: int | str | os.PathLike, dataset_id: int, *, name:
             imgs = [read_image(p, case=cid) for p in images]
             arr = _read_label(cid, label, list(labels.values()))
             boxes = component_boxes(arr == tumour, margin)
-            records[cid] = [{"index": i, **b.to_json(), "voxels": b.voxels} for i, b in enumerate(boxes)]
+            record = [{"index": i, **b.to_json(), "voxels": b.voxels} for i, b in enumerate(boxes)]
             box_channel = image_from_array(render_boxes(boxes, arr.shape), imgs[0])
             out = remap_labels(arr, mapping, case=cid, file=label)
-            return [OutputCase(cid, [*imgs, box_channel], image_from_array(out, imgs[0]), (*images, label))]
+            return [OutputCase(cid, [*imgs, box_channel], image_from_array(out, imgs[0]), (*images, label), record)]
 
         return CaseTask(cid, load, check)
 
@@ -332,7 +335,7 @@ def make_bbox_dataset(source: int | str | os.PathLike, dataset_id: int, *, name:
                                                                    if k not in ("source_path", "label_mapping")},
                               "boxes_file": SOURCE_FILE})
     return write_dataset(spec, [make_task(c, *cases[c]) for c in cases], overwrite=overwrite, raw_dir=raw_dir,
-                         finalize=finalize, progress=progress)
+                         finalize=finalize, progress=progress, num_processes=num_processes, records=records)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -503,11 +506,12 @@ def _json_boxes(case: str, record: dict | None, shape: Sequence[int], path: Path
     return boxes
 
 
+@resumable
 def pseudolabel(input_dataset: int | str | os.PathLike, dataset_id: int, model: BoxModel, *, name: str | None = None,
                 boxes: str = "auto", box_label: int | None = None, device: str | None = None, tta: bool = True,
                 step_size: float = 0.5, overwrite: bool = False, raw_dir: str | os.PathLike | None = None,
                 exclude: Sequence[str] | None = None, allow_no_boxes: bool = False, progress: bool = True,
-                verbose: bool = False) -> Path:
+                verbose: bool = False, num_processes: int = 1, num_parts: int = 1, part_id: int = 0) -> Path:
     """Predict tumour pseudo-masks inside the boxes of a box-annotated dataset and write them as a new dataset.
 
     Args:
@@ -529,6 +533,10 @@ def pseudolabel(input_dataset: int | str | os.PathLike, dataset_id: int, model: 
         allow_no_boxes: Keep cases without any box (their tumour label stays empty) instead of refusing them.
         progress: Show progress bars.
         verbose: Show nnU-Net's own output.
+        num_processes: Worker processes, each with its own copy of the model (1: in this process).
+        num_parts: Split the input cases into this many parts (array jobs on machines sharing nnUNet_raw).
+        part_id: The part this call predicts (0 to ``num_parts - 1``): case i in sorted order belongs to part
+            i % num_parts. The part that finishes last writes the dataset; the others return its future folder.
 
     Returns:
         The written dataset folder.
@@ -579,7 +587,7 @@ def pseudolabel(input_dataset: int | str | os.PathLike, dataset_id: int, model: 
     cases = _case_files(folder, meta, exclude)
     ndim = read_header(next(iter(cases.values()))[0][0], case=next(iter(cases)))[0].ndim
     predictor = _Predictor(model, device, tta, step_size, verbose)
-    report: dict[str, dict] = {}
+    report: dict[str, object] = {}  # filled by write_dataset from the cases' records
 
     def case_boxes(cid: str, label: Path) -> tuple[list[Box], np.ndarray]:
         """The boxes of one case and the region they cover (the box channel)."""
@@ -598,7 +606,7 @@ def pseudolabel(input_dataset: int | str | os.PathLike, dataset_id: int, model: 
                                   "or pass --allow-no-boxes")
         return found, region
 
-    def make_task(cid: str, images: list[Path], label: Path, work: Path) -> CaseTask:
+    def make_task(cid: str, images: list[Path], label: Path) -> CaseTask:
         def check() -> None:
             geom = _check_case_headers(cid, images, label)
             if geom.ndim != ndim:
@@ -610,20 +618,21 @@ def pseudolabel(input_dataset: int | str | os.PathLike, dataset_id: int, model: 
         def load() -> list[OutputCase]:
             imgs = [read_image(p, case=cid) for p in images]
             found, region = case_boxes(cid, label)
-            box_file = work / f"{cid}_{len(images):04d}{meta['file_ending']}"
-            sitk.WriteImage(image_from_array(region, imgs[0]), str(box_file), True)
-            plain_file, restricted_file = predictor.predict([*images, box_file], box_file, work / cid)
-            arrays = []
-            for f in (plain_file, restricted_file):
-                img = read_image(f, case=cid)
-                check_same_geometry(Geometry.of(imgs[0]), Geometry.of(img), case=cid, what="prediction",
-                                    files=(images[0], f))
-                arrays.append(label_array(img, case=cid, file=f))
-                f.unlink()
-            box_file.unlink()
-            report[cid] = _box_report(arrays[0], arrays[1], region.astype(bool), found, model)
+            # a folder per case: cases may run in several worker processes
+            with tempfile.TemporaryDirectory(prefix="nnunet_synth_bbox_") as tmp:
+                work = Path(tmp)
+                box_file = work / f"{cid}_{len(images):04d}{meta['file_ending']}"
+                sitk.WriteImage(image_from_array(region, imgs[0]), str(box_file), True)
+                plain_file, restricted_file = predictor.predict([*images, box_file], box_file, work / cid)
+                arrays = []
+                for f in (plain_file, restricted_file):
+                    img = read_image(f, case=cid)
+                    check_same_geometry(Geometry.of(imgs[0]), Geometry.of(img), case=cid, what="prediction",
+                                        files=(images[0], f))
+                    arrays.append(label_array(img, case=cid, file=f))
+            record = _box_report(arrays[0], arrays[1], region.astype(bool), found, model)
             out = arrays[1].astype(np.uint8 if max(model.labels.values()) < 256 else np.uint16)
-            return [OutputCase(cid, imgs, image_from_array(out, imgs[0]), (*images, label))]
+            return [OutputCase(cid, imgs, image_from_array(out, imgs[0]), (*images, label), record)]
 
         return CaseTask(cid, load, check)
 
@@ -652,10 +661,9 @@ def pseudolabel(input_dataset: int | str | os.PathLike, dataset_id: int, model: 
                        extra={"organ": organ_names[0] if len(organ_names) == 1 else organ_names,
                               "tumour": names_by_value[model.tumour], "pseudo_labels": True,
                               "report_file": REPORT_FILE, "input_channel_names": channels, **provenance})
-    with tempfile.TemporaryDirectory(prefix="nnunet_synth_bbox_") as work:
-        tasks = [make_task(c, *cases[c], Path(work)) for c in cases]
-        return write_dataset(spec, tasks, overwrite=overwrite, raw_dir=raw_dir, finalize=finalize,
-                             progress=progress)
+    return write_dataset(spec, [make_task(c, *cases[c]) for c in cases], overwrite=overwrite, raw_dir=raw_dir,
+                         finalize=finalize, progress=progress, num_processes=num_processes, num_parts=num_parts,
+                         part_id=part_id, records=report)
 
 
 def _box_report(plain: np.ndarray, restricted: np.ndarray, region: np.ndarray, boxes: Sequence[Box],
@@ -701,12 +709,14 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude", nargs="+", default=None, metavar="CASE", help="leave these input cases out")
     parser.add_argument("--raw-dir", default=None, help="root of the input and the output instead of $nnUNet_raw")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_num_processes_argument(parser, "worker processes converting cases in parallel (1: in this process)")
 
 
 def _run(prog: str, func, args: argparse.Namespace) -> int:
     with exit_on_user_error(prog):  # a refusal: one line on stderr, exit status 2
         folder = func(args)
-    print(f"wrote {folder}")
+    if folder.is_dir():  # a part that is not the last one leaves the dataset to the others
+        print(f"wrote {folder}")
     return 0
 
 
@@ -736,7 +746,7 @@ def bbox_dataset_main(argv: Sequence[str] | None = None) -> int:
     return _run("nnUNetv2_synth_bbox_dataset", lambda a: make_bbox_dataset(
         a.input, a.dataset_id, name=a.name, tumour_label=a.tumour_label, organ_label=a.organ_label,
         margin_vox=a.margin_vox, overwrite=a.overwrite, raw_dir=a.raw_dir, exclude=a.exclude,
-        progress=not a.quiet), args)
+        progress=not a.quiet, num_processes=a.num_processes), args)
 
 
 def build_bbox_pseudolabel_parser() -> argparse.ArgumentParser:
@@ -777,6 +787,11 @@ def build_bbox_pseudolabel_parser() -> argparse.ArgumentParser:
     parser.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation (faster)")
     parser.add_argument("--step-size", type=float, default=0.5, help="sliding-window step (fraction of the patch)")
     parser.add_argument("--verbose", action="store_true", help="show nnU-Net's own output")
+    parser.add_argument("-num_parts", type=int, default=1, metavar="P",
+                        help="split the cases into P parts (array jobs sharing nnUNet_raw); the part that finishes "
+                        "last writes the dataset")
+    parser.add_argument("-part_id", type=int, default=0, metavar="I",
+                        help="which part this process predicts (0 to P-1): case i in sorted order is part i %% P")
     _common_arguments(parser)
     return parser
 
@@ -796,6 +811,7 @@ def bbox_pseudolabel_main(argv: Sequence[str] | None = None) -> int:
         return pseudolabel(a.input, a.output_id, model, name=a.name, boxes=a.boxes, box_label=a.box_label,
                            device=a.device, tta=not a.disable_tta, step_size=a.step_size, overwrite=a.overwrite,
                            raw_dir=a.raw_dir, exclude=a.exclude, allow_no_boxes=a.allow_no_boxes,
-                           progress=not a.quiet, verbose=a.verbose)
+                           progress=not a.quiet, verbose=a.verbose, num_processes=a.num_processes,
+                           num_parts=a.num_parts, part_id=a.part_id)
 
     return _run("nnUNetv2_synth_bbox_pseudolabel", run, args)

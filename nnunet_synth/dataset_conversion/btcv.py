@@ -28,6 +28,7 @@ from nnunet_synth.dataset_conversion.common import (
     read_header,
     read_image,
     remap_labels,
+    resumable,
     select_cases,
     write_dataset,
 )
@@ -57,9 +58,10 @@ def _training_folder(root: Path) -> Path:
     raise ConversionError(f"{root}: no img/ and label/ folders (expected RawData/Training/img and .../label)")
 
 
+@resumable
 def convert(input_dir: str | os.PathLike, dataset_id: int, *, organ: str = "pancreas", name: str | None = None,
             overwrite: bool = False, raw_dir: str | os.PathLike | None = None, exclude: list[str] | None = None,
-            progress: bool = True) -> Path:
+            progress: bool = True, num_processes: int = 1) -> Path:
     """Convert BTCV keeping one organ.
 
     Args:
@@ -71,6 +73,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, organ: str = "panc
         raw_dir: Output root instead of ``nnUNet_raw``.
         exclude: Case numbers or names (``0001``, ``img0001``, ``btcv_0001``) to leave out.
         progress: Show progress bars.
+        num_processes: Worker processes converting cases (1: in this process).
 
     Returns:
         The written dataset folder.
@@ -117,7 +120,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, organ: str = "panc
                        extra={"organ": organ_name, "tumour": "tumor", "healthy": True,
                               "btcv_values": list(keep)})
     return write_dataset(spec, [make_task(n) for n in selected], overwrite=overwrite, raw_dir=raw_dir,
-                         progress=progress)
+                         progress=progress, num_processes=num_processes)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,4 +131,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Path:
     """Entry from the command line."""
     return convert(args.input, args.dataset_id, organ=args.organ, name=args.name, overwrite=args.overwrite,
-                   raw_dir=args.raw_dir, exclude=args.exclude, progress=not args.quiet)
+                   raw_dir=args.raw_dir, exclude=args.exclude, progress=not args.quiet,
+                   num_processes=args.num_processes)

@@ -1,7 +1,9 @@
 """``nnUNetv2_synth_convert COHORT -i INPUT -d DATASET_ID [options]``: one sub-command per cohort.
 
 Each cohort module provides ``add_arguments(parser)`` for its own options and ``run(args)``; the options every
-cohort shares are added here. Input problems end with exit status 2 and one message naming case and file.
+cohort shares are added here (``-np`` worker processes among them). Input problems end with exit status 2 and one
+message naming case and file; an interrupted conversion resumes when the same command runs again (see
+:func:`nnunet_synth.dataset_conversion.common.write_dataset`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from nnunet_synth.cli import HelpFormatter, exit_on_user_error
+from nnunet_synth.cli import HelpFormatter, add_num_processes_argument, exit_on_user_error
 
 #: cohort -> (module, one-line help)
 COHORTS: dict[str, tuple[str, str]] = {
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--exclude", nargs="+", default=None, metavar="CASE", help="leave these input cases out")
         p.add_argument("--raw-dir", default=None, help="output root instead of $nnUNet_raw")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        add_num_processes_argument(p, "worker processes converting cases in parallel (1: in this process)")
         p.add_argument("--hide-tumours", type=float, default=None, metavar="MM",
                        help="hide the real tumours, dilated by MM mm, behind nnU-Net's ignore label and keep the "
                             "original labels in labelsTr_tumours/ (the synthetic-to-real transfer setting)")

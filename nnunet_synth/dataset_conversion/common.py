@@ -9,26 +9,43 @@ Every converter describes its cases as :class:`CaseTask` objects (a cheap ``chec
 * validates each output case (channel count, dimensionality, geometry of every channel and of the label, NaNs,
   label values) and writes it with SimpleITK so that spacing, origin and direction are kept,
 * writes ``dataset.json`` with nnU-Net's own ``generate_dataset_json``,
-* builds everything in a hidden temporary folder beside the target and renames it into place only when complete, so
-  a failed or interrupted conversion leaves nothing behind.
+* builds everything in a hidden staging folder beside the target (``.DatasetNNN_Name.partial-resumable``) and renames
+  the dataset into place only when complete, so nnUNet_raw never holds a half-written dataset,
+* converts the cases in ``num_processes`` worker processes (nnU-Net's spawn pool) and keeps every finished input
+  case in the staging folder (its files first, then a per-case marker, each moved in atomically): a conversion that
+  is killed or crashes resumes where it stopped when the same command runs again, while one with other settings is
+  refused (``overwrite`` discards the old staging folder); a refused input (:class:`ConversionError`) still leaves
+  nothing behind,
+* with ``num_parts`` / ``part_id`` converts only every ``num_parts``-th case (in sorted order of the input cases);
+  the part that finishes the last case writes the dataset.
+
+Worker processes cannot receive the converters' closures, so a converter's entry function is decorated with
+:func:`resumable`: a worker calls it again with the same arguments and :func:`write_dataset` hands back the case
+list instead of converting (the cases are built once per worker process).
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
+import sys
+import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from nnunet_synth.files import nifti_truncation, process_tag, remove_stale
+from nnunet_synth.files import creation_lock, nifti_truncation, process_tag, remove_stale
 
 FILE_ENDING = ".nii.gz"
 #: File endings SimpleITK reads and the generic converter accepts.
@@ -425,6 +442,9 @@ class OutputCase:
     images: list[sitk.Image]
     label: sitk.Image
     sources: Sequence[os.PathLike | str] = ()
+    #: JSON data about the case for the converter's ``finalize`` (kept with the finished case, so it survives worker
+    #: processes and resumed runs; see ``records`` of :func:`write_dataset`)
+    record: object = None
 
 
 @dataclass
@@ -502,30 +522,314 @@ def _validate_case(case: OutputCase, spec: DatasetSpec) -> tuple[list[sitk.Image
     return images, out_label
 
 
+#: Suffix of the staging folder of ``DatasetNNN_Name`` in nnUNet_raw (``.DatasetNNN_Name.partial-resumable``).
+STAGING_SUFFIX = ".partial-resumable"
+#: Arguments of a converter's entry function that change how it runs, not what it writes: left out of the settings
+#: a resumed conversion must share (``exclude`` too: a rerun may leave out a case that failed).
+RUNTIME_ARGUMENTS = frozenset({"progress", "num_processes", "overwrite", "exclude", "num_parts", "part_id", "verbose",
+                               "raw_dir"})
+_SETTINGS_FILE = "conversion.json"
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """A converter's entry function and the arguments it was called with (picklable: sent to worker processes)."""
+
+    func: Callable
+    args: tuple
+    kwargs: dict
+
+
+_RECIPE: contextvars.ContextVar[_Recipe | None] = contextvars.ContextVar("nnunet_synth_conversion", default=None)
+_COLLECTING: contextvars.ContextVar[bool] = contextvars.ContextVar("nnunet_synth_collecting", default=False)
+_WORKER_TASKS: dict[str, dict[str, CaseTask]] = {}  # per worker process: the cases of the conversion it serves
+
+
+class _TasksCollected(BaseException):  # noqa: N818 - not an error: carries the cases out of the converter
+    """Raised by :func:`write_dataset` in a worker process to hand the converter's cases back (a BaseException, so
+    a converter's ``except Exception`` does not swallow it)."""
+
+    def __init__(self, tasks: list[CaseTask]):
+        super().__init__("cases collected")
+        self.tasks = tasks
+
+
+def resumable(func: Callable) -> Callable:
+    """Decorates a converter's entry function (module-level, picklable arguments) so that :func:`write_dataset` can
+    convert its cases in worker processes and record its arguments for resuming.
+
+    Args:
+        func: The function that builds the cases and calls :func:`write_dataset`.
+
+    Returns:
+        The wrapped function (same name, signature and result).
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        token = _RECIPE.set(_Recipe(wrapper, args, kwargs))
+        try:
+            return func(*args, **kwargs)
+        finally:
+            _RECIPE.reset(token)
+
+    return wrapper
+
+
+def _collect_tasks(recipe: _Recipe) -> list[CaseTask]:
+    """The cases a converter builds for :func:`write_dataset`, without converting any."""
+    token = _COLLECTING.set(True)
+    try:
+        recipe.func(*recipe.args, **recipe.kwargs)
+    except _TasksCollected as found:
+        return found.tasks
+    finally:
+        _COLLECTING.reset(token)
+    raise RuntimeError(f"{recipe.func.__qualname__} returned without calling write_dataset")
+
+
+def _task_key(name: str) -> str:
+    """File-name-safe key of an input case (names may hold '/', e.g. merge's ``source/case``)."""
+    return hashlib.sha1(name.encode("utf-8")).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class _Staging:
+    """The staging folder of one dataset: ``dataset/`` (becomes the dataset), ``cases/`` (one marker per finished
+    input case), ``work/`` (per-case temporaries, process-tagged) and the settings of the conversion."""
+
+    root: Path
+
+    @property
+    def dataset(self) -> Path:
+        return self.root / "dataset"
+
+    @property
+    def cases(self) -> Path:
+        return self.root / "cases"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def lock(self):
+        return creation_lock(self.root)
+
+    def finished(self, names: Iterable[str]) -> dict[str, dict]:
+        """Markers of the finished input cases among ``names``."""
+        out = {}
+        for name in names:
+            path = self.cases / f"{_task_key(name)}.json"
+            if path.is_file():
+                try:
+                    marker = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue  # written atomically, so unreadable means foreign: convert the case again
+                if marker.get("task") == name:
+                    out[name] = marker
+        return out
+
+    def discard(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _settings(spec: DatasetSpec) -> dict:
+    """What a resumed conversion must share with the interrupted one: the dataset description and the converter's
+    arguments (those of :data:`RUNTIME_ARGUMENTS` left out), as JSON."""
+    recipe = _RECIPE.get()
+    call = None if recipe is None else {
+        "function": f"{recipe.func.__module__}.{recipe.func.__qualname__}", "args": list(recipe.args),
+        "kwargs": {k: v for k, v in sorted(recipe.kwargs.items()) if k not in RUNTIME_ARGUMENTS}}
+    return json.loads(json.dumps({"dataset": asdict(spec), "converter": call}, default=str))
+
+
+def _differences(old: object, new: object, prefix: str = "") -> list[str]:
+    """Dotted keys at which two JSON values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".") or "settings"]
+
+
+def _open_staging(raw: Path, folder_name: str, settings: dict, overwrite: bool) -> _Staging:
+    """The staging folder of ``folder_name``: resumed when it holds a conversion with these settings, else new.
+
+    Raises:
+        ConversionError: It holds a conversion with other settings and ``overwrite`` is not set.
+    """
+    staging = _Staging(raw / f".{folder_name}{STAGING_SUFFIX}")
+    with staging.lock:
+        if staging.root.exists():
+            try:
+                old = json.loads((staging.root / _SETTINGS_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                old = None  # killed while being created or moved into place: nothing to resume
+            if old is None or not staging.dataset.is_dir():
+                staging.discard()
+            elif old != settings:
+                if not overwrite:
+                    raise ConversionError(
+                        f"{staging.root} holds an interrupted conversion of {folder_name} with other settings "
+                        f"(differing: {', '.join(_differences(old, settings)[:8])}); run the same command again "
+                        "to resume it, or pass --overwrite to discard it and start again")
+                print(f"{folder_name}: discarding the interrupted conversion with other settings in {staging.root}",
+                      file=sys.stderr, flush=True)
+                staging.discard()
+        if not staging.root.exists():
+            for sub in (staging.dataset / "imagesTr", staging.dataset / "labelsTr", staging.cases, staging.work):
+                sub.mkdir(parents=True, exist_ok=True)
+            _write_atomically(staging.root / _SETTINGS_FILE, json.dumps(settings, indent=1))  # last: it is complete
+    remove_stale(staging.work)  # per-case temporaries of killed workers
+    return staging
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}{process_tag()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _convert_task(task: CaseTask, spec: DatasetSpec, staging: _Staging) -> dict:
+    """Convert one input case into the staging folder: its files, then its marker (both moved in atomically, so an
+    interrupted case is converted again and a finished one never is).
+
+    Returns:
+        The marker: the task name, its case identifiers, their files and records.
+    """
+    work = staging.work / f"{_task_key(task.name)}{process_tag()}"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "imagesTr").mkdir(parents=True)
+    (work / "labelsTr").mkdir()
+    try:
+        identifiers, files, records = [], [], {}
+        for case in task.load():
+            if case.identifier in identifiers:
+                raise ConversionError(f"case identifier {case.identifier!r} produced twice by input {task.name!r}")
+            images, label = _validate_case(case, spec)
+            names = [f"imagesTr/{case.identifier}_{c:04d}{FILE_ENDING}" for c in range(len(images))]
+            for name, img in zip(names, images, strict=True):
+                sitk.WriteImage(img, str(work / name), True)
+            names.append(f"labelsTr/{case.identifier}{FILE_ENDING}")
+            sitk.WriteImage(label, str(work / names[-1]), True)
+            identifiers.append(case.identifier)
+            files += names
+            if case.record is not None:
+                records[case.identifier] = case.record
+        for name in files:
+            os.replace(work / name, staging.dataset / name)
+        marker = {"task": task.name, "identifiers": identifiers, "files": files, "records": records}
+        _write_atomically(staging.cases / f"{_task_key(task.name)}.json", json.dumps(marker, default=str))
+        return marker
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _convert_in_worker(key: str, recipe: _Recipe, spec: DatasetSpec, name: str, staging: _Staging) -> dict:
+    """Worker-process side of :func:`_convert_task`: the converter's cases are rebuilt once per process."""
+    tasks = _WORKER_TASKS.get(key)
+    if tasks is None:
+        _WORKER_TASKS.clear()
+        tasks = _WORKER_TASKS[key] = {t.name: t for t in _collect_tasks(recipe)}
+    return _convert_task(tasks[name], spec, staging)
+
+
+def _naming_case(error: BaseException, name: str) -> BaseException:
+    """The error of one input case, naming the case (a ConversionError whose message does not yet name it is
+    re-made with the name; other errors keep their type and get a note)."""
+    if isinstance(error, ConversionError):
+        return error if name in str(error) else ConversionError(f"case {name}: {error}")
+    if hasattr(error, "add_note"):
+        error.add_note(f"while converting input case {name}")
+    return error
+
+
+def _run_tasks(pending: Sequence[CaseTask], spec: DatasetSpec, staging: _Staging, num_processes: int,
+               bar: tqdm) -> Iterator[dict]:
+    """Convert ``pending`` in this process (``num_processes`` <= 1, a single case, or a converter without
+    :func:`resumable`) or in a spawn pool as nnU-Net's preprocessing does; yields each case's marker as it
+    finishes."""
+    recipe = _RECIPE.get()
+    if num_processes <= 1 or len(pending) <= 1 or recipe is None:
+        for task in pending:
+            try:
+                marker = _convert_task(task, spec, staging)
+            except BaseException as err:
+                named = _naming_case(err, task.name)
+                if named is err:
+                    raise
+                raise named from err
+            bar.update()
+            yield marker
+        return
+    key = uuid.uuid4().hex
+    with multiprocessing.get_context("spawn").Pool(min(num_processes, len(pending))) as pool:
+        workers = list(pool._pool)
+        remaining = {task.name: pool.starmap_async(_convert_in_worker, ((key, recipe, spec, task.name, staging),))
+                     for task in pending}
+        while remaining:
+            # A worker killed from outside (out of memory) is replaced by the pool and its case never returns.
+            if not all(w.is_alive() for w in workers):
+                raise RuntimeError("a conversion worker process died (out of memory? try a smaller -np); the "
+                                   "finished cases are kept and the same command resumes")
+            done = [name for name, result in remaining.items() if result.ready()]
+            for name in done:
+                try:
+                    marker = remaining.pop(name).get()[0]
+                except BaseException as err:
+                    named = _naming_case(err, name)
+                    if named is err:
+                        raise
+                    raise named from err
+                bar.update()
+                yield marker
+            if not done:
+                time.sleep(0.05)
+
+
+def _part_of(tasks: Sequence[CaseTask], num_parts: int, part_id: int) -> list[CaseTask]:
+    """The input cases of one part: case i (sorted by name) belongs to part i % num_parts."""
+    order = sorted(range(len(tasks)), key=lambda i: tasks[i].name)
+    mine = {order[k] for k in range(part_id, len(order), num_parts)}
+    return [t for i, t in enumerate(tasks) if i in mine]
+
+
 def write_dataset(spec: DatasetSpec, tasks: Sequence[CaseTask], *, overwrite: bool = False,
                   raw_dir: str | os.PathLike | None = None,
                   finalize: Callable[[Path, list[str]], None] | None = None,
-                  splits: list[dict[str, list[str]]] | None = None, progress: bool = True) -> Path:
-    """Convert all cases into ``nnUNet_raw/DatasetNNN_Name`` atomically.
+                  splits: list[dict[str, list[str]]] | None = None, progress: bool = True, num_processes: int = 1,
+                  num_parts: int = 1, part_id: int = 0, records: dict[str, object] | None = None) -> Path:
+    """Convert all cases into ``nnUNet_raw/DatasetNNN_Name``, resumably, and move the dataset into place when
+    complete.
 
     Args:
         spec: Dataset description (ID, name, channels, labels, ...).
-        tasks: The input cases.
+        tasks: The input cases (unique names).
         overwrite: Replace an existing folder of the same name (a different dataset with the same ID is always an
-            error).
+            error); also discards an interrupted conversion of that name made with other settings.
         raw_dir: Use this folder instead of ``nnUNet_raw``.
-        finalize: Called with the temporary folder and the written case identifiers after the last case, to add
-            extra files beside dataset.json.
+        finalize: Called with the staged dataset folder and the written case identifiers after the last case, to
+            add extra files beside dataset.json.
         splits: Written as ``splits_final.json`` beside dataset.json; nnU-Net's planner copies it into
             ``nnUNet_preprocessed`` (``[{"train": [...], "val": [...]}, ...]``).
         progress: Show progress bars.
+        num_processes: Worker processes converting cases (1: in this process). Needs a converter entry function
+            decorated with :func:`resumable`; without one the cases are converted in this process.
+        num_parts: Split the input cases into this many parts (separate processes or machines sharing nnUNet_raw).
+        part_id: The part this call converts (0 to ``num_parts - 1``); the call that finishes the last case of all
+            parts writes the dataset, the others return its (not yet existing) folder.
+        records: Filled with each written case's :attr:`OutputCase.record` (identifier -> record) before
+            ``finalize`` runs.
 
     Returns:
         The dataset folder.
 
     Raises:
-        ConversionError: Any input problem, an existing dataset without ``overwrite``, or an ID clash.
+        ConversionError: Any input problem, an existing dataset without ``overwrite``, an ID clash, or an
+            interrupted conversion of that name with other settings.
     """
+    if _COLLECTING.get():
+        raise _TasksCollected(list(tasks))
     raw = nnunet_raw_dir(raw_dir)
     folder_name = spec.folder_name
     target = raw / folder_name
@@ -534,40 +838,88 @@ def write_dataset(spec: DatasetSpec, tasks: Sequence[CaseTask], *, overwrite: bo
         raise ConversionError(f"{target} already exists; pass --overwrite to replace it")
     if not tasks:
         raise ConversionError(f"no cases found for {folder_name}")
+    if not 0 <= part_id < num_parts:
+        raise ConversionError(f"-part_id must be in [0, {num_parts}), got {part_id}")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ConversionError(f"input case names are not unique: {sorted({n for n in names if names.count(n) > 1})}")
 
+    remove_stale(raw, ".*.partial-*")  # temporaries of killed runs (hidden-tumour conversions, older releases)
+    # Every part checks every case, so that none converts anything of an input that would be refused.
     for task in tqdm(tasks, desc=f"{folder_name}: checking", unit="case", disable=not progress):
         task.check()
 
-    tmp = partial_folder(raw, folder_name)
+    staging = _open_staging(raw, folder_name, _settings(spec), overwrite)
+    mine = _part_of(tasks, num_parts, part_id)
+    pending = [t for t in mine if t.name not in staging.finished(t.name for t in mine)]
+    part = f" part {part_id}/{num_parts}" if num_parts > 1 else ""
     try:
-        (tmp / "imagesTr").mkdir()
-        (tmp / "labelsTr").mkdir()
-        written: list[str] = []
-        seen: dict[str, str] = {}
-        for task in tqdm(tasks, desc=f"{folder_name}: converting", unit="case", disable=not progress):
-            for case in task.load():
-                if case.identifier in seen:
-                    raise ConversionError(f"case identifier {case.identifier!r} produced twice (inputs "
-                                          f"{seen[case.identifier]!r} and {task.name!r})")
-                seen[case.identifier] = task.name
-                images, label = _validate_case(case, spec)
-                for c, img in enumerate(images):
-                    sitk.WriteImage(img, str(tmp / "imagesTr" / f"{case.identifier}_{c:04d}{FILE_ENDING}"), True)
-                sitk.WriteImage(label, str(tmp / "labelsTr" / f"{case.identifier}{FILE_ENDING}"), True)
-                written.append(case.identifier)
-        if not written:
-            raise ConversionError(f"no cases were produced for {folder_name}")
-        if splits is not None:
-            _check_splits(splits, written)
-            (tmp / "splits_final.json").write_text(json.dumps(splits, indent=1), encoding="utf-8")
-        if finalize is not None:
-            finalize(tmp, written)
-        _write_dataset_json(tmp, spec, len(written))
-        move_into_place(tmp, target)
+        with tqdm(total=len(mine), initial=len(mine) - len(pending), desc=f"{folder_name}: converting{part}",
+                  unit="case", disable=not progress) as bar:
+            for _ in _run_tasks(pending, spec, staging, num_processes, bar):
+                pass
+        with staging.lock:
+            if not staging.root.is_dir():
+                return target  # another part finished the dataset meanwhile
+            finished = staging.finished(names)
+            if len(finished) < len(tasks):
+                print(f"{folder_name}:{part} done; {len(finished)} of {len(tasks)} input cases are converted, the "
+                      "dataset is written when the last part finishes", flush=True)
+                return target
+            _finish(spec, tasks, finished, staging, target, finalize, splits, records)
+        Path(staging.lock.lock_file).unlink(missing_ok=True)
+    except ConversionError:
+        # A refused input leaves nothing behind; other parts may still be writing into a shared staging folder.
+        if num_parts == 1:
+            staging.discard()
+            Path(staging.lock.lock_file).unlink(missing_ok=True)
+        raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        kept = len(staging.finished(names)) if staging.root.is_dir() else 0
+        if kept:
+            print(f"{folder_name}: {kept} finished input case(s) kept in {staging.root}; run the same command again "
+                  "to convert the rest", file=sys.stderr, flush=True)
+        elif num_parts == 1:  # nothing to resume
+            staging.discard()
+            Path(staging.lock.lock_file).unlink(missing_ok=True)
         raise
     return target
+
+
+def _finish(spec: DatasetSpec, tasks: Sequence[CaseTask], finished: dict[str, dict], staging: _Staging,
+            target: Path, finalize: Callable[[Path, list[str]], None] | None,
+            splits: list[dict[str, list[str]]] | None, records: dict[str, object] | None) -> None:
+    """Complete the staged dataset (the files of the current input cases only, extra files, dataset.json) and move
+    it into place; the staging folder goes afterwards."""
+    written: list[str] = []
+    seen: dict[str, str] = {}
+    keep: set[str] = set()
+    for task in tasks:  # the order of the input cases, whatever order they finished in
+        marker = finished[task.name]
+        for identifier in marker["identifiers"]:
+            if identifier in seen:
+                raise ConversionError(f"case identifier {identifier!r} produced twice (inputs {seen[identifier]!r} "
+                                      f"and {task.name!r})")
+            seen[identifier] = task.name
+            written.append(identifier)
+        keep.update(marker["files"])
+        if records is not None:
+            records.update(marker.get("records") or {})
+    if not written:
+        raise ConversionError(f"no cases were produced for {target.name}")
+    for sub in ("imagesTr", "labelsTr"):  # cases converted earlier but since excluded (or left half-moved)
+        for path in (staging.dataset / sub).iterdir():
+            if f"{sub}/{path.name}" not in keep:
+                path.unlink()
+    tmp = staging.dataset
+    if splits is not None:
+        _check_splits(splits, written)
+        (tmp / "splits_final.json").write_text(json.dumps(splits, indent=1), encoding="utf-8")
+    if finalize is not None:
+        finalize(tmp, written)
+    _write_dataset_json(tmp, spec, len(written))
+    move_into_place(tmp, target)
+    staging.discard()
 
 
 def _check_splits(splits: list[dict[str, list[str]]], written: list[str]) -> None:

@@ -38,6 +38,7 @@ from nnunet_synth.dataset_conversion.common import (
     check_alignable,
     grid_relation,
     image_from_array,
+    resumable,
     write_dataset,
 )
 from nnunet_synth.dataset_conversion.dicom import DicomSeries, find_series, read_series
@@ -77,10 +78,12 @@ def _case_id(pid: str) -> str:
     return f"dukefgt_{m.group(1)}" if m else "dukefgt_" + re.sub(r"[^A-Za-z0-9]+", "_", pid)
 
 
+@resumable
 def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None = None, overwrite: bool = False,
             raw_dir: str | os.PathLike | None = None, exclude: list[str] | None = None,
             images_dir: str | os.PathLike | None = None, segmentations_dir: str | os.PathLike | None = None,
-            series_description: str = "pre", breast_mask: bool = True, progress: bool = True) -> Path:
+            series_description: str = "pre", breast_mask: bool = True, progress: bool = True,
+            num_processes: int = 1) -> Path:
     """Convert the Duke FGT/vessel masks.
 
     Args:
@@ -95,6 +98,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
         series_description: Regular expression (case-insensitive) for the pre-contrast SeriesDescription.
         breast_mask: Also use ``Segmentation_<ID>_Breast.seg.nrrd`` (required for every case).
         progress: Show progress bars.
+        num_processes: Worker processes converting cases (1: in this process).
 
     Returns:
         The written dataset folder.
@@ -197,7 +201,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
                        extra={"organ": "breast" if breast_mask else "fibroglandular tissue", "tumour": None,
                               "placement_labels": [k for k in labels if k != "background"]})
     return write_dataset(spec, [make_task(p) for p in patients], overwrite=overwrite, raw_dir=raw_dir,
-                         progress=progress)
+                         progress=progress, num_processes=num_processes)
 
 
 def _series_geometry(series: DicomSeries) -> Geometry:
@@ -234,4 +238,4 @@ def run(args: argparse.Namespace) -> Path:
     return convert(args.input, args.dataset_id, name=args.name, overwrite=args.overwrite, raw_dir=args.raw_dir,
                    exclude=args.exclude, images_dir=args.images, segmentations_dir=args.segmentations,
                    series_description=args.series_description, breast_mask=not args.no_breast_mask,
-                   progress=not args.quiet)
+                   progress=not args.quiet, num_processes=args.num_processes)

@@ -50,6 +50,7 @@ from nnunet_synth.dataset_conversion.common import (
     read_image,
     remap_labels,
     resample_to_spacing,
+    resumable,
     sanitize_identifier,
     strip_image_suffix,
     write_dataset,
@@ -97,13 +98,14 @@ def _slice(image: sitk.Image, axis: int, index: int) -> sitk.Image:
     return out
 
 
+@resumable
 def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None = None, overwrite: bool = False,
             raw_dir: str | os.PathLike | None = None, exclude: list[str] | None = None,
             image_patterns: list[str] | None = None, label_pattern: str = "labels/{case}.*",
             channel_names: list[str] | None = None, labels: list[str] | None = None, binarize: bool = False,
             spacing: list[float] | None = None, slices: bool = False, slice_selection: str = "all",
             case_prefix: str = "", organ_pattern: str | None = None, organ_label: str = "organ",
-            progress: bool = True) -> Path:
+            progress: bool = True, num_processes: int = 1) -> Path:
     """Convert a folder of images and masks.
 
     Args:
@@ -127,6 +129,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
         organ_label: Name of the label the organ mask writes: one of ``labels``, or a new label with the next
             value.
         progress: Show progress bars.
+        num_processes: Worker processes converting cases (1: in this process).
 
     Returns:
         The written dataset folder.
@@ -236,7 +239,8 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
                        description="converted from a folder of images and masks"
                        + (f" as 2D axial slices ({slice_selection})" if slices else ""),
                        ndim=2 if slices else 3, extra={"source_patterns": image_patterns + mask_patterns})
-    return write_dataset(spec, [make_task(c) for c in names], overwrite=overwrite, raw_dir=raw_dir, progress=progress)
+    return write_dataset(spec, [make_task(c) for c in names], overwrite=overwrite, raw_dir=raw_dir, progress=progress,
+                         num_processes=num_processes)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -272,4 +276,4 @@ def run(args: argparse.Namespace) -> Path:
                    channel_names=args.channel_names, labels=args.labels, binarize=args.binarize,
                    spacing=args.spacing, slices=args.slices, slice_selection=args.slice_selection,
                    case_prefix=args.case_prefix, organ_pattern=args.organ_pattern, organ_label=args.organ_label,
-                   progress=not args.quiet)
+                   progress=not args.quiet, num_processes=args.num_processes)

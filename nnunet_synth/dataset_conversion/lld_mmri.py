@@ -34,6 +34,7 @@ from nnunet_synth.dataset_conversion.common import (
     image_from_array,
     read_header,
     read_image,
+    resumable,
     sanitize_identifier,
     write_dataset,
     write_json,
@@ -92,10 +93,12 @@ def _lesions(entry: dict, where: str) -> list[tuple[str, int, list[int]]]:
     return out
 
 
+@resumable
 def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None = None, overwrite: bool = False,
             raw_dir: str | os.PathLike | None = None, exclude: list[str] | None = None,
             phases: list[str] | tuple[str, ...] = DEFAULT_PHASES, categories: list[str] | None = None,
-            annotation: str | os.PathLike | None = None, clip_boxes: bool = False, progress: bool = True) -> Path:
+            annotation: str | os.PathLike | None = None, clip_boxes: bool = False, progress: bool = True,
+            num_processes: int = 1) -> Path:
     """Convert LLD-MMRI with boxes as tumour labels.
 
     Args:
@@ -111,6 +114,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
         annotation: Path of Annotation.json if not ``labels/Annotation.json``.
         clip_boxes: Clip boxes reaching outside the volume instead of refusing the case.
         progress: Show progress bars.
+        num_processes: Worker processes converting cases (1: in this process).
 
     Returns:
         The written dataset folder.
@@ -172,7 +176,8 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
                        "lesion boxes, liver label empty (box annotations only)",
                        extra={"organ": "liver", "tumour": "tumor", "tumour_label_is_box": True,
                               "lesion_categories": sorted(keep), "boxes_file": "lesion_boxes.json"})
-    return write_dataset(spec, tasks, overwrite=overwrite, raw_dir=raw_dir, finalize=finalize, progress=progress)
+    return write_dataset(spec, tasks, overwrite=overwrite, raw_dir=raw_dir, finalize=finalize, progress=progress,
+                         num_processes=num_processes)
 
 
 def _make_task(case: str, img_path: Path, record: dict, clip_boxes: bool) -> CaseTask:
@@ -225,4 +230,5 @@ def run(args: argparse.Namespace) -> Path:
     """Entry from the command line."""
     return convert(args.input, args.dataset_id, name=args.name, overwrite=args.overwrite, raw_dir=args.raw_dir,
                    exclude=args.exclude, phases=args.phases, categories=args.categories, annotation=args.annotation,
-                   clip_boxes=args.clip_boxes, progress=not args.quiet)
+                   clip_boxes=args.clip_boxes, progress=not args.quiet,
+                   num_processes=args.num_processes)

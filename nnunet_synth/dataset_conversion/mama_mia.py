@@ -43,6 +43,7 @@ from nnunet_synth.dataset_conversion.common import (
     read_image,
     remap_labels,
     resample_to_spacing,
+    resumable,
     write_dataset,
 )
 
@@ -85,10 +86,11 @@ def grouped_folds(groups: dict[str, list[str]], n_folds: int = 5, seed: int = 12
     return folds
 
 
+@resumable
 def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None = None, overwrite: bool = False,
             raw_dir: str | os.PathLike | None = None, exclude: list[str] | None = None, post_phase: str = "first",
             spacing: list[float] | None = None, split: str = "none", split_csv: str | os.PathLike | None = None,
-            progress: bool = True) -> Path:
+            progress: bool = True, num_processes: int = 1) -> Path:
     """Convert MAMA-MIA.
 
     Args:
@@ -104,6 +106,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
             ``post_phase="all"``, which gets a patient-grouped 5-fold split).
         split_csv: Split file if not ``INPUT/train_test_splits.csv``.
         progress: Show progress bars.
+        num_processes: Worker processes converting cases (1: in this process).
 
     Returns:
         The written dataset folder.
@@ -174,7 +177,8 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
                        reference=REFERENCE, licence="CC BY-NC 4.0",
                        extra={"organ": None, "tumour": "tumor", "post_phase": post_phase,
                               "split": split if split == "official" else ("patient_5fold" if splits else "nnunet")})
-    return write_dataset(spec, tasks, overwrite=overwrite, raw_dir=raw_dir, splits=splits, progress=progress)
+    return write_dataset(spec, tasks, overwrite=overwrite, raw_dir=raw_dir, splits=splits, progress=progress,
+                         num_processes=num_processes)
 
 
 def _make_task(pid: str, ids: list[str], image_paths: list[Path], seg_path: Path,
@@ -225,4 +229,5 @@ def run(args: argparse.Namespace) -> Path:
     """Entry from the command line."""
     return convert(args.input, args.dataset_id, name=args.name, overwrite=args.overwrite, raw_dir=args.raw_dir,
                    exclude=args.exclude, post_phase=args.post_phase, spacing=args.spacing, split=args.split,
-                   split_csv=args.split_csv, progress=not args.quiet)
+                   split_csv=args.split_csv, progress=not args.quiet,
+                   num_processes=args.num_processes)

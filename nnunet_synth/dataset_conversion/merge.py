@@ -11,8 +11,10 @@ Inputs are converted raw datasets (ID, ``DatasetNNN_Name`` or folder). Labels ar
 synonyms (tumour, tumor, cancer, lesion, mass, carcinoma) read as one tumour label; every input must declare the same
 set of labels and the same channels. Values are renumbered to the first input's order. Healthy datasets must not
 contain tumour voxels. ``healthy_cases.json`` beside dataset.json lists the identifiers of all healthy-control
-cases (a JSON list of strings) so that tumour placement can prefer them; ``merge_sources.json`` maps every case to
-its source dataset.
+cases (a JSON list of strings); ``nnUNetv2_synth_plan`` copies it into the synth plan (``healthy_cases``) and the
+on-the-fly Synth trainers insert their synthetic tumours into those cases first, as the pancreas paper inserts into
+its healthy scans (see :class:`nnunet_synth.injection.SynthTumourTransform`). ``merge_sources.json`` maps every case
+to its source dataset.
 """
 
 from __future__ import annotations
@@ -36,13 +38,15 @@ from nnunet_synth.dataset_conversion.common import (
     read_header,
     read_image,
     remap_labels,
+    resumable,
     sanitize_identifier,
     write_dataset,
     write_json,
 )
+from nnunet_synth.synth_plan import HEALTHY_CASES_FILE
 
 TUMOUR_WORDS = ("tumour", "tumor", "cancer", "lesion", "mass", "carcinoma", "neoplasm")
-HEALTHY_FILE = "healthy_cases.json"
+HEALTHY_FILE = HEALTHY_CASES_FILE  # the synth plan reads it from there
 SOURCES_FILE = "merge_sources.json"
 
 
@@ -86,9 +90,10 @@ def _resolve(folder: Path, path: str) -> Path:
     return p if p.is_absolute() else folder / p
 
 
+@resumable
 def convert(inputs: list[str], dataset_id: int, *, healthy: list[str] | None = None, name: str | None = None,
             overwrite: bool = False, raw_dir: str | os.PathLike | None = None, exclude: list[str] | None = None,
-            prefix_source: bool = False, progress: bool = True) -> Path:
+            prefix_source: bool = False, progress: bool = True, num_processes: int = 1) -> Path:
     """Merge datasets.
 
     Args:
@@ -101,6 +106,7 @@ def convert(inputs: list[str], dataset_id: int, *, healthy: list[str] | None = N
         exclude: Case identifiers (of any input) to leave out.
         prefix_source: Prefix each case with its source dataset's name (needed when identifiers collide).
         progress: Show progress bars.
+        num_processes: Worker processes converting cases (1: in this process).
 
     Returns:
         The written dataset folder.
@@ -169,7 +175,8 @@ def convert(inputs: list[str], dataset_id: int, *, healthy: list[str] | None = N
                               "healthy_cases_file": HEALTHY_FILE, "sources_file": SOURCES_FILE,
                               "tumour_sources": [f.name for f, h in sources if not h],
                               "healthy_sources": [f.name for f, h in sources if h]})
-    return write_dataset(spec, tasks, overwrite=overwrite, raw_dir=raw_dir, finalize=finalize, progress=progress)
+    return write_dataset(spec, tasks, overwrite=overwrite, raw_dir=raw_dir, finalize=finalize, progress=progress,
+                         num_processes=num_processes)
 
 
 def _label_value(value: object, folder: Path) -> int:
@@ -207,4 +214,4 @@ def run(args: argparse.Namespace) -> Path:
     """Entry from the command line."""
     return convert(args.input, args.dataset_id, healthy=args.healthy, name=args.name, overwrite=args.overwrite,
                    raw_dir=args.raw_dir, exclude=args.exclude, prefix_source=args.prefix_source,
-                   progress=not args.quiet)
+                   progress=not args.quiet, num_processes=args.num_processes)

@@ -31,6 +31,7 @@ from nnunet_synth.dataset_conversion.common import (
     read_header,
     read_image,
     remap_labels,
+    resumable,
     select_cases,
     write_dataset,
 )
@@ -65,9 +66,10 @@ def _check_msd_labels(root: Path, organ: str, cohort: str) -> None:
                                   "is this the right Decathlon task?")
 
 
+@resumable
 def convert(cohort: str, input_dir: str | os.PathLike, dataset_id: int, *, name: str | None = None,
             overwrite: bool = False, raw_dir: str | os.PathLike | None = None, exclude: list[str] | None = None,
-            progress: bool = True) -> Path:
+            progress: bool = True, num_processes: int = 1) -> Path:
     """Convert an MSD pancreas or liver task.
 
     Args:
@@ -79,6 +81,7 @@ def convert(cohort: str, input_dir: str | os.PathLike, dataset_id: int, *, name:
         raw_dir: Output root instead of ``nnUNet_raw``.
         exclude: Case names to leave out.
         progress: Show progress bars.
+        num_processes: Worker processes converting cases (1: in this process).
 
     Returns:
         The written dataset folder.
@@ -123,7 +126,8 @@ def convert(cohort: str, input_dir: str | os.PathLike, dataset_id: int, *, name:
                        cohort=cohort, description=f"MSD {task_folder}: {organ} and {organ} tumour, CT",
                        reference=REFERENCE, licence="CC-BY-SA 4.0", extra={"organ": organ, "tumour": "tumor"})
     tasks = [make_task(c) for c in select_cases(names, exclude)]
-    return write_dataset(spec, tasks, overwrite=overwrite, raw_dir=raw_dir, progress=progress)
+    return write_dataset(spec, tasks, overwrite=overwrite, raw_dir=raw_dir, progress=progress,
+                         num_processes=num_processes)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,4 +137,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Path:
     """Entry from the command line."""
     return convert(args.cohort, args.input, args.dataset_id, name=args.name, overwrite=args.overwrite,
-                   raw_dir=args.raw_dir, exclude=args.exclude, progress=not args.quiet)
+                   raw_dir=args.raw_dir, exclude=args.exclude, progress=not args.quiet,
+                   num_processes=args.num_processes)

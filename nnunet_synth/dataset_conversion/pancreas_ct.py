@@ -31,6 +31,7 @@ from nnunet_synth.dataset_conversion.common import (
     read_header,
     read_image,
     remap_labels,
+    resumable,
     select_cases,
     write_dataset,
 )
@@ -52,10 +53,11 @@ def _find(root: Path, labels_dir: Path | None) -> tuple[dict[str, Path], dict[st
     return patients, labels
 
 
+@resumable
 def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None = None, overwrite: bool = False,
             raw_dir: str | os.PathLike | None = None, exclude: list[str] | None = None,
             labels_dir: str | os.PathLike | None = None, trust_voxel_grid: bool = False,
-            progress: bool = True) -> Path:
+            progress: bool = True, num_processes: int = 1) -> Path:
     """Convert NIH Pancreas-CT.
 
     Args:
@@ -68,6 +70,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
         labels_dir: Folder with the label files, if not below ``input_dir``.
         trust_voxel_grid: Accept a label of the image's size whatever its header says.
         progress: Show progress bars.
+        num_processes: Worker processes converting cases (1: in this process).
 
     Returns:
         The written dataset folder.
@@ -90,20 +93,24 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
         case, folder, lab_path = f"PANCREAS_{num}", patients[num], labels[num]
         state: dict = {}
 
+        def one_series():
+            found = find_series(folder)
+            if len(found) != 1:
+                raise ConversionError(f"case {case}: expected one DICOM series in {folder}, found {len(found)}")
+            return found[0]
+
         def check() -> None:
-            series = find_series(folder)
-            if len(series) != 1:
-                raise ConversionError(f"case {case}: expected one DICOM series in {folder}, found {len(series)}")
-            state["series"] = series[0]
+            series = state["series"] = one_series()
             g_lab, n_lab = read_header(lab_path, case=case)
             if g_lab.ndim != 3 or n_lab != 1:
                 raise ConversionError(f"case {case}: label is not a 3D single-component image: {lab_path}")
-            if len(series[0].files) not in g_lab.size:
+            if len(series.files) not in g_lab.size:
                 raise ConversionError(f"case {case}: label has size {g_lab.size} but the DICOM series has "
-                                      f"{len(series[0].files)} slices\n  files: {folder}, {lab_path}")
+                                      f"{len(series.files)} slices\n  files: {folder}, {lab_path}")
 
         def load() -> list[OutputCase]:
-            image = read_series(state["series"], case=case)
+            # A worker process loads without having checked (the check ran in the main process).
+            image = read_series(state.get("series") or one_series(), case=case)
             label = read_image(lab_path, case=case)
             if trust_voxel_grid and Geometry.of(label).size == Geometry.of(image).size:
                 label.CopyInformation(image)
@@ -119,7 +126,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
                        reference=REFERENCE, licence="CC BY 3.0",
                        extra={"organ": "pancreas", "tumour": "tumor", "healthy": True})
     return write_dataset(spec, [make_task(n) for n in selected], overwrite=overwrite, raw_dir=raw_dir,
-                         progress=progress)
+                         progress=progress, num_processes=num_processes)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,5 +141,5 @@ def run(args: argparse.Namespace) -> Path:
     """Entry from the command line."""
     return convert(args.input, args.dataset_id, name=args.name, overwrite=args.overwrite, raw_dir=args.raw_dir,
                    exclude=args.exclude, labels_dir=args.labels, trust_voxel_grid=args.trust_voxel_grid,
-                   progress=not args.quiet)
+                   progress=not args.quiet, num_processes=args.num_processes)
 

@@ -61,18 +61,34 @@ def expand_box(bbox: tuple[slice, ...], pad_mm: float, spacing: tuple[float, ...
     return box, inner
 
 
-def signed_distance(mask: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+def signed_distance(mask: np.ndarray, spacing: tuple[float, ...], nearest: bool = False
+                    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Signed distance (mm) of every voxel centre from the mask's border: positive inside, negative outside.
 
     The border lies half a voxel (of the finest spacing) outside the outermost mask voxels.
+
+    Args:
+        mask: bool mask.
+        spacing: voxel spacing (mm).
+        nearest: also return, per voxel, the index of the nearest mask voxel (``(ndim, *mask.shape)``, as
+            ``distance_transform_edt(return_indices=True)``; mask voxels are their own nearest).
     """
     sp = np.asarray(spacing, dtype=float)
     half = 0.5 * float(sp.min())
-    if mask.all():
-        return distance_transform_edt(np.pad(mask, 1), sampling=sp)[(slice(1, -1),) * mask.ndim] - half
-    inside = distance_transform_edt(mask, sampling=sp)
-    outside = distance_transform_edt(~mask, sampling=sp)
-    return np.where(mask, inside - half, half - outside)
+    distance = np.zeros(mask.shape, dtype=np.float64)
+    if mask.all():  # no background at all: the array's outside is
+        distance[:] = distance_transform_edt(np.pad(mask, 1), sampling=sp)[(slice(1, -1),) * mask.ndim] - half
+    elif mask.any():
+        # the nearest background voxel of an inside voxel lies in the mask's bounding box grown by one voxel
+        # (projecting any farther one onto that box comes closer), so the inside distance is found there alone
+        box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(mask))
+        distance[box] = distance_transform_edt(mask[box], sampling=sp) - half
+    if nearest:
+        outside, indices = distance_transform_edt(~mask, sampling=sp, return_indices=True)
+    else:
+        outside, indices = distance_transform_edt(~mask, sampling=sp), None
+    distance = np.where(mask, distance, half - outside)
+    return (distance, indices) if nearest else distance
 
 
 def ring(distance: np.ndarray, valid: np.ndarray | None = None, ring_mm: tuple[float, float] = RING_MM
@@ -279,7 +295,7 @@ def paint_lesion(image: np.ndarray, bbox: tuple[slice, ...], mask: np.ndarray, s
     box, inner = expand_box(bbox, max(halo_mm, RING_MM[1]), spacing, image.shape[1:])
     m = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
     m[inner] = mask
-    distance = signed_distance(m, spacing)
+    distance, nearest = signed_distance(m, spacing, nearest=True)
     weight = edge_weight(distance, edge_sigma_mm, edge_offset_mm)
     weight[distance < 0.5 * min(spacing) - halo_mm] = 0.0  # voxel centres farther than halo_mm from the mask
     changed = weight > 0
@@ -288,7 +304,6 @@ def paint_lesion(image: np.ndarray, bbox: tuple[slice, ...], mask: np.ndarray, s
         ring_voxels = ring(distance)
     if ring_voxels.sum() < MIN_RING_VOXELS and not additive:  # a lesion filling its patch: whatever surrounds it
         ring_voxels = ~m
-    _, nearest = distance_transform_edt(~m, return_indices=True)
     for c in range(image.shape[0]):
         region = image[c][box]
         tumour = np.zeros(m.shape, dtype=np.float64)

@@ -221,14 +221,16 @@ def plan_lesions(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, rng: np.r
                          "none were given")
     region = placement_region(image, seg0, plan, spacing) if region is None else region
     win = central_window(seg0.shape, None if window is None else tuple(window)[-seg0.ndim:])
-    room = int(region[win].sum())
+    room = int(np.count_nonzero(region[win]))
     if room == 0:
         return []
-    ignore = plan.ignore_label
     tumour = seg0 == plan.tumour_label
-    allowed = region & ~tumour & (seg0 >= 0)
-    if ignore is not None:
-        allowed &= seg0 != ignore
+    if plan.organ_label is not None and region.dtype == bool:  # organ voxels are neither tumour, ignore nor -1
+        allowed = region
+    else:
+        allowed = region & ~tumour & (seg0 >= 0)
+        if plan.ignore_label is not None:
+            allowed &= seg0 != plan.ignore_label
     # a whole lesion's centre lies at least its smallest semi-axis inside the region (most random centres in a
     # large region would not hold it)
     depth = region_depth(region, spacing) if plan.organ_label is None else None
@@ -264,7 +266,7 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
             centres = None if depth is None else depth >= DEEP_ENOUGH * float(radii.min())
             lesion = place_lesion(mask, allowed, region, tumour, spacing, rng, plan.placement, win,
                                   attempts=WHOLE_ATTEMPTS if whole else 20, whole=whole, centres=centres,
-                                  texture=texture)
+                                  texture=texture, one_piece=True)
             if lesion is not None and plan.shapes.size_preset == "slice_area" and \
                     slice_area_class(lesion.num_voxels) != request.size_class:
                 lesion = None  # clipping to the organ changed the class
@@ -343,11 +345,12 @@ def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
         tissue = site_tissue(image, seg0, plan, p.lesion.bbox, spacing, generator.halo_mm)
         generator.synthesize(new_image, dataclasses.replace(p.lesion, tissue=tissue), spacing, rng)
         labels[p.lesion.bbox][p.lesion.mask] = plan.tumour_label
-    if generator.halo_mm > 0:  # an edge feathered past the mask never reaches padding, ignored or real tumour voxels
-        protected = (seg0 < 0) | (seg0 == plan.tumour_label)
-        if plan.ignore_label is not None:
-            protected |= seg0 == plan.ignore_label
-        new_image[:, protected] = image[:, protected]
+        if generator.halo_mm > 0:  # a feathered edge never reaches padding, ignored or real tumour voxels
+            box, _ = expand_box(p.lesion.bbox, generator.halo_mm, spacing, seg0.shape)
+            protected = (seg0[box] < 0) | (seg0[box] == plan.tumour_label)
+            if plan.ignore_label is not None:
+                protected |= seg0[box] == plan.ignore_label
+            new_image[(slice(None), *box)][:, protected] = image[(slice(None), *box)][:, protected]
     return new_image, new_seg, [p.info for p in placed]
 
 

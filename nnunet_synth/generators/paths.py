@@ -6,7 +6,9 @@ the names carry no plans identifier (folders made before plans were keyed keep t
 plans identifier ``P`` it goes before the configuration:
 
 * bank: ``nnUNet_preprocessed/DatasetNNN/nnUNetSynthBank_<backend>_<configuration>``, or
-  ``nnUNetSynthBank_<backend>_<P>_<configuration>``;
+  ``nnUNetSynthBank_<backend>_<P>_<configuration>``; a bank made with shape settings of its own
+  (``--size-preset``, ``--size-class``, ``--deformation``) ends in them, e.g. ``nnUNetSynthBank_ldm_3d_fullres_tiny``
+  or ``..._tiny_simplex`` (:func:`bank_suffix`);
 * generator: ``nnUNet_results/DatasetNNN/nnUNetSynthGenerator_<backend>__<configuration>/fold_F``, or
   ``nnUNetSynthGenerator_<backend>__<P>__<configuration>/fold_F``;
 * template bank: ``nnUNet_preprocessed/DatasetNNN/nnUNetSynthTemplates_<configuration>.npz``, or
@@ -24,6 +26,10 @@ DEFAULT_PLANS_IDENTIFIER = "nnUNetPlans"
 CHECKPOINT_NAMES = ("best", "final", "latest")
 DEFAULT_CHECKPOINT = "best"
 DEFAULT_FOLD = 0
+# the shape settings a bank can be made with beyond its synth plan's, in the order its folder name carries them
+SHAPE_KEYS = ("size_preset", "size_class", "deformation")
+# settings a backend always runs with: they name no bank of it (every transplant bank uses template masks)
+REQUIRED_SHAPES = {"transplant": {"deformation": "template"}}
 
 
 def _keyed(plans_identifier: str, configuration: str, separator: str) -> str:
@@ -33,22 +39,64 @@ def _keyed(plans_identifier: str, configuration: str, separator: str) -> str:
     return f"{plans_identifier}{separator}{configuration}"
 
 
+def bank_suffix(backend: str, shapes: dict | None = None) -> str:
+    """The end of a bank's folder name that carries its shape settings: ``""`` for the synth plan's own shapes,
+    else ``_<size_preset>_<size_class>_<deformation>`` of those given (in that order), e.g. ``_tiny``,
+    ``_simplex``, ``_tiny_simplex``.
+
+    A setting the backend cannot do without (transplant's ``template`` masks) names nothing: every bank of that
+    backend has it.
+
+    Args:
+        backend: generator backend name.
+        shapes: the shape overrides of the bank (``size_preset``, ``size_class``, ``deformation``; None values are
+            not set).
+
+    Raises:
+        ValueError: a key other than :data:`SHAPE_KEYS`, or a value that cannot be part of a folder name.
+    """
+    shapes = {k: v for k, v in (shapes or {}).items() if v is not None}
+    unknown = sorted(set(shapes) - set(SHAPE_KEYS))
+    if unknown:
+        raise ValueError(f"bank shape settings are {', '.join(SHAPE_KEYS)}; got {', '.join(unknown)}")
+    parts = []
+    for key in SHAPE_KEYS:
+        value = shapes.get(key)
+        if value is None or REQUIRED_SHAPES.get(backend, {}).get(key) == value:
+            continue
+        if not str(value).replace("_", "").isalnum():
+            raise ValueError(f"{key} {value!r} cannot name a bank folder (letters, digits and '_' only)")
+        parts.append(str(value))
+    return "".join(f"_{part}" for part in parts)
+
+
+def shape_flags(shapes: dict | None) -> str:
+    """The ``nnUNetv2_synth_generate`` flags of shape overrides, e.g. `` --size-class tiny --deformation simplex``."""
+    shapes = shapes or {}
+    return "".join(f" --{key.replace('_', '-')} {shapes[key]}" for key in SHAPE_KEYS if shapes.get(key) is not None)
+
+
 def bank_dir(dataset: str | int, backend: str, configuration: str,
-             plans_identifier: str = DEFAULT_PLANS_IDENTIFIER) -> Path:
-    """Folder of a synthetic bank: ``nnUNet_preprocessed/DatasetNNN/nnUNetSynthBank_<backend>_[<P>_]<configuration>``.
+             plans_identifier: str = DEFAULT_PLANS_IDENTIFIER, shapes: dict | None = None) -> Path:
+    """Folder of a synthetic bank:
+    ``nnUNet_preprocessed/DatasetNNN/nnUNetSynthBank_<backend>_[<P>_]<configuration>[<shape suffix>]``.
 
     Args:
         dataset: dataset name or ID.
         backend: generator backend name.
         configuration: nnU-Net configuration of the bank's cases.
         plans_identifier: nnU-Net plans identifier.
+        shapes: the bank's shape overrides (``--size-preset``, ``--size-class``, ``--deformation``); None or empty:
+            the bank of the synth plan's shapes, whose name has no suffix (:func:`bank_suffix`).
 
     Returns:
         The folder (not created).
     """
     from nnunet_synth.planning import preprocessed_dir
 
-    return preprocessed_dir(dataset) / f"nnUNetSynthBank_{backend}_{_keyed(plans_identifier, configuration, '_')}"
+    # the shapes go last: a Tiny LDM bank must not share the folder (and the fold manifests) of the plan's LDM bank
+    name = f"nnUNetSynthBank_{backend}_{_keyed(plans_identifier, configuration, '_')}{bank_suffix(backend, shapes)}"
+    return preprocessed_dir(dataset) / name
 
 
 def generator_model_dir(dataset: str | int, backend: str, configuration: str,
@@ -124,10 +172,11 @@ def train_command(dataset: str | int, backend: str, configuration: str, fold: in
 
 
 def generate_command(dataset: str | int, backend: str, configuration: str, fold: int | str,
-                     plans_identifier: str = DEFAULT_PLANS_IDENTIFIER) -> str:
-    """The command line that makes a missing bank (for error messages)."""
+                     plans_identifier: str = DEFAULT_PLANS_IDENTIFIER, shapes: dict | None = None) -> str:
+    """The command line that makes a missing bank (for error messages), with the bank's shape flags after
+    ``-n N``, e.g. ``nnUNetv2_synth_generate -d D -g ldm -c 3d_fullres -f 0 -n N --size-class tiny``."""
     return (f"nnUNetv2_synth_generate -d {dataset} -g {backend} -c {configuration} -f {fold}"
-            f"{_plans_flag(plans_identifier)} -n N")
+            f"{_plans_flag(plans_identifier)} -n N{shape_flags(shapes)}")
 
 
 def template_file(preprocessed: Path, configuration: str, plans_identifier: str = DEFAULT_PLANS_IDENTIFIER) -> Path:

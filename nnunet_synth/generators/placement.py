@@ -1,11 +1,13 @@
 """Where a lesion may go: inside the organ, away from real tumours, centred in the central window.
 
-All checks are local to the lesion's bounding box, so placing costs about as much as the lesion itself
-and nothing scales with the (enlarged) patch beyond one boolean pass over the central window.
+All checks are local to the lesion's bounding box and candidate centres are drawn by rejection, so placing costs
+about as much as the lesion itself, whatever the size of the patch or volume.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +15,10 @@ from scipy.ndimage import distance_transform_edt
 from scipy.ndimage import label as connected_components
 
 from nnunet_synth.generators.base import Lesion
+
+# candidate centres are drawn by rejection in at most this many rounds of this many points per wanted centre:
+# enough for a region of 2% of the window to give them with near certainty
+REJECTION_ROUNDS, REJECTION_BATCH = 4, 64
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,8 @@ def central_window(shape: tuple[int, ...], window: tuple[int, ...] | None) -> tu
 def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumour: np.ndarray,
                  spacing: tuple[float, ...], rng: np.random.Generator, rules: PlacementRules,
                  window: tuple[slice, ...], attempts: int = 20, whole: bool = False,
-                 centres: np.ndarray | None = None, texture: np.ndarray | None = None) -> Lesion | None:
+                 centres: np.ndarray | None = None, texture: np.ndarray | None = None,
+                 one_piece: bool = False) -> Lesion | None:
     """Places a lesion mask in a patch, trying the rules, then their relaxation once.
 
     A placed lesion is always one connected piece: clipped to ``allowed`` and reduced to its largest component
@@ -68,23 +75,57 @@ def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumou
             the region for a whole lesion.
         texture: (C, *mask.shape) texture of the mask (template masks); the placed lesion carries it cropped
             as its mask is.
+        one_piece: ``mask`` is one connected piece already (the component search is skipped where nothing of it
+            is cut away).
 
     Returns:
         The placed lesion, or None when nothing fits.
     """
-    candidates = np.flatnonzero(allowed[window] if centres is None else (allowed & centres)[window])
-    if candidates.size == 0:
-        return None
-    window_shape = tuple(s.stop - s.start for s in window)
     sp = np.asarray(spacing, dtype=float)
     for rule in (rules, rules.relaxed()):
-        halo = _halo(mask, sp, rule.gap_mm)
-        for centre_flat in rng.choice(candidates, size=min(attempts, candidates.size), replace=False):
-            centre = np.array(np.unravel_index(centre_flat, window_shape)) + [s.start for s in window]
-            lesion = _try(mask, halo, centre, allowed, organ, tumour, sp, rule, whole, texture)
+        candidates = candidate_centres(allowed, centres, window, rng, attempts)
+        if len(candidates) == 0:
+            return None
+        halo = functools.cache(functools.partial(_halo, mask, sp, rule.gap_mm))  # only where tumour is near
+        for centre in candidates:
+            lesion = _try(mask, halo, centre, allowed, organ, tumour, sp, rule, whole, texture, one_piece)
             if lesion is not None:
                 return lesion
     return None
+
+
+def candidate_centres(allowed: np.ndarray, centres: np.ndarray | None, window: tuple[slice, ...],
+                      rng: np.random.Generator, n: int) -> np.ndarray:
+    """Up to ``n`` distinct voxels of ``allowed`` (and ``centres``) inside ``window``, uniformly at random and in
+    random order, as (k, ndim) indices.
+
+    Drawn by rejection from the window, which reads only the drawn voxels: a lesion costs nothing that scales with
+    the volume. Where the region is too sparse for that (under about 2% of the window), the region's voxels are
+    listed instead.
+    """
+    lo = np.array([s.start for s in window])
+    hi = np.array([s.stop for s in window])
+    if (hi <= lo).any():
+        return np.zeros((0, len(window)), dtype=int)
+    found = np.zeros((0, len(window)), dtype=int)
+    for _ in range(REJECTION_ROUNDS):
+        points = rng.integers(lo, hi, size=(REJECTION_BATCH * n, len(window)))
+        where = tuple(points.T)
+        hit = allowed[where] if centres is None else allowed[where] & centres[where]
+        found = _first_unique(np.concatenate([found, points[hit]]), hi)
+        if len(found) >= n:
+            return found[:n]
+    pool = allowed[window] if centres is None else allowed[window] & centres[window]
+    flat = np.flatnonzero(pool)
+    picked = rng.choice(flat, size=min(n, flat.size), replace=False)
+    return np.stack(np.unravel_index(picked, pool.shape), axis=1) + lo if picked.size else found[:0]
+
+
+def _first_unique(points: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    """``points`` without repeats, each kept where it first occurs (the draw order stays random)."""
+    flat = np.ravel_multi_index(tuple(points.T), tuple(shape))
+    _, first = np.unique(flat, return_index=True)
+    return points[np.sort(first)]
 
 
 def _halo(mask: np.ndarray, spacing: np.ndarray, gap_mm: float) -> np.ndarray:
@@ -107,9 +148,9 @@ def _crop(array: np.ndarray, start: np.ndarray, shape: tuple[int, ...]) -> tuple
     return array[tuple(src)], tuple(src), tuple(dst)
 
 
-def _try(mask: np.ndarray, halo: np.ndarray, centre: np.ndarray, allowed: np.ndarray, organ: np.ndarray,
-         tumour: np.ndarray, spacing: np.ndarray, rule: PlacementRules, whole: bool,
-         texture: np.ndarray | None = None) -> Lesion | None:
+def _try(mask: np.ndarray, halo: Callable[[], np.ndarray], centre: np.ndarray, allowed: np.ndarray,
+         organ: np.ndarray, tumour: np.ndarray, spacing: np.ndarray, rule: PlacementRules, whole: bool,
+         texture: np.ndarray | None = None, one_piece: bool = False) -> Lesion | None:
     if rule.margin_mm > 0:
         r = np.ceil(rule.margin_mm / spacing).astype(int)
         local, _, _ = _crop(organ, centre - r, tuple(2 * r + 1))
@@ -119,9 +160,10 @@ def _try(mask: np.ndarray, halo: np.ndarray, centre: np.ndarray, allowed: np.nda
         if not local[ball].all():
             return None
     if rule.gap_mm > 0:
-        start = centre - np.array(halo.shape) // 2
-        local, _, dst = _crop(tumour, start, halo.shape)
-        if (local & halo[dst]).any():
+        pad = np.ceil(rule.gap_mm / spacing).astype(int)
+        shape = tuple(np.array(mask.shape) + 2 * pad)
+        local, _, dst = _crop(tumour, centre - np.array(shape) // 2, shape)
+        if local.any() and (local & halo()[dst]).any():  # the dilated lesion is built only where tumour is near
             return None
     start = centre - np.array(mask.shape) // 2
     local_allowed, src, dst = _crop(allowed, start, mask.shape)
@@ -131,11 +173,13 @@ def _try(mask: np.ndarray, halo: np.ndarray, centre: np.ndarray, allowed: np.nda
         part = mask[dst]
         if (part & ~local_allowed).any():
             return None
-        placed = largest_component(part)
+        placed = part if one_piece and part.shape == mask.shape else largest_component(part)
         if total == 0 or placed.sum() < rule.min_inside * total:
             return None
         return Lesion(bbox=src, mask=placed.copy(), texture=part_texture)
-    placed = largest_component(mask[dst] & local_allowed)
+    part = mask[dst] & local_allowed
+    uncut = one_piece and part.shape == mask.shape and np.count_nonzero(part) == total
+    placed = part if uncut else largest_component(part)
     if total == 0 or placed.sum() < rule.min_inside * total:
         return None
     return Lesion(bbox=src, mask=placed, texture=part_texture)

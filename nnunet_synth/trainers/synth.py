@@ -108,7 +108,15 @@ class nnUNetTrainerSynth(nnUNetTrainer):
 
     def get_dataloaders(self):
         # nnU-Net's loaders, the training loader's batches carrying what the synth transform did to each sample
-        return build_dataloaders(self, OutcomeDataLoader)
+        loaders = build_dataloaders(self, OutcomeDataLoader)
+        synth = self.synth_transform
+        if synth is not None and synth.healthy:
+            healthy_p, other_p = synth.case_probabilities()
+            self.print_to_log_file(f"healthy controls first: {len(synth.healthy)} training cases "
+                                   f"({synth.healthy_share:.0%} of drawn samples) get a synthetic tumour with "
+                                   f"probability {healthy_p:.2f}, the others with {other_p:.2f} (overall "
+                                   f"{float(synth.probability[0]):.0%})")
+        return loaders
 
     def train_step(self, batch: dict) -> dict:
         outcomes = batch.get(OUTCOME_KEY)

@@ -1,15 +1,19 @@
 """Training of the 3D DDPM inpainting model on nnU-Net's preprocessed data (liver-MRI paper, section 2.3).
 
 Patches of the preset's size are cropped around real tumours (connected components of the tumour label,
-with random shifts that keep a tumour that fits wholly inside, and random flips); the tumour voxels are the
-inpainting mask. Noise goes only inside the mask and the loss is computed only there (eqs. 1 and 3). A few
-of the training-fold cases are held out of the generator's training for a validation loss on fixed noise
-and timesteps; the best checkpoint by that loss is kept. ``torchrun`` runs one process per GPU with
-DistributedDataParallel: every rank draws its own patches, rank 0 validates and writes.
+with random shifts that keep a tumour that fits wholly inside, and random flips); the paper's "random flipping and
+rotation" (section 2.3) adds, with probability ``ROTATION_PROBABILITY``, a rotation in the axial plane (the last two
+axes, in mm so anisotropic voxels are not sheared) by an angle uniform within ``MAX_ROTATION_DEG`` (the paper gives
+no angle; small angles keep the anatomy the model inpaints into as it is at sampling time), cut from a larger crop
+so no corner is padding. The tumour voxels are the inpainting mask. Noise goes only inside the mask and the loss
+is computed only there (eqs. 1 and 3). A few of the training-fold cases are held out of the generator's training
+for a validation loss on fixed noise and timesteps; the best checkpoint by that loss is kept. ``torchrun`` runs one
+process per GPU with DistributedDataParallel: every rank draws its own patches, rank 0 validates and writes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -39,7 +43,7 @@ from nnunet_synth.generators.training_utils import (
     split_generator_cases,
 )
 
-__all__ = ["PRESETS", "train"]
+__all__ = ["PRESETS", "rotate_axial", "train", "training_crop"]
 
 BACKEND = "ddpm"
 MAX_VAL_CROPS = 32
@@ -47,6 +51,62 @@ VAL_TIMESTEPS_PER_CROP = 4
 GRAD_CLIP_NORM = 1.0
 # config entries a resumed run must share with its checkpoint
 RESUME_KEYS = ("dataset_name", "configuration", "fold", "num_channels", "preset", "patch_size", "tumour_label")
+# training-patch rotation in the axial plane (the paper's "random flipping and rotation"; no angle given)
+ROTATION_PROBABILITY = 0.5
+MAX_ROTATION_DEG = 15.0
+
+
+def rotate_axial(image: np.ndarray, mask: np.ndarray, angle_deg: float, spacing: tuple[float, ...],
+                 patch_size: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The central ``patch_size`` of (C, z, y, x) ``image`` and (1, z, y, x) ``mask``, rotated by ``angle_deg`` in
+    the (y, x) plane about the central voxel (index ``shape // 2``, as :class:`PatchSource` centres its crops).
+
+    The rotation is in mm (``spacing`` of z, y, x), so it stays a rotation for anisotropic in-plane voxels. Linear
+    interpolation; the mask is the rotated mask thresholded at one half.
+    """
+    from scipy.ndimage import affine_transform
+
+    angle = np.deg2rad(angle_deg)
+    sp = np.asarray(spacing, dtype=float)[-3:]
+    rotation = np.eye(3)
+    rotation[1:, 1:] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    # output voxel o -> input voxel: centre_in + S^-1 R S (o - centre_out), S = diag(spacing)
+    matrix = np.diag(1 / sp) @ rotation @ np.diag(sp)
+    centre_out = np.array(patch_size) // 2
+    offset = np.array(image.shape[1:]) // 2 - matrix @ centre_out
+    kwargs = dict(matrix=matrix, offset=offset, output_shape=tuple(patch_size), order=1, mode="nearest")
+    new_image = np.stack([affine_transform(c, **kwargs) for c in image.astype(np.float32)])
+    new_mask = affine_transform(mask[0].astype(np.float32), **kwargs)[None] >= 0.5
+    return new_image.astype(np.float32), new_mask.astype(np.float32)
+
+
+def training_crop(source: PatchSource, site: TumourSite, rng: np.random.Generator, spacing: tuple[float, ...]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """One training patch: shifted and flipped as :meth:`PatchSource.crop`, and with probability
+    ``ROTATION_PROBABILITY`` rotated in the axial plane by up to ``MAX_ROTATION_DEG`` (see :func:`rotate_axial`).
+
+    Returns:
+        float32 image (C, *patch) and float32 mask (1, *patch) in {0, 1}.
+    """
+    if rng.uniform() >= ROTATION_PROBABILITY:
+        return source.crop(site, rng)
+    angle = rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)
+    patch = np.array(source.patch_size)
+    slack = np.maximum(patch - np.array(site.size), 0) // 2  # PatchSource's shift: a tumour that fits stays whole
+    centre = np.array(site.centre) + rng.integers(-slack, slack + 1)
+    # the rotated patch's footprint in the (y, x) plane, in voxels of each axis, plus a voxel for interpolation
+    sp = np.asarray(spacing, dtype=float)[-3:]
+    half_mm = patch[1:] * sp[1:] / 2
+    c, s = abs(np.cos(np.deg2rad(angle))), abs(np.sin(np.deg2rad(angle)))
+    footprint = np.array([c * half_mm[0] + s * half_mm[1], s * half_mm[0] + c * half_mm[1]]) / sp[1:]
+    larger = (patch[0], *(2 * np.ceil(footprint).astype(int) + 3))
+    wide = PatchSource(source.dataset, larger, source.tumour_label)
+    image, mask = wide.crop(dataclasses.replace(site, centre=tuple(int(v) for v in centre)), None)
+    image, mask = rotate_axial(image, mask, angle, tuple(sp), tuple(int(v) for v in patch))
+    flips = tuple(a + 1 for a in range(len(patch)) if rng.uniform() < 0.5)
+    if flips:
+        image, mask = np.flip(image, flips), np.flip(mask, flips)
+    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
 
 
 def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
@@ -193,7 +253,7 @@ def train(job) -> Path:
     bar = tqdm(total=iterations, initial=iteration, desc=f"ddpm {job.preset}", unit="it", disable=rank != 0)
     while iteration < iterations:
         picks = rng.integers(len(train_sites), size=preset.batch_size)
-        crops = [source.crop(train_sites[i], rng) for i in picks]
+        crops = [training_crop(source, train_sites[i], rng, tuple(conf.spacing)) for i in picks]
         x0 = torch.from_numpy(np.stack([c[0] for c in crops])).to(device)
         mask = torch.from_numpy(np.stack([c[1] for c in crops])).to(device)
         noise = torch.randn(x0.shape, generator=noise_gen, device=device)

@@ -113,7 +113,12 @@ class SDInversionGenerator(TumourGenerator):
             raise ValueError(f"the sd_inversion generator {self.checkpoint} takes 2D slices (C={self.num_channels}, "
                              f"y, x), got shape {image.shape}")
         return insert_tumour(self._parts, image, mask, self.config["intensity_range"], self.config["resolution"],
-                             source_prompt, caption_of_mask(mask), self.settings, rng)
+                             source_prompt, self.target_prompt(mask), self.settings, rng)
+
+    def target_prompt(self, mask: np.ndarray) -> str:
+        """The size caption of a 2D lesion mask, its area counted as the generator's training captions counted
+        theirs: on the image the model sees (checkpoints without ``caption_resolution``: slice pixels)."""
+        return caption_of_mask(mask, resolution=self.config.get("caption_resolution"))
 
     def synthesize(self, image: np.ndarray, lesion: Lesion, spacing: tuple[float, ...],
                    rng: np.random.Generator) -> None:

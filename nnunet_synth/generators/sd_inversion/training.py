@@ -1,10 +1,11 @@
 """LoRA fine-tuning of a local Stable Diffusion 1.x on nnU-Net's 2d slices (breast 2D paper, sections 2.1, 3.2).
 
-Slices of the segmenter's training-fold cases (only those holding a label, or all when none does) are mapped
-to [0, 1] by per-channel percentiles, padded to a square, resized to the model's resolution (its native one,
-512 for SD 1.x) and captioned from their tumour area (:mod:`.captions`); tumour slices are drawn with the
-preset's share. The VAE and text encoder are frozen; LoRA adapters (rank 4, lr 1e-4, batch 1 in the paper)
-on the UNet's attention projections learn the usual noise-prediction loss. Checkpoints hold the LoRA weights,
+Slices of the segmenter's training-fold cases (tumour slices, and tumour-free ones for the "no tumor" caption:
+see :class:`SliceSource`) are mapped to [0, 1] by per-channel percentiles, padded to a square, resized to the
+model's resolution (its native one, 512 for SD 1.x) and captioned from their tumour area counted on that
+resized image, as the paper's bins are (:mod:`.captions`); tumour slices are drawn with the preset's share.
+The VAE and text encoder are frozen; LoRA adapters (rank 4, lr 1e-4, batch 1 in the paper) on the UNet's
+attention projections learn the usual noise-prediction loss. Checkpoints hold the LoRA weights,
 the optimiser state and the configuration, including the base model folder and a fingerprint of its
 configuration, which the backend checks on load.
 """
@@ -76,19 +77,41 @@ PRESETS = {
 
 
 class SliceSource:
-    """Slices of nnU-Net's preprocessed (C, Z, Y, X) cases with their tumour area, drawn with a tumour share."""
+    """Slices of nnU-Net's preprocessed (C, Z, Y, X) cases with their tumour area, drawn with a tumour share.
 
-    def __init__(self, dataset, cases: list[str], tumour_label: int, tumour_share: float):
+    Tumour slices hold the tumour label; tumour-free slices (the "no tumor" caption, the paper's healthy
+    slices) hold none: with an organ label those showing the organ (where tumours are inserted), without one
+    every slice with image content (not only nnU-Net's -1 padding). The tumour area is counted on the mask as the
+    model sees it (:func:`~nnunet_synth.generators.sd_inversion.captions.model_area`) when ``resolution`` is
+    given, in slice pixels otherwise.
+
+    Args:
+        dataset: nnU-Net dataset of the training-fold cases.
+        cases: the training-fold case identifiers.
+        tumour_label: label value of tumours.
+        tumour_share: probability that a drawn slice holds tumour (when both kinds exist).
+        organ_label: label of the organ tumours are inserted into, or None.
+        resolution: model input size the areas are counted at; None: pixels of the slice.
+    """
+
+    def __init__(self, dataset, cases: list[str], tumour_label: int, tumour_share: float,
+                 organ_label: int | None = None, resolution: int | None = None):
+        from nnunet_synth.generators.sd_inversion.captions import model_area
+
         self.dataset, self.tumour_share = dataset, tumour_share
         self.tumour, self.plain = [], []
         for case in tqdm(cases, desc="indexing slices", unit="case"):
             seg = np.asarray(dataset.load_case(case)[1][0])
             if seg.ndim != 3:
                 raise ValueError(f"case {case}: expected a (Z, Y, X) segmentation, got shape {seg.shape}")
-            labelled = np.flatnonzero((seg > 0).any(axis=(1, 2)))
-            areas = (seg == tumour_label).sum(axis=(1, 2))
-            for z in labelled if len(labelled) else range(seg.shape[0]):
-                (self.tumour if areas[z] else self.plain).append((case, int(z), int(areas[z])))
+            tumour = seg == tumour_label
+            has_tumour = tumour.any(axis=(1, 2))
+            # a dataset labelling only tumours has no organ slices: its tumour-free slices are all the others
+            healthy = (seg == organ_label).any(axis=(1, 2)) if organ_label is not None else (seg >= 0).any(axis=(1, 2))
+            for z in np.flatnonzero(has_tumour):
+                area = int(tumour[z].sum()) if resolution is None else model_area(tumour[z], resolution)
+                self.tumour.append((case, int(z), area))
+            self.plain.extend((case, int(z), 0) for z in np.flatnonzero(healthy & ~has_tumour))
         if not self.tumour and not self.plain:
             raise RuntimeError(f"no slices found in the training cases {cases[:5]}")
 
@@ -172,7 +195,8 @@ def train(job) -> Path:
     parts = load_parts(folder, device, lora_rank=preset.lora_rank, seed=job.seed)
     resolution = int(preset.resolution or parts.native_resolution)
     dataset = infer_dataset_class(str(job.preprocessed_folder))(str(job.preprocessed_folder), list(job.cases))
-    source = SliceSource(dataset, list(job.cases), synth_plan.tumour_label, preset.tumour_slice_share)
+    source = SliceSource(dataset, list(job.cases), synth_plan.tumour_label, preset.tumour_slice_share,
+                         organ_label=synth_plan.organ_label, resolution=resolution)
     config = {
         "backend": BACKEND, "preset": job.preset, "preset_params": asdict(preset),
         "dataset_name": str(job.dataset_name), "configuration": job.configuration,
@@ -180,7 +204,9 @@ def train(job) -> Path:
         "num_channels": int(source.load(*source.draw(np.random.default_rng(0))[:2]).shape[0]),
         "spacing": [float(s) for s in conf.spacing], "normalization_schemes": list(conf.normalization_schemes),
         "tumour_label": synth_plan.tumour_label, "intensity_range": intensity_range(source, job.seed),
-        "resolution": resolution, "lora_rank": preset.lora_rank, "base_model": str(folder),
+        # the size captions' areas are pixels of this resolution (the backend counts the target's the same way)
+        "resolution": resolution, "caption_resolution": resolution, "lora_rank": preset.lora_rank,
+        "base_model": str(folder),
         "base_model_fingerprint": base_model_fingerprint(folder),
         "prediction_type": parts.scheduler.config.prediction_type, "train_cases": list(job.cases),
         **source.counts(), "iterations": iterations, "seed": job.seed,

@@ -1,0 +1,126 @@
+"""The lesion pipeline's fast paths (benchmarks/lesion_cost.py) give the lesions their exact definitions give.
+
+Each shortcut is compared with the definition it replaces: the deformed ellipsoid evaluated on a coarse grid with
+the equation evaluated at every voxel, the inside distance found in the mask's box with the distance over the
+whole array, candidate centres drawn by rejection with a uniform draw from the listed voxels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.ndimage import binary_erosion, distance_transform_edt, gaussian_filter, zoom
+
+from nnunet_synth.generators.appearance import signed_distance
+from nnunet_synth.generators.placement import candidate_centres, central_window
+from nnunet_synth.generators.shapes import (
+    ELASTIC_SMOOTHING,
+    LABELFREE_RADIUS_MM,
+    SIMPLEX_FEATURE,
+    ellipsoid,
+    resize_linear,
+    sample_axis_radii,
+)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.5, 0.8, 0.8), (0.7, 0.7)])
+@pytest.mark.parametrize("deformation", ["elastic", "simplex"])
+@pytest.mark.parametrize("size_class", ["medium", "large"])
+def test_coarse_ellipsoid_matches_its_definition(spacing, deformation, size_class):
+    """Same seed, same fields: the coarse-grid mask is the voxel-wise one up to sub-voxel differences, so sizes and
+    surface (the shape statistics) are unchanged."""
+    ndim = len(spacing)
+    for seed in range(3):
+        radii = sample_axis_radii(LABELFREE_RADIUS_MM[size_class], ndim, np.random.default_rng(100 + seed))
+        smoothing = max((ELASTIC_SMOOTHING if deformation == "elastic" else SIMPLEX_FEATURE) * radii.mean(), 1.5)
+        args = (radii, spacing, 0.15 * radii.mean(), smoothing, deformation)
+        fast = ellipsoid(args[0], args[1], np.random.default_rng(seed), *args[2:])
+        exact = ellipsoid(args[0], args[1], np.random.default_rng(seed), *args[2:], exact=True)
+        assert fast.shape == exact.shape
+        assert _dice(fast, exact) >= 0.98
+        assert fast.sum() == pytest.approx(exact.sum(), rel=0.02)
+        surface = [(m & ~binary_erosion(m)).sum() for m in (fast, exact)]
+        assert surface[0] == pytest.approx(surface[1], rel=0.05)
+
+
+def _signed_distance_whole_array(mask: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+    """The definition: inside and outside distances over the whole array."""
+    sp = np.asarray(spacing, dtype=float)
+    half = 0.5 * float(sp.min())
+    if mask.all():
+        return distance_transform_edt(np.pad(mask, 1), sampling=sp)[(slice(1, -1),) * mask.ndim] - half
+    inside = distance_transform_edt(mask, sampling=sp)
+    outside = distance_transform_edt(~mask, sampling=sp)
+    return np.where(mask, inside - half, half - outside)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_signed_distance_in_the_masks_box_is_the_whole_arrays(ndim):
+    rng = np.random.default_rng(ndim)
+    for case in range(12):
+        shape = tuple(rng.integers(5, 25, ndim))
+        spacing = tuple(rng.uniform(0.5, 3.0, ndim))
+        mask = gaussian_filter(rng.normal(size=shape), 2) > rng.uniform(-0.1, 0.3)  # touches the array's edges
+        if case == 0:
+            mask[:] = True
+        if case == 1:
+            mask[:] = False
+            mask[(0,) * ndim] = True
+        distance, nearest = signed_distance(mask, spacing, nearest=True)
+        np.testing.assert_allclose(distance, _signed_distance_whole_array(mask, spacing), atol=1e-9)
+        assert not mask.any() or mask[tuple(nearest)].all(), "every voxel's nearest is a mask voxel"
+
+
+def _two_boxes(shape: tuple[int, ...], sizes: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Region of two disjoint cubes of the given side lengths, and each cube alone."""
+    a, b = np.zeros(shape, bool), np.zeros(shape, bool)
+    a[2:2 + sizes[0], 2:2 + sizes[0], 2:2 + sizes[0]] = True
+    b[-2 - sizes[1]:-2, -2 - sizes[1]:-2, -2 - sizes[1]:-2] = True
+    return a | b, a, b
+
+
+@pytest.mark.parametrize("sides, path", [((8, 12), "rejection"), ((2, 3), "listing")])
+def test_candidate_centres_are_uniform_over_the_region(sides, path):
+    """Distinct voxels of the region, in the window, each voxel as likely as any other: the two cubes are hit in
+    proportion to their volumes, whether drawn by rejection (dense region) or from the listed voxels (sparse)."""
+    shape = (40, 40, 40)
+    region, a, b = _two_boxes(shape, sides)
+    assert (region.mean() > 0.02) == (path == "rejection")
+    rng = np.random.default_rng(0)
+    window = central_window(shape, None)
+    hits_a = total = 0
+    for _ in range(300):
+        centres = candidate_centres(region, None, window, rng, 5)
+        assert len(centres) == 5 and len({tuple(c) for c in centres}) == 5
+        assert region[tuple(centres.T)].all()
+        hits_a += int(a[tuple(centres.T)].sum())
+        total += len(centres)
+    expected = a.sum() / region.sum()
+    assert hits_a / total == pytest.approx(expected, abs=4 * np.sqrt(expected * (1 - expected) / total))
+
+
+def test_candidate_centres_respect_window_and_centres():
+    shape = (30, 30, 30)
+    region = np.ones(shape, bool)
+    deep = np.zeros(shape, bool)
+    deep[10:20, 10:20, 10:20] = True
+    window = central_window(shape, (12, 12, 12))
+    centres = candidate_centres(region, deep, window, np.random.default_rng(1), 40)
+    assert len(centres) == 40
+    assert deep[tuple(centres.T)].all()
+    assert all(s.start <= c < s.stop for row in centres for c, s in zip(row, window))
+    assert len(candidate_centres(np.zeros(shape, bool), None, window, np.random.default_rng(1), 5)) == 0
+
+
+@pytest.mark.parametrize("source, target", [((20, 21, 22), (45, 50, 47)), ((5, 6), (17, 30)), ((1, 4, 5), (1, 9, 13)),
+                                            ((4, 4, 4), (4, 9, 4))])
+def test_resize_linear_is_scipy_zoom_order_one(source, target):
+    array = np.random.default_rng(0).normal(size=source).astype(np.float32)
+    expected = zoom(array, [t / s for s, t in zip(source, target)], order=1, grid_mode=False)
+    resized = resize_linear(array, target)
+    assert resized.shape == target and resized.dtype == np.float32
+    np.testing.assert_allclose(resized, expected, atol=1e-5)
