@@ -69,12 +69,12 @@ def training_log(fold: Path) -> str:
     return "".join(p.read_text(encoding="utf-8") for p in fold.glob("training_log_*.txt"))
 
 
-def plan_and_preprocess(dataset_id: int) -> None:
+def plan_and_preprocess(dataset_id: int, configuration: str = "3d_fullres", verify: bool = True) -> None:
     # planning must run without nnUNet_n_proc_DA=0 (nnU-Net 2.8.1 calls torch.set_num_threads(0) otherwise)
     env = {k: v for k, v in os.environ.items() if k != "nnUNet_n_proc_DA"}
     # two fingerprint workers instead of nnU-Net's eight: same result, half the time on two cores
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "2", "-npfp", "2",
-         "--verify_dataset_integrity"], env=env)
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", "2", "-npfp", "2",
+         *(["--verify_dataset_integrity"] if verify else [])], env=env)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -126,3 +126,28 @@ def phantom_mri(nnunet_dirs) -> int:
     write_phantom_dataset(903, num_train=5, num_test=0, modality="MRI", seed=3, config=TINY)
     plan_and_preprocess(903)
     return 903
+
+
+@pytest.fixture
+def raw(tmp_path, monkeypatch) -> Path:
+    """Private nnU-Net folders in tmp_path, set through the environment (worker processes inherit them), so a
+    conversion's output and a refusal's leftovers can be checked; returns nnUNet_raw."""
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name))
+    return tmp_path / "nnUNet_raw"
+
+
+def cpu_trainer(cls, dataset: int, fold: int = 0, configuration: str = "3d_fullres"):
+    """An initialised trainer of ``cls`` on the CPU (nnU-Net's plans of ``dataset``, no checkpoint to continue)."""
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from nnunet_synth.planning import preprocessed_dir
+
+    base = preprocessed_dir(dataset)
+    plans = load_json(base / "nnUNetPlans.json")
+    plans["continue_training"] = False
+    trainer = cls(plans, configuration, fold, load_json(base / "dataset.json"), torch.device("cpu"))
+    trainer.initialize()
+    return trainer

@@ -43,14 +43,6 @@ LABELS = {"background": 0, "liver": 1, "tumor": 2}
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def raw(tmp_path, monkeypatch) -> Path:
-    """Private nnU-Net folders, so refusals can be checked for leftovers."""
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (tmp_path / name).mkdir()
-        monkeypatch.setenv(name, str(tmp_path / name))
-    return tmp_path / "nnUNet_raw"
-
 
 def image(array: np.ndarray, spacing=SPACING) -> sitk.Image:
     img = sitk.GetImageFromArray(array)

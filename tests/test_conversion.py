@@ -278,14 +278,6 @@ def build_duke(root: Path, layered_case: bool = True) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def raw(tmp_path, monkeypatch) -> Path:
-    """nnUNet_raw (and the other nnU-Net folders) in tmp_path, set through the environment."""
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (tmp_path / name).mkdir()
-        monkeypatch.setenv(name, str(tmp_path / name))
-    return tmp_path / "nnUNet_raw"
-
 
 class _SerialPool:
     """Stands in for multiprocessing.Pool: runs nnU-Net's per-case check functions in this process."""

@@ -22,15 +22,6 @@ from .test_bbox import box_cohort, fake_model
 from .test_conversion import build_generic, build_msd, organ_tumour, volume, write
 
 
-@pytest.fixture
-def raw(tmp_path, monkeypatch) -> Path:
-    """nnU-Net's folders in tmp_path, set through the environment (worker processes inherit it)."""
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (tmp_path / name).mkdir()
-        monkeypatch.setenv(name, str(tmp_path / name))
-    return tmp_path / "nnUNet_raw"
-
-
 def contents(folder: Path) -> dict[str, bytes]:
     """Every file of a dataset folder by relative path."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

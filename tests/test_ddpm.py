@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
 from nnunet_synth.bank import bank_identifiers, generate_bank, is_bank_identifier, parse_bank_identifier
@@ -30,6 +29,7 @@ from nnunet_synth.planning import load_synth_plan, preprocessed_dir
 from nnunet_synth.synth_plan import SynthPlan
 from nnunet_synth.trainers import nnUNetTrainerSynth20DDPM, nnUNetTrainerSynth60DDPM, nnUNetTrainerSynthBank
 
+from .conftest import cpu_trainer as _trainer
 from .conftest import run, train_as_the_readme_says, training_log
 
 TUMOUR = 2
@@ -59,13 +59,6 @@ def bank(phantom_ct, generator, tmp_path_factory) -> tuple[Path, Path]:
     return bank_dir(phantom_ct, "ddpm", "3d_fullres"), raw
 
 
-def _trainer(cls, dataset: int, fold: int = 0):
-    base = preprocessed_dir(dataset)
-    plans = load_json(base / "nnUNetPlans.json")
-    plans["continue_training"] = False
-    t = cls(plans, "3d_fullres", fold, load_json(base / "dataset.json"), torch.device("cpu"))
-    t.initialize()
-    return t
 
 
 def test_presets_build_and_paper_preset_matches_table_1():

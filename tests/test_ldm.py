@@ -37,6 +37,8 @@ from nnunet_synth.trainers import (
     nnUNetTrainerSynth60LDMOnline,
 )
 
+from .conftest import cpu_trainer as _trainer
+
 TUMOUR = 2
 BANK_CASES = 3
 SAMPLING_STEPS = 3
@@ -271,13 +273,6 @@ def test_template_masks_in_the_ldm_bank(phantom_ct, generator):
         assert lesion.any() and label(lesion, np.ones((3, 3, 3)))[1] == len(props["synth"]["lesions"])
 
 
-def _trainer(cls, dataset: int, fold: int = 0):
-    base = preprocessed_dir(dataset)
-    plans = load_json(base / "nnUNetPlans.json")
-    plans["continue_training"] = False
-    t = cls(plans, "3d_fullres", fold, load_json(base / "dataset.json"), torch.device("cpu"))
-    t.initialize()
-    return t
 
 
 @pytest.mark.parametrize("cls", [nnUNetTrainerSynth20LDM, nnUNetTrainerSynth60LDM])

@@ -10,7 +10,6 @@ CT phantom with a tiny Stable Diffusion pipeline built from small configs:
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from nnunet_synth.synth_plan import SynthPlan, SynthPlanError, synth_plan_file
 from nnunet_synth.trainers import nnUNetTrainerSynth20DDPM, nnUNetTrainerSynth20SD
 from nnunet_synth.trainers.bank import SyntheticSlices, synthetic_slices
 
-from .conftest import TINY, run
+from .conftest import TINY, plan_and_preprocess
 
 DATASET = 913
 TUMOUR = 2
@@ -49,8 +48,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def phantom_2d(nnunet_dirs) -> int:
     """The CT phantom (organ 1, tumour 2) planned and preprocessed for the 2d configuration."""
     write_phantom_dataset(DATASET, num_train=5, num_test=0, modality="CT", seed=13, config=TINY)
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_n_proc_DA"}
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET), "-c", "2d", "-np", "2", "-npfp", "2"], env=env)
+    plan_and_preprocess(DATASET, "2d", verify=False)
     return DATASET
 
 

@@ -6,7 +6,6 @@ the bank (--size-class) and the Synth*SD trainers (ratio, real-only fine-tuning)
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from nnunet_synth.trainers import (
     nnUNetTrainerSynth60SD,
 )
 
-from .conftest import TINY, plan_and_preprocess, run, train_as_the_readme_says, training_log
+from .conftest import TINY, plan_and_preprocess, train_as_the_readme_says, training_log
 
 DATASET = 905
 TUMOUR = 2
@@ -55,8 +54,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def phantom_2d(nnunet_dirs) -> int:
     """The CT phantom planned and preprocessed for the 2d configuration (ID 905)."""
     write_phantom_dataset(DATASET, num_train=5, num_test=0, modality="CT", seed=5, config=TINY)
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_n_proc_DA"}
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET), "-c", "2d", "-np", "2", "-npfp", "2"], env=env)
+    plan_and_preprocess(DATASET, "2d", verify=False)
     return DATASET
 
 

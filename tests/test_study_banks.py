@@ -14,8 +14,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
 from nnunet_synth import trainers
@@ -26,6 +24,8 @@ from nnunet_synth.generators.sizes import class_radii_mm
 from nnunet_synth.generators.splits import split_cases
 from nnunet_synth.planning import preprocessed_dir
 from nnunet_synth.trainers.bank import nnUNetTrainerSynthBank
+
+from .conftest import cpu_trainer as _trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -54,13 +54,6 @@ class TinySimplexAnalyticBank(nnUNetTrainerSynthBank):
     synth_shapes = SHAPES
 
 
-def _trainer(cls, dataset: int, fold: int = 0):
-    base = preprocessed_dir(dataset)
-    plans = load_json(base / "nnUNetPlans.json")
-    plans["continue_training"] = False
-    t = cls(plans, "3d_fullres", fold, load_json(base / "dataset.json"), torch.device("cpu"))
-    t.initialize()
-    return t
 
 
 @pytest.fixture(scope="module")
