@@ -129,12 +129,17 @@ def _first_unique(points: np.ndarray, shape: np.ndarray) -> np.ndarray:
 
 
 def _halo(mask: np.ndarray, spacing: np.ndarray, gap_mm: float) -> np.ndarray:
-    """The lesion dilated by ``gap_mm`` (padded so the dilation fits)."""
-    pad = np.ceil(gap_mm / spacing).astype(int)
+    """The lesion dilated by ``gap_mm`` (padded by :func:`_halo_pad` so the dilation fits)."""
+    pad = _halo_pad(spacing, gap_mm)
     padded = np.pad(mask, [(p, p) for p in pad])
     if gap_mm <= 0:
         return padded
     return distance_transform_edt(~padded, sampling=spacing) <= gap_mm
+
+
+def _halo_pad(spacing: np.ndarray, gap_mm: float) -> np.ndarray:
+    """Voxels per side that :func:`_halo` adds around the lesion's box."""
+    return np.ceil(gap_mm / spacing).astype(int)
 
 
 def _crop(array: np.ndarray, start: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[slice, ...],
@@ -160,8 +165,7 @@ def _try(mask: np.ndarray, halo: Callable[[], np.ndarray], centre: np.ndarray, a
         if not local[ball].all():
             return None
     if rule.gap_mm > 0:
-        pad = np.ceil(rule.gap_mm / spacing).astype(int)
-        shape = tuple(np.array(mask.shape) + 2 * pad)
+        shape = tuple(np.array(mask.shape) + 2 * _halo_pad(spacing, rule.gap_mm))
         local, _, dst = _crop(tumour, centre - np.array(shape) // 2, shape)
         if local.any() and (local & halo()[dst]).any():  # the dilated lesion is built only where tumour is near
             return None
