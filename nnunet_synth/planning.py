@@ -28,6 +28,7 @@ from tqdm import tqdm
 from nnunet_synth.files import creation_lock
 from nnunet_synth.generators.appearance import QUANTILE_LEVELS, RING_MM, measure_tumour, ring_tissue
 from nnunet_synth.generators.placement import PlacementRules
+from nnunet_synth.generators.regions import BREAST_COHORTS, FGT_SMOOTHING_MM, measure_fgt, summarise_fgt
 from nnunet_synth.generators.shapes import SIZE_CLASSES, equivalent_diameter_mm
 from nnunet_synth.generators.splits import parse_fold
 from nnunet_synth.synth_plan import (
@@ -174,7 +175,7 @@ def tumour_shell(tumour: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...]
 
 def case_statistics(data: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...], organ_label: int | None,
                     tumour_label: int, volume_spacing: tuple[float, ...] | None = None,
-                    clip_floor: float | None = None) -> dict | None:
+                    clip_floor: float | None = None, patch_size: tuple[int, ...] | None = None) -> dict | None:
     """Intensity and size statistics of one case (C, *spatial) with labels (*spatial).
 
     Without an organ label the unlabelled tissue within ``BAND_SHELL_MM`` of real tumours stands in for the
@@ -183,14 +184,17 @@ def case_statistics(data: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
     ``volume_spacing``: the spacing of all axes of ``seg`` where ``spacing`` has the in-plane ones only (2d
     configurations store 3D cases); the tumours' appearance is measured with it. ``clip_floor``: the CT window's
     floor of channel 0, whose voxels stay out of the tumours' rings (see
-    :func:`~nnunet_synth.generators.appearance.ring_tissue`).
+    :func:`~nnunet_synth.generators.appearance.ring_tissue`). Without an organ label the case's fibroglandular
+    tissue statistics are measured too (:func:`~nnunet_synth.generators.regions.measure_fgt`; the breast size also
+    in a window of ``patch_size``).
 
     Returns:
         A dict of per-channel means/stds, tumour diameters and tissue percentiles; None when the case has no
         placement region (no organ voxel, or no tumour to find the tissue around).
     """
     tumour = seg == tumour_label
-    tissue = None
+    tissue = fgt = None
+    volume_spacing = tuple(spacing) if volume_spacing is None else tuple(volume_spacing)
     if organ_label is None:
         if not tumour.any():
             return None
@@ -199,6 +203,11 @@ def case_statistics(data: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
         if organ.any():  # the central range of the tissue, widened: a lesion needs room, not the typical voxel only
             lo, hi = np.percentile(smooth[organ], TISSUE_PERCENTILES)
             tissue = [float(lo - TISSUE_WIDENING * (hi - lo)), float(hi + TISSUE_WIDENING * (hi - lo))]
+        if len(volume_spacing) == seg.ndim:  # fibroglandular tissue: the breast plans' placement region
+            same = FGT_SMOOTHING_MM == TISSUE_SMOOTHING_MM and len(spacing) == seg.ndim
+            fgt_smooth = smooth if same else gaussian_filter(data[0].astype(np.float32),
+                                                             FGT_SMOOTHING_MM / np.asarray(volume_spacing))
+            fgt = measure_fgt(data[0], fgt_smooth, seg, volume_spacing, organ, patch_size)
     else:
         organ = seg == organ_label
     if not organ.any():
@@ -206,12 +215,11 @@ def case_statistics(data: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
     components, counted = tumour_components(tumour, spacing)
     # a tumour's ring is the organ around it, or without an organ label the unlabelled tissue (not fill)
     around = ring_tissue(data[0], seg, organ_label, clip_floor)
-    volume_spacing = tuple(spacing) if volume_spacing is None else tuple(volume_spacing)
     appearance = [measure_tumour(data, components == k, around, volume_spacing) for k, _ in counted]
     return {"organ_mean": [float(ch[organ].mean()) for ch in data],
             "organ_std": [float(ch[organ].std()) for ch in data],
             "tumour_mean": [float(ch[tumour].mean()) for ch in data] if tumour.any() else None,
-            "diameters": [d for _, d in counted], "tissue": tissue,
+            "diameters": [d for _, d in counted], "tissue": tissue, "fgt": fgt,
             "appearance": [a for a in appearance if a is not None]}
 
 
@@ -250,8 +258,9 @@ def channel_priors(stats: list[dict], channel_names: list[str], schemes: list[st
 
 def summarise_statistics(stats: list[dict], channel_names: list[str], schemes: list[str],
                          intensity_properties: dict | None, organ_label: int | None) -> dict:
-    """The statistics fields of a :class:`SynthPlan` (channels, tumour_sizes, tissue) from per-case statistics."""
-    tissue = None
+    """The statistics fields of a :class:`SynthPlan` (channels, tumour_sizes, tissue, fgt, texture) from per-case
+    statistics."""
+    tissue = fgt = None
     if organ_label is None:
         ranges = [s["tissue"] for s in stats if s["tissue"] is not None]
         tissue = TissueRegion(channel=0, range=tuple(float(v) for v in np.mean(ranges, axis=0)),
@@ -259,10 +268,11 @@ def summarise_statistics(stats: list[dict], channel_names: list[str], schemes: l
                               source=f"{TISSUE_PERCENTILES} percentiles, widened by {TISSUE_WIDENING:.0%} each "
                                      f"side, of channel 0 (smoothed {TISSUE_SMOOTHING_MM} mm) within "
                                      f"{BAND_SHELL_MM} mm of real tumours, unlabelled voxels")
+        fgt = summarise_fgt([s.get("fgt") for s in stats])
     diameters = [d for s in stats for d in s["diameters"]]
     return {"channels": channel_priors(stats, channel_names, schemes, intensity_properties, organ_label),
             "tumour_sizes": tumour_sizes(diameters, sum(1 for s in stats if s["diameters"])), "tissue": tissue,
-            "texture": tumour_texture(stats)}
+            "fgt": fgt, "texture": tumour_texture(stats)}
 
 
 def tumour_texture(stats: list[dict]) -> TumourTexture | None:
@@ -330,7 +340,8 @@ def configuration_statistics(dataset: str | int, configuration: str, organ_label
         # a 2d configuration stores 3D cases: their through-plane spacing is the dataset's median one
         volume_spacing = spacing if len(spacing) == seg.ndim else (
             *plans["original_median_spacing_after_transp"][:seg.ndim - len(spacing)], *spacing)
-        case = case_statistics(data, seg, spacing[-seg.ndim:], organ_label, tumour_label, volume_spacing, floor)
+        case = case_statistics(data, seg, spacing[-seg.ndim:], organ_label, tumour_label, volume_spacing, floor,
+                               tuple(conf.patch_size) if len(spacing) == seg.ndim else None)
         if case is not None:
             stats.append(dict(case, case=identifier))
     if not stats:
@@ -341,12 +352,21 @@ def configuration_statistics(dataset: str | int, configuration: str, organ_label
     channels = [name for _, name in sorted(dataset_json["channel_names"].items(), key=lambda kv: int(kv[0]))]
     summary = summarise_statistics(stats, channels, conf.normalization_schemes,
                                    plans.get("foreground_intensity_properties_per_channel"), organ_label)
-    tissue, texture = summary["tissue"], summary["texture"]
+    tissue, texture, fgt = summary["tissue"], summary["texture"], summary["fgt"]
     return _jsonable({"spacing": list(spacing), "tumour_sizes": dataclasses.asdict(summary["tumour_sizes"]),
                       "intensity": {"channels": [dataclasses.asdict(c) for c in summary["channels"]]},
                       "tissue": None if tissue is None else dataclasses.asdict(tissue),
+                      "fgt": None if fgt is None else dataclasses.asdict(fgt),
                       "texture": None if texture is None else dataclasses.asdict(texture),
                       "statistics_fold": None if hidden is None else fold})
+
+
+def default_region(dataset_json: dict, organ_label: int | None) -> str | None:
+    """The default placement region: ``fgt`` for breast cohorts without organ label (the SynBT paper's placement in
+    fibroglandular tissue; ``cohort`` of dataset.json, see :data:`~nnunet_synth.generators.regions.BREAST_COHORTS`),
+    else None (the organ label, or the tissue around real tumours)."""
+    cohort = (dataset_json.get("nnunet_synth") or {}).get("cohort")
+    return "fgt" if organ_label is None and cohort in BREAST_COHORTS else None
 
 
 def default_plan(dataset_json: dict, dataset_name: str, plans_identifier: str, organ_label: int | None,
@@ -362,6 +382,7 @@ def default_plan(dataset_json: dict, dataset_name: str, plans_identifier: str, o
         "backend_params": {},
         "shapes": dataclasses.asdict(ShapeSettings()),
         "placement": dataclasses.asdict(PlacementRules()),
+        "placement_region": default_region(dataset_json, organ_label),
         "seed": DEFAULT_SEED,
         "configurations": {},
     }
@@ -432,7 +453,11 @@ def plan_synth(dataset: str | int, configuration: str = "3d_fullres", organ_labe
         organ, tumour = guess_labels(dataset_json["labels"], organ_label, tumour_label)
         if plan is None:
             plan = default_plan(dataset_json, base.name, plans_identifier, organ, tumour)
+        elif organ != plan.get("organ_label"):  # the region follows a changed organ label
+            plan["placement_region"] = default_region(dataset_json, organ)
         plan.update(organ_label=organ, tumour_label=tumour)
+    # plans written before the FGT region: breast cohorts get it (a hand-set value, also null, stays)
+    plan.setdefault("placement_region", default_region(dataset_json, plan["organ_label"]))
     stats = configuration_statistics(dataset, configuration, plan["organ_label"], plan["tumour_label"],
                                      plans_identifier, plan["seed"], fold)
     # the healthy controls (merged datasets): preferred insertion targets; a plan keeps its list without the raw file
@@ -518,6 +543,15 @@ def format_plan(plan: SynthPlan) -> str:
     sizes = plan.tumour_sizes
     if plan.organ_label is not None:
         region, around = f"organ label {plan.organ_label}", "organ"
+    elif plan.region_kind == "fgt":
+        fgt = plan.fgt
+        region = (f"no organ label: fibroglandular tissue of channel {fgt.channel} in {list(fgt.range)} (smoothed "
+                  f"{fgt.smoothing_mm} mm) inside the body (above {fgt.body_threshold:.3f}, {fgt.skin_margin_mm} mm "
+                  f"of skin left out), lesions placed whole")
+        if plan.shapes.deformation == "template" and fgt.breast_size_mm:
+            region += (f"; templates scaled by the breast size over the training median ({fgt.breast_size_mm:.0f} mm "
+                       f"whole case, {fgt.breast_size_patch_mm or float('nan'):.0f} mm in a patch)")
+        around = "surrounding tissue"
     else:
         region = (f"no organ label: tissue region of channel {plan.tissue.channel} in {list(plan.tissue.range)} "
                   f"(smoothed {plan.tissue.smoothing_mm} mm), lesions placed whole")
@@ -527,6 +561,8 @@ def format_plan(plan: SynthPlan) -> str:
              + ("" if plan.statistics_fold is None else f"; real tumours hidden (ignore label {plan.ignore_label}), "
                 f"statistics from the kept masks of fold {plan.statistics_fold}'s training cases"),
              f"  shapes: {dataclasses.asdict(plan.shapes)}; placement: {dataclasses.asdict(plan.placement)}"]
+    if plan.organ_label is None and plan.region_kind == "fgt":
+        lines.append(f"  fibroglandular tissue: {plan.fgt.source}")
     if plan.healthy_cases:
         lines.append(f"  healthy controls: {len(plan.healthy_cases)} cases, preferred as insertion targets")
     if sizes.count:

@@ -5,7 +5,9 @@ Each PNG has one row per tumour: a real tumour of the dataset (a connected compo
 preprocessed case, outlined in blue), then the synthetic tumour each backend inserts into the same patch of a case
 (outlined in red). Columns are the planes through the lesion (axial, coronal, sagittal; one slice for 2D
 configurations), per channel. Every crop has the same field of view in mm, zoomed to the lesions, and every channel
-one grey window shared by all its panels (nnU-Net's normalised units).
+one grey window shared by all its panels (nnU-Net's normalised units). The synthetic rows outline the placement
+region the pipeline drew the lesion's site from (the organ label, the tissue region, or a breast plan's
+fibroglandular tissue) in yellow.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ MIN_CROP_VOXELS = 32  # ... and at least this many voxels of the finest spacing
 MIN_REAL_VOXELS = 8  # smaller real tumour components are not shown
 PANEL_INCHES, TITLE_INCHES, DPI = 2.0, 0.7, 110
 REAL_COLOUR, SYNTHETIC_COLOUR = "deepskyblue", "red"
+REGION_COLOUR = "yellow"  # outline of the placement region on the synthetic rows
 NO_REAL_TUMOUR = "no real tumour in this dataset"
+REGION_NAMES = {"organ": "organ label", "tissue": "tissue region", "fgt": "fibroglandular tissue"}
 GREY = plt.get_cmap("gray").with_extremes(bad="black")  # black: outside the case
 
 
@@ -78,6 +82,8 @@ class TumourCrop:
         lesion: (*box) bool mask of the tumour the row shows.
         real: (*box) bool mask of the other real tumour voxels.
         inside: (*box) bool, voxels of the case's image region (segmentation not -1, not outside the case).
+        region: (*box) bool, the placement region of the case (see
+            :func:`~nnunet_synth.generators.lesions.placement_region`), or None where not shown.
     """
 
     label: str
@@ -87,6 +93,7 @@ class TumourCrop:
     lesion: np.ndarray
     real: np.ndarray
     inside: np.ndarray
+    region: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -150,9 +157,11 @@ def crop_box(coords: Sequence[np.ndarray], fov_mm: float, spacing: Sequence[floa
 
 
 def cut_crop(label: str, case: str, volume: np.ndarray, seg0: np.ndarray, tumour_label: int,
-             coords: Sequence[np.ndarray], box: list[list[int]], patch: SyntheticPatch | None = None) -> TumourCrop:
+             coords: Sequence[np.ndarray], box: list[list[int]], patch: SyntheticPatch | None = None,
+             region: np.ndarray | None = None) -> TumourCrop:
     """A box of a case (volume (C, *spatial), segmentation (*spatial)) around the lesion at ``coords``; with
-    ``patch``, its image after synthesis is pasted over the case first."""
+    ``patch``, its image after synthesis is pasted over the case first; ``region`` (*spatial), the case's placement
+    region, is cropped alike."""
     image = np.array(crop_and_pad_nd(volume, box, 0), dtype=np.float32)
     labels = np.asarray(crop_and_pad_nd(seg0, box, -2))  # -2: outside the case, -1: outside the image region
     if patch is not None:
@@ -164,7 +173,8 @@ def cut_crop(label: str, case: str, volume: np.ndarray, seg0: np.ndarray, tumour
     lesion = np.zeros(labels.shape, dtype=bool)
     lesion[tuple(c - b0 for c, (b0, _) in zip(coords, box))] = True
     image[:, labels == -2] = np.nan
-    return TumourCrop(label, case, box, image, lesion, (labels == tumour_label) & ~lesion, labels >= 0)
+    return TumourCrop(label, case, box, image, lesion, (labels == tumour_label) & ~lesion, labels >= 0,
+                      None if region is None else np.asarray(crop_and_pad_nd(region, box, False), dtype=bool))
 
 
 def shared_window(images: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None,
@@ -241,12 +251,15 @@ def comparison_figure(real: TumourCrop | None, synthetic: Sequence[TumourCrop], 
             continue
         centre = _centre(crop.lesion)
         colour = REAL_COLOUR if r == 0 else SYNTHETIC_COLOUR
-        views = zip(_planes(crop.lesion, centre), _planes(crop.real, centre), _aspects(spacing))
-        for p, (lesion, other, aspect) in enumerate(views):
+        regions = _planes(crop.region, centre) if crop.region is not None else [None] * len(plane_names)
+        views = zip(_planes(crop.lesion, centre), _planes(crop.real, centre), _aspects(spacing), regions)
+        for p, (lesion, other, aspect, region) in enumerate(views):
             for ch, (lo, hi) in enumerate(windows):
                 ax = axes[r, ch * len(plane_names) + p]
                 ax.imshow(_planes(crop.image[ch], centre)[p], cmap=GREY, vmin=lo, vmax=hi, aspect=aspect,
                           interpolation="nearest")
+                if region is not None and region.any() and not region.all():
+                    ax.contour(region, levels=[0.5], colors=REGION_COLOUR, linewidths=0.5, linestyles="dashed")
                 if other.any():
                     ax.contour(other, levels=[0.5], colors=REAL_COLOUR, linewidths=0.5)
                 if lesion.any():
@@ -454,7 +467,9 @@ def write_previews(dataset: str | int, configuration: str = "3d_fullres", num: i
         extents = [[hi - lo for lo, hi in _bounds(c)] for c in ([real.coords] if real else []) + lesions]
         fov = field_of_view_mm(extents, spacing)
         synthetic = [cut_crop(name, case, *_on_slice(data, seg, d.slice_index), plan.tumour_label, coords,
-                              crop_box(coords, fov, spacing), d) for name, d, coords in zip(transforms, drawn, lesions)]
+                              crop_box(coords, fov, spacing), d, placement_region(*_on_slice(data, seg, d.slice_index),
+                                                                                  p))
+                     for (name, (p, _)), d, coords in zip(transforms.items(), drawn, lesions)]
         real_crop = None
         if real is not None:
             rdata, rseg = (data, seg) if real.case == case else (np.asarray(a) for a in ds.load_case(real.case)[:2])
@@ -463,7 +478,8 @@ def write_previews(dataset: str | int, configuration: str = "3d_fullres", num: i
         path = out / f"preview_{i:02d}_{case}.png"
         render_comparison(real_crop, synthetic, spacing, channels, fov,
                           f"{base.name} ({configuration}): real tumour (blue) vs synthetic (red) of "
-                          f"{', '.join(transforms)}; {fov:.0f} mm field of view, one grey window per channel",
+                          f"{', '.join(transforms)}, placed in the {REGION_NAMES[plan.region_kind]} (yellow, "
+                          f"dashed); {fov:.0f} mm field of view, one grey window per channel",
                           path)
         written.append(path)
     return written

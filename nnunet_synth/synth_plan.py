@@ -26,6 +26,8 @@ SYNTH_PLANS_FILE = "nnUNetSynthPlans.json"
 HEALTHY_CASES_FILE = "healthy_cases.json"
 SIZE_PRESETS = ("labelfree", "quartile", "liver_mri", "slice_area")
 DEFORMATIONS = ("elastic", "simplex", "template", "none")
+# where lesions go: the organ label, the tissue around real tumours, or fibroglandular tissue inside the breast
+PLACEMENT_REGIONS = ("organ", "tissue", "fgt")
 DEFAULT_SEED = 12345
 
 
@@ -111,6 +113,34 @@ class TissueRegion:
     channel: int = 0
     range: tuple[float, float] = (-np.inf, np.inf)
     smoothing_mm: float = 2.0
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class FGTRegion:
+    """Placement region of breast plans: fibroglandular tissue (FGT) inside the breast, found without a trained model
+    (see :mod:`nnunet_synth.generators.regions`); thresholds in nnU-Net's normalised units of ``channel``.
+
+    Attributes:
+        channel: the (pre-contrast) channel body and FGT are found on.
+        body_threshold: voxels above it are body, below it air.
+        range: ``[low, high]`` of the FGT class on the smoothed channel; null: unbounded on that side (the body
+            threshold below).
+        smoothing_mm: Gaussian smoothing of the channel before the range applies (also the closing and opening).
+        skin_margin_mm: FGT closer than this to the body's surface is left out.
+        breast_size_mm: median over the training cases of the breast size (equivalent diameter of the body, whole
+            case); null: template sizes are not scaled on whole cases.
+        breast_size_patch_mm: the same in a patch-size window centred on the body; null: not scaled on patches.
+        source: how it was found (for the log).
+    """
+
+    channel: int = 0
+    body_threshold: float = 0.0
+    range: tuple[float | None, float | None] = (None, None)
+    smoothing_mm: float = 2.0
+    skin_margin_mm: float = 5.0
+    breast_size_mm: float | None = None
+    breast_size_patch_mm: float | None = None
     source: str = ""
 
 
@@ -204,6 +234,11 @@ class SynthPlan:
             hidden tumours); None: all cases.
         healthy_cases: identifiers of the healthy-control cases (the raw dataset's ``healthy_cases.json``, read by
             ``nnUNetv2_synth_plan``): the preferred insertion targets of the on-the-fly trainers.
+        placement_region: where lesions go: ``organ`` (the organ label), ``tissue`` (the tissue around real tumours),
+            ``fgt`` (fibroglandular tissue inside the breast, the default of MAMA-MIA and Duke plans; with
+            deformation ``template`` also scales templates with the breast size); None: organ where there is an
+            organ label, else tissue.
+        fgt: the FGT region's thresholds learned at planning (plans without organ label).
     """
 
     dataset_name: str
@@ -226,6 +261,15 @@ class SynthPlan:
     bank_cases: int | None = None
     statistics_fold: int | str | None = None
     healthy_cases: tuple[str, ...] = ()
+    placement_region: str | None = None
+    fgt: FGTRegion | None = None
+
+    @property
+    def region_kind(self) -> str:
+        """The placement region in use: ``placement_region``, or organ / tissue by the organ label."""
+        if self.placement_region is not None:
+            return self.placement_region
+        return "organ" if self.organ_label is not None else "tissue"
 
     @property
     def ignore_label(self) -> int | None:
@@ -290,6 +334,12 @@ class SynthPlan:
             tissue = {"channel": band["channel"], "range": band["range"], "source": band.get("source", "")}
         tissue = None if tissue is None else _sub(check, TissueRegion, {**tissue, "range": tuple(tissue["range"])},
                                                   "tissue")
+        fgt = flat.get("fgt")
+        if fgt is not None:
+            check.that(isinstance(fgt, dict) and isinstance(fgt.get("range", []), list) and len(
+                fgt.get("range", [None, None])) == 2, "fgt.range", fgt.get("range") if isinstance(fgt, dict) else fgt,
+                "[low, high] (numbers or null) in an object 'fgt'")
+            fgt = _sub(check, FGTRegion, {**fgt, "range": tuple(fgt.get("range", (None, None)))}, "fgt")
         healthy = flat.get("healthy_cases", [])
         check.that(isinstance(healthy, list) and all(isinstance(c, str) for c in healthy), "healthy_cases", healthy,
                    "a list of case identifiers")
@@ -302,7 +352,8 @@ class SynthPlan:
                    seed=flat.get("seed", DEFAULT_SEED), tumour_sizes=sizes, tissue=tissue,
                    texture=None if flat.get("texture") is None else TumourTexture.from_dict(flat["texture"], check),
                    allow_partial_bank=flat.get("allow_partial_bank", False), bank_cases=flat.get("bank_cases"),
-                   statistics_fold=flat.get("statistics_fold"), healthy_cases=tuple(healthy))
+                   statistics_fold=flat.get("statistics_fold"), healthy_cases=tuple(healthy),
+                   placement_region=flat.get("placement_region"), fgt=fgt)
         return plan.validated(source)
 
     def validated(self, source: str = "synth plan", dataset_json: dict | None = None) -> SynthPlan:
@@ -377,6 +428,7 @@ class SynthPlan:
                        "[low, high] with low < high")
             check.that(_integer(self.tissue.channel) and 0 <= self.tissue.channel < len(self.channels),
                        "tissue.channel", self.tissue.channel, f"a channel index below {len(self.channels)}")
+        self._check_region(check)
         if self.texture is not None:
             levels = self.texture.levels
             check.that(len(levels) >= 2 and all(_number(v) and 0 <= v <= 1 for v in levels)
@@ -397,6 +449,33 @@ class SynthPlan:
         if dataset_json is not None:
             self._check_dataset(check, dataset_json)
         return self
+
+    def _check_region(self, check: _Checker) -> None:
+        region = self.placement_region
+        allowed = "null or 'organ'" if self.organ_label is not None else "null, 'tissue' or 'fgt'"
+        check.that(region is None or (region in PLACEMENT_REGIONS and (region == "organ") == (
+            self.organ_label is not None)), "placement_region", region,
+            f"{allowed} (one of {', '.join(PLACEMENT_REGIONS)}; 'organ' where organ_label is set)")
+        check.that(region != "fgt" or self.fgt is not None, "fgt", None, "the FGT region's thresholds where "
+                   "placement_region is 'fgt' (rebuild with nnUNetv2_synth_plan --overwrite)")
+        spec = self.fgt
+        if spec is None:
+            return
+        check.that(_integer(spec.channel) and 0 <= spec.channel < len(self.channels), "fgt.channel", spec.channel,
+                   f"a channel index below {len(self.channels)}")
+        check.that(_number(spec.body_threshold), "fgt.body_threshold", spec.body_threshold, "a number")
+        lo, hi = spec.range
+        check.that(all(v is None or _number(v) for v in (lo, hi)) and (lo is None or hi is None or lo < hi)
+                   and (lo is None or lo >= spec.body_threshold), "fgt.range", list(spec.range),
+                   "[low, high] with low < high (null: unbounded), low not below fgt.body_threshold")
+        check.that(_number(spec.smoothing_mm) and spec.smoothing_mm > 0, "fgt.smoothing_mm", spec.smoothing_mm,
+                   "a positive number (mm)")
+        check.that(_number(spec.skin_margin_mm) and spec.skin_margin_mm >= 0, "fgt.skin_margin_mm",
+                   spec.skin_margin_mm, "a number >= 0 (mm)")
+        for key in ("breast_size_mm", "breast_size_patch_mm"):
+            value = getattr(spec, key)
+            check.that(value is None or (_number(value) and value > 0), f"fgt.{key}", value,
+                       "a positive number (mm) or null")
 
     def _check_dataset(self, check: _Checker, dataset_json: dict) -> None:
         labels = dataset_json["labels"]

@@ -124,3 +124,92 @@ def test_resize_linear_is_scipy_zoom_order_one(source, target):
     resized = resize_linear(array, target)
     assert resized.shape == target and resized.dtype == np.float32
     np.testing.assert_allclose(resized, expected, atol=1e-5)
+
+
+def _paint_whole_box(image, bbox, mask, spacing, values, sigma, offset, halo, clips=None, additive=False,
+                     tissue=None):
+    """The definition paint_lesion evaluates on the changed voxels alone: every array over the whole box."""
+    from scipy.special import ndtr
+
+    from nnunet_synth.generators.appearance import MIN_RING_VOXELS, RING_MM, expand_box, ring, ring_statistics
+
+    box, inner = expand_box(bbox, max(halo, RING_MM[1]), spacing, image.shape[1:])
+    m = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
+    m[inner] = mask
+    distance, nearest = signed_distance(m, spacing, nearest=True)
+    weight = ndtr((distance - offset) / sigma)
+    weight[distance < 0.5 * min(spacing) - halo] = 0.0
+    changed = weight > 0
+    ring_voxels = ring(distance, None if tissue is None else tissue[box] & ~m)
+    if ring_voxels.sum() < MIN_RING_VOXELS and tissue is not None:
+        ring_voxels = ring(distance)
+    if ring_voxels.sum() < MIN_RING_VOXELS and not additive:
+        ring_voxels = ~m
+    for c in range(image.shape[0]):
+        region = image[c][box]
+        tumour = np.zeros(m.shape)
+        tumour[m] = values[c]
+        tumour = tumour[tuple(nearest)]
+        if additive:
+            shared = float((weight[m] * tumour[m]).mean())
+            new = region + weight * tumour * (float(np.mean(values[c])) / shared)
+        else:
+            centre, spread = ring_statistics(region, ring_voxels)
+            new = weight * (centre + spread * tumour) + (1 - weight) * region
+        if clips is not None and clips[c] is not None:
+            new = np.clip(new, *clips[c])
+        region[changed] = new[changed]
+
+
+@pytest.mark.parametrize("spacing, additive, clip", [((1.0, 1.0, 1.0), False, None), ((2.5, 0.8, 0.8), True, None),
+                                                     ((0.7, 0.7), False, (-0.5, 1.5)), ((1.0, 1.0, 1.0), True,
+                                                                                        (-1.0, 1.2))])
+def test_paint_lesion_on_changed_voxels_is_the_whole_box_definition(spacing, additive, clip):
+    """paint_lesion evaluates the edge, the outward carry and the blend on the voxels it changes only; the image it
+    writes is the one the whole-box formulas give (edge cut at the halo, ring statistics, clips)."""
+    from nnunet_synth.generators.appearance import paint_lesion
+
+    rng = np.random.default_rng(7)
+    ndim = len(spacing)
+    shape = (40,) * ndim
+    image = rng.normal(size=(2, *shape)).astype(np.float32)
+    radii = sample_axis_radii(LABELFREE_RADIUS_MM["small"], ndim, rng)
+    mask = ellipsoid(radii, spacing, rng, 0.15 * radii.mean(), 3.0)
+    start = [(n - s) // 2 for n, s in zip(shape, mask.shape)]
+    bbox = tuple(slice(a, a + s) for a, s in zip(start, mask.shape))
+    values = rng.normal(0.5, 1.0, size=(2, int(mask.sum())))
+    tissue = rng.random(shape) > 0.3
+    for sigma, offset, halo in [(0.8, 0.0, 2.0), (1.5, 0.5, 3.25), (0.01, 0.0, 40.0)]:
+        fast, reference = image.copy(), image.copy()
+        args = (bbox, mask, spacing, values, sigma, offset, halo, [clip, None])
+        paint_lesion(fast, *args, additive=additive, tissue=None if additive else tissue)
+        _paint_whole_box(reference, *args, additive=additive, tissue=None if additive else tissue)
+        assert (fast != image).any()
+        np.testing.assert_allclose(fast, reference, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(fast == image, reference == image)  # the same voxels stay bit-identical
+
+
+@pytest.mark.parametrize("spacing, gap", [((1.0, 1.0, 1.0), 2.0), ((2.5, 0.8, 0.8), 3.0), ((0.7, 0.7), 1.4)])
+def test_gap_check_in_the_tumours_box_is_the_whole_lesions_dilation(spacing, gap):
+    """The gap check dilates the lesion only near the tumour voxels; it decides as the whole dilated lesion does."""
+    from nnunet_synth.generators.placement import _halo, _halo_pad, _LazyHalo, too_close
+
+    rng = np.random.default_rng(3)
+    sp = np.asarray(spacing)
+    radii = sample_axis_radii(LABELFREE_RADIUS_MM["small"], len(spacing), rng)
+    mask = ellipsoid(radii, spacing, rng, 0.15 * radii.mean(), 3.0)
+    pad = _halo_pad(sp, gap)
+    whole = distance_transform_edt(~np.pad(mask, [(p, p) for p in pad]), sampling=sp) <= gap
+    decisions = []
+    for _ in range(200):
+        tumour = np.zeros(whole.shape, dtype=bool)
+        corner = rng.integers(0, whole.shape)
+        size = rng.integers(1, 4, size=len(spacing))
+        tumour[tuple(slice(c, c + s) for c, s in zip(corner, size))] = True
+        decisions.append(too_close(mask, tumour, sp, gap))
+        assert decisions[-1] == bool((tumour & whole).any())
+        shared = _LazyHalo(mask, sp, gap)
+        shared.spent = shared.size  # the whole dilation serves this check
+        assert too_close(mask, tumour, sp, gap, shared) == decisions[-1]
+        np.testing.assert_array_equal(shared.array, _halo(mask, sp, gap))
+    assert 0 < sum(decisions) < len(decisions)  # both answers were tested

@@ -967,6 +967,20 @@ def write_json(path: Path, data: object) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def grouped_folds(groups: dict[str, list[str]], n_folds: int = 5, seed: int = 12345) -> list[dict[str, list[str]]]:
+    """K-fold split over groups (patients), listing their cases; deterministic. The cases of one group (a patient's
+    post-contrast phases, its two breasts) never fall in different folds."""
+    keys = sorted(groups)
+    order = np.random.RandomState(seed).permutation(len(keys))
+    n = min(n_folds, len(keys))
+    folds = []
+    for k in range(n):
+        val_keys = {keys[i] for i in order[k::n]}
+        folds.append({"train": sorted(c for g in keys if g not in val_keys for c in groups[g]),
+                      "val": sorted(c for g in sorted(val_keys) for c in groups[g])})
+    return folds
+
+
 def strip_image_suffix(filename: str) -> str | None:
     """File name without a supported image suffix, or None for other files and macOS ``._`` resource forks."""
     if filename.startswith("."):

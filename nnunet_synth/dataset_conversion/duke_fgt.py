@@ -15,7 +15,9 @@ breast. The matching image is the patient's pre-contrast DICOM series: the serie
 
 Labels: breast 1, fibroglandular tissue 2, vessels 3 (FGT wins where it overlaps vessels, vessels and FGT win over
 breast), or without ``*_Breast.seg.nrrd`` (``--no-breast-mask``): FGT 1, vessels 2. A model trained on this dataset
-segments the tissue that gives the placement region for synthetic breast tumours.
+segments the tissue that gives the placement region for synthetic breast tumours. ``--single-breast`` writes each
+breast as its own case (``dukefgt_NNN_L``, ``dukefgt_NNN_R``, cut at the body's midline, see
+:mod:`~nnunet_synth.dataset_conversion.single_breast`) and a 5-fold split grouped by patient.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ from nnunet_synth.dataset_conversion.common import (
     align_to_reference,
     check_alignable,
     grid_relation,
+    grouped_folds,
     image_from_array,
     resumable,
     write_dataset,
 )
 from nnunet_synth.dataset_conversion.dicom import DicomSeries, find_series, read_series
 from nnunet_synth.dataset_conversion.seg_nrrd import Segment, read_seg_header, read_seg_nrrd
+from nnunet_synth.dataset_conversion.single_breast import single_breast_ids, split_breasts
 
 REFERENCE = ("Saha et al., Dynamic contrast-enhanced magnetic resonance images of breast cancer patients with "
              "tumor locations, The Cancer Imaging Archive (2021), https://doi.org/10.7937/TCIA.e3sv-re93")
@@ -83,7 +87,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
             raw_dir: str | os.PathLike | None = None, exclude: list[str] | None = None,
             images_dir: str | os.PathLike | None = None, segmentations_dir: str | os.PathLike | None = None,
             series_description: str = "pre", breast_mask: bool = True, progress: bool = True,
-            num_processes: int = 1) -> Path:
+            num_processes: int = 1, single_breast: bool = False) -> Path:
     """Convert the Duke FGT/vessel masks.
 
     Args:
@@ -99,6 +103,7 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
         breast_mask: Also use ``Segmentation_<ID>_Breast.seg.nrrd`` (required for every case).
         progress: Show progress bars.
         num_processes: Worker processes converting cases (1: in this process).
+        single_breast: One case per breast (``<case>_L``, ``<case>_R``) and a patient-grouped 5-fold split.
 
     Returns:
         The written dataset folder.
@@ -188,7 +193,8 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
                         mask = align_to_reference(mask, image, case=pid, what="segmentation",
                                                   files=(series.folder, path), allow_partial=True)
                         label[sitk.GetArrayViewFromImage(mask) > 0] = values[cls]
-            return [OutputCase(_case_id(pid), [image], image_from_array(label, image), (series.folder, dv_path))]
+            case = OutputCase(_case_id(pid), [image], image_from_array(label, image), (series.folder, dv_path))
+            return split_breasts(case) if single_breast else [case]
 
         return CaseTask(pid, load, check)
 
@@ -199,9 +205,12 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
                        "masks (tissue segmentation for the breast placement region)",
                        reference=REFERENCE, licence="CC BY-NC 4.0",
                        extra={"organ": "breast" if breast_mask else "fibroglandular tissue", "tumour": None,
-                              "placement_labels": [k for k in labels if k != "background"]})
+                              "placement_labels": [k for k in labels if k != "background"],
+                              "single_breast": single_breast})
+    # the two breasts of a patient in one fold
+    splits = grouped_folds({p: single_breast_ids([_case_id(p)]) for p in patients}) if single_breast else None
     return write_dataset(spec, [make_task(p) for p in patients], overwrite=overwrite, raw_dir=raw_dir,
-                         progress=progress, num_processes=num_processes)
+                         splits=splits, progress=progress, num_processes=num_processes)
 
 
 def _series_geometry(series: DicomSeries) -> Geometry:
@@ -231,6 +240,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="regular expression for the pre-contrast SeriesDescription")
     parser.add_argument("--no-breast-mask", action="store_true",
                         help="convert FGT and vessels only (no Segmentation_<ID>_Breast.seg.nrrd needed)")
+    parser.add_argument("--single-breast", action="store_true",
+                        help="one case per breast (<case>_L, <case>_R), cut at the body's left-right midline; folds "
+                             "grouped by patient")
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -238,4 +250,4 @@ def run(args: argparse.Namespace) -> Path:
     return convert(args.input, args.dataset_id, name=args.name, overwrite=args.overwrite, raw_dir=args.raw_dir,
                    exclude=args.exclude, images_dir=args.images, segmentations_dir=args.segmentations,
                    series_description=args.series_description, breast_mask=not args.no_breast_mask,
-                   progress=not args.quiet, num_processes=args.num_processes)
+                   progress=not args.quiet, num_processes=args.num_processes, single_breast=args.single_breast)

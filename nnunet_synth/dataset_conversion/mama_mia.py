@@ -14,7 +14,9 @@ and first post-contrast (``--post-phase first``), or one case per post-contrast 
 ``--spacing 1`` resamples to 1 mm isotropic (linear for images, nearest for labels). ``--split official`` writes
 the official train/test split as one nnU-Net fold in ``splits_final.json`` (nnU-Net's planner copies it into
 nnUNet_preprocessed); with ``--post-phase all`` a patient-grouped 5-fold split is written otherwise, so phases of one
-patient never straddle train and validation.
+patient never straddle train and validation. ``--single-breast`` (the breast 2D paper's single-breast views) writes
+each breast as its own case, ``<case>_L`` and ``<case>_R``, cut at the body's midline (see
+:mod:`~nnunet_synth.dataset_conversion.single_breast`), with the patient-grouped split too.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
-
 from nnunet_synth.dataset_conversion.common import (
     CaseTask,
     ConversionError,
@@ -36,6 +36,7 @@ from nnunet_synth.dataset_conversion.common import (
     align_to_reference,
     check_alignable,
     check_same_geometry,
+    grouped_folds,
     image_from_array,
     label_array,
     list_images,
@@ -46,6 +47,7 @@ from nnunet_synth.dataset_conversion.common import (
     resumable,
     write_dataset,
 )
+from nnunet_synth.dataset_conversion.single_breast import single_breast_ids, split_breasts
 
 REFERENCE = ("Garrucho et al., A large-scale multicenter breast cancer DCE-MRI benchmark dataset with expert "
              "segmentations, Sci. Data (2025), https://doi.org/10.7303/syn60868042")
@@ -73,24 +75,11 @@ def read_official_split(csv_path: Path) -> tuple[list[str], list[str]]:
     return train, test
 
 
-def grouped_folds(groups: dict[str, list[str]], n_folds: int = 5, seed: int = 12345) -> list[dict[str, list[str]]]:
-    """K-fold split over groups (patients), listing their cases; deterministic."""
-    keys = sorted(groups)
-    order = np.random.RandomState(seed).permutation(len(keys))
-    n = min(n_folds, len(keys))
-    folds = []
-    for k in range(n):
-        val_keys = {keys[i] for i in order[k::n]}
-        folds.append({"train": sorted(c for g in keys if g not in val_keys for c in groups[g]),
-                      "val": sorted(c for g in sorted(val_keys) for c in groups[g])})
-    return folds
-
-
 @resumable
 def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None = None, overwrite: bool = False,
             raw_dir: str | os.PathLike | None = None, exclude: list[str] | None = None, post_phase: str = "first",
             spacing: list[float] | None = None, split: str = "none", split_csv: str | os.PathLike | None = None,
-            progress: bool = True, num_processes: int = 1) -> Path:
+            progress: bool = True, num_processes: int = 1, single_breast: bool = False) -> Path:
     """Convert MAMA-MIA.
 
     Args:
@@ -103,10 +92,11 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
         post_phase: ``first`` (one case per patient) or ``all`` (one case per post-contrast phase).
         spacing: Resample to this spacing in mm (one value: isotropic; three: x, y, z).
         split: ``official`` writes the official split; ``none`` leaves splitting to nnU-Net (except with
-            ``post_phase="all"``, which gets a patient-grouped 5-fold split).
+            ``post_phase="all"`` or ``single_breast``, which get a patient-grouped 5-fold split).
         split_csv: Split file if not ``INPUT/train_test_splits.csv``.
         progress: Show progress bars.
         num_processes: Worker processes converting cases (1: in this process).
+        single_breast: One case per breast (``<case>_L``, ``<case>_R``), cut at the body's midline.
 
     Returns:
         The written dataset folder.
@@ -150,9 +140,9 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
     for pid in patients:
         posts = [1] if post_phase == "first" else sorted(k for k in phase_files[pid] if k > 0)
         ids = [pid] if post_phase == "first" else [f"{pid}_post{k}" for k in posts]
-        cases[pid] = ids
+        cases[pid] = single_breast_ids(ids) if single_breast else ids
         tasks.append(_make_task(pid, ids, [phase_files[pid][0]] + [phase_files[pid][k] for k in posts],
-                                segs[pid], spacing))
+                                segs[pid], spacing, single_breast))
 
     splits = None
     if split == "official":
@@ -167,22 +157,24 @@ def convert(input_dir: str | os.PathLike, dataset_id: int, *, name: str | None =
                                   "(pass --exclude to leave them out deliberately)")
         splits = [{"train": sorted(c for p in train if p in cases for c in cases[p]),
                    "val": sorted(c for p in test if p in cases for c in cases[p])}]
-    elif post_phase == "all":
+    elif post_phase == "all" or single_breast:
         splits = grouped_folds(cases)
 
     channels = {0: "DCE_pre", 1: "DCE_post1" if post_phase == "first" else "DCE_post"}
     spec = DatasetSpec(dataset_id, name or "MAMAMIA", channels, {"background": 0, "tumor": 1}, cohort="mama_mia",
                        description=f"MAMA-MIA breast DCE-MRI, pre-contrast + {post_phase} post-contrast phase(s)"
-                       + (f", resampled to {spacing} mm" if spacing else ""),
+                       + (f", resampled to {spacing} mm" if spacing else "")
+                       + (", one case per breast" if single_breast else ""),
                        reference=REFERENCE, licence="CC BY-NC 4.0",
                        extra={"organ": None, "tumour": "tumor", "post_phase": post_phase,
+                              "single_breast": single_breast,
                               "split": split if split == "official" else ("patient_5fold" if splits else "nnunet")})
     return write_dataset(spec, tasks, overwrite=overwrite, raw_dir=raw_dir, splits=splits, progress=progress,
                          num_processes=num_processes)
 
 
 def _make_task(pid: str, ids: list[str], image_paths: list[Path], seg_path: Path,
-               spacing: list[float] | None) -> CaseTask:
+               spacing: list[float] | None, single_breast: bool = False) -> CaseTask:
     def check() -> None:
         g_ref, _ = read_header(image_paths[0], case=pid)
         for p in image_paths:
@@ -209,7 +201,8 @@ def _make_task(pid: str, ids: list[str], image_paths: list[Path], seg_path: Path
             images = [resample_to_spacing(im, spacing, is_label=False) for im in images]
             label = resample_to_spacing(label, spacing, is_label=True)
         sources = (*image_paths, seg_path)
-        return [OutputCase(cid, [images[0], images[1 + k]], label, sources) for k, cid in enumerate(ids)]
+        out = [OutputCase(cid, [images[0], images[1 + k]], label, sources) for k, cid in enumerate(ids)]
+        return [half for case in out for half in split_breasts(case)] if single_breast else out
 
     return CaseTask(pid, load, check)
 
@@ -223,6 +216,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("none", "official"), default="none",
                         help="write the official train/test split as splits_final.json")
     parser.add_argument("--split-csv", default=None, help="split file (default INPUT/train_test_splits.csv)")
+    parser.add_argument("--single-breast", action="store_true",
+                        help="one case per breast (<case>_L, <case>_R), cut at the body's left-right midline; folds "
+                             "grouped by patient")
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -230,4 +226,4 @@ def run(args: argparse.Namespace) -> Path:
     return convert(args.input, args.dataset_id, name=args.name, overwrite=args.overwrite, raw_dir=args.raw_dir,
                    exclude=args.exclude, post_phase=args.post_phase, spacing=args.spacing, split=args.split,
                    split_csv=args.split_csv, progress=not args.quiet,
-                   num_processes=args.num_processes)
+                   num_processes=args.num_processes, single_breast=args.single_breast)

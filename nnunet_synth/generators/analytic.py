@@ -70,7 +70,7 @@ def learned_values(mask: np.ndarray, spacing: np.ndarray, tumour: TumourAppearan
     smooth = (smooth - smooth.mean()) / max(float(smooth.std()), 1e-12)
     white = rng.standard_normal(smooth.size)
     field = np.sqrt(1 - tumour.nugget) * smooth + np.sqrt(tumour.nugget) * white
-    return np.stack([quantile_map(field, levels, np.asarray(q)) for q in tumour.quantiles])
+    return quantile_map(field, levels, np.asarray(tumour.quantiles))
 
 
 @register_backend("analytic")

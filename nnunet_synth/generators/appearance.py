@@ -14,6 +14,8 @@ import numpy as np
 from scipy.ndimage import binary_dilation, distance_transform_edt, maximum_filter, minimum_filter
 from scipy.special import ndtr
 
+from nnunet_synth.generators.shapes import bounding_box
+
 RING_MM = (2.0, 7.0)  # the ring: tissue between these distances outside the tumour (past its partial-volume edge)
 QUANTILE_LEVELS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 MIN_RING_VOXELS = 8
@@ -81,7 +83,7 @@ def signed_distance(mask: np.ndarray, spacing: tuple[float, ...], nearest: bool 
     elif mask.any():
         # the nearest background voxel of an inside voxel lies in the mask's bounding box grown by one voxel
         # (projecting any farther one onto that box comes closer), so the inside distance is found there alone
-        box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(mask))
+        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in bounding_box(mask))
         distance[box] = distance_transform_edt(mask[box], sampling=sp) - half
     if nearest:
         outside, indices = distance_transform_edt(~mask, sampling=sp, return_indices=True)
@@ -123,10 +125,17 @@ def edge_weight(distance: np.ndarray, sigma_mm: float, offset_mm: float = 0.0) -
 
 def quantile_map(field: np.ndarray, levels: tuple[float, ...], values: np.ndarray) -> np.ndarray:
     """Gives ``field`` (1D) the distribution with quantiles ``values`` at ``levels`` and keeps its ranks (so its
-    spatial structure): the k-th smallest of n samples gets the quantile at (k + 0.5) / n."""
+    spatial structure): the k-th smallest of n samples gets the quantile at (k + 0.5) / n.
+
+    ``values`` of shape (C, len(levels)) map the one field to C channels (ranked once), giving (C, n).
+    """
     ranks = np.empty(field.size, dtype=np.float64)
-    ranks[np.argsort(field, kind="stable")] = (np.arange(field.size) + 0.5) / field.size
-    return np.interp(ranks, levels, values)
+    # ties have probability zero in a continuous field, so the unstable (several times faster) sort ranks alike
+    ranks[np.argsort(field)] = (np.arange(field.size) + 0.5) / field.size
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 1:
+        return np.interp(ranks, levels, values)
+    return np.stack([np.interp(ranks, levels, v) for v in values])
 
 
 def correlation_length(residual: np.ndarray, inside: np.ndarray, spacing: tuple[float, ...],
@@ -296,9 +305,17 @@ def paint_lesion(image: np.ndarray, bbox: tuple[slice, ...], mask: np.ndarray, s
     m = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
     m[inner] = mask
     distance, nearest = signed_distance(m, spacing, nearest=True)
-    weight = edge_weight(distance, edge_sigma_mm, edge_offset_mm)
-    weight[distance < 0.5 * min(spacing) - halo_mm] = 0.0  # voxel centres farther than halo_mm from the mask
-    changed = weight > 0
+    # only voxels within halo_mm of the mask change: the edge is evaluated there alone (flat indices, C order)
+    changed = distance >= 0.5 * min(spacing) - halo_mm
+    where = np.flatnonzero(changed)
+    weight = edge_weight(distance.ravel()[where], edge_sigma_mm, edge_offset_mm)
+    if not weight.all():  # the normal CDF underflows to 0 far out: those voxels stay bit-identical
+        changed.ravel()[where[weight == 0]] = False
+        where, weight = where[weight > 0], weight[weight > 0]
+    # each changed voxel's value comes from its nearest mask voxel: its place in ``values`` (C order of the mask)
+    source = np.ravel_multi_index(tuple(n.ravel()[where] for n in nearest), m.shape)
+    source = (np.cumsum(m.ravel()) - 1)[source]
+    in_mask = m.ravel()[where]
     ring_voxels = ring(distance, None if tissue is None else tissue[box] & ~m)
     if ring_voxels.sum() < MIN_RING_VOXELS and tissue is not None:
         ring_voxels = ring(distance)
@@ -306,17 +323,16 @@ def paint_lesion(image: np.ndarray, bbox: tuple[slice, ...], mask: np.ndarray, s
         ring_voxels = ~m
     for c in range(image.shape[0]):
         region = image[c][box]
-        tumour = np.zeros(m.shape, dtype=np.float64)
-        tumour[m] = values[c]
-        tumour = tumour[tuple(nearest)]  # carried outward from the nearest mask voxel
+        old = region[changed].astype(np.float64)
+        tumour = np.asarray(values[c], dtype=np.float64)[source]  # carried outward from the nearest mask voxel
         if additive:
-            shared = float((weight[m] * tumour[m]).mean())
-            new = region + weight * tumour * (float(np.mean(values[c])) / shared if shared != 0 else 1.0)
+            shared = float((weight[in_mask] * tumour[in_mask]).sum()) / max(int(m.sum()), 1)
+            new = old + weight * tumour * (float(np.mean(values[c])) / shared if shared != 0 else 1.0)
         else:
             centre, spread = ring_statistics(region, ring_voxels)
             if np.isnan(centre):
                 centre, spread = float(np.median(region)), max(float(np.std(region)), 1e-6)
-            new = weight * (centre + spread * tumour) + (1 - weight) * region
+            new = weight * (centre + spread * tumour) + (1 - weight) * old
         if clips is not None and clips[c] is not None:
             new = np.clip(new, *clips[c])
-        region[changed] = new[changed]
+        region[changed] = new

@@ -31,9 +31,10 @@ from scipy.ndimage import label as connected_components
 from nnunet_synth.generators.appearance import RING_MM, constant_fill, expand_box, ring_tissue
 from nnunet_synth.generators.base import Lesion
 from nnunet_synth.generators.placement import central_window, largest_component, place_lesion
-from nnunet_synth.generators.shapes import crop_to_mask, lesion_mask
+from nnunet_synth.generators.regions import fgt_region
+from nnunet_synth.generators.shapes import centroid, crop_to_mask, lesion_mask
 from nnunet_synth.generators.sizes import LesionRequest, lesion_requests, slice_area_class
-from nnunet_synth.generators.templates import Template, crop_template, draw_template
+from nnunet_synth.generators.templates import Template, breast_scale, crop_template, draw_template, scale_requests
 
 if TYPE_CHECKING:
     from nnunet_synth.generators.base import TumourGenerator
@@ -146,7 +147,8 @@ def _ball(radius_vox: np.ndarray, spacing: np.ndarray) -> np.ndarray:
 
 def placement_region(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan,
                      spacing: tuple[float, ...] | None = None) -> np.ndarray:
-    """Voxels a lesion may occupy before tumours and gaps: the organ label, or the tissue region without one.
+    """Voxels a lesion may occupy before tumours and gaps: the organ label, or without one the tissue region or
+    (placement region ``fgt``) the fibroglandular tissue inside the breast (:func:`~.regions.fgt_region`).
 
     Args:
         image: (C, *spatial) image.
@@ -157,6 +159,8 @@ def placement_region(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan,
     if plan.organ_label is not None:
         return seg0 == plan.organ_label
     spacing = tuple(plan.spacing[-seg0.ndim:]) if spacing is None else tuple(spacing)
+    if plan.region_kind == "fgt":
+        return fgt_region(image, seg0, plan, spacing)
     channel = plan.tissue.channel
     clipped = plan.channels[channel].clip is not None  # CTNormalization's window
     return tissue_region(np.asarray(image[channel]), seg0, plan.tissue, spacing, plan.placement.margin_mm, clipped)
@@ -234,8 +238,9 @@ def plan_lesions(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, rng: np.r
     # a whole lesion's centre lies at least its smallest semi-axis inside the region (most random centres in a
     # large region would not hold it)
     depth = region_depth(region, spacing) if plan.organ_label is None else None
+    scale = breast_scale(image, plan, spacing, None if window is None else win)  # breast plans' templates
     for _ in range(draws):
-        requests = lesion_requests(plan, spacing, rng, room * float(np.prod(spacing)))
+        requests = scale_requests(lesion_requests(plan, spacing, rng, room * float(np.prod(spacing))), scale)
         placed = _place(requests, plan, spacing, rng, region, depth, allowed.copy(), tumour.copy(), win, templates,
                         max_lesion_shape)
         if placed:
@@ -277,7 +282,7 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
         if lesion is None:
             continue
         starts = np.array([s.start for s in lesion.bbox])
-        centre = tuple(int(v) for v in np.round(np.argwhere(lesion.mask).mean(0) + starts))
+        centre = tuple(int(v) for v in np.round(centroid(lesion.mask) + starts))
         info = LesionInfo(centre=centre, semi_axes_mm=tuple(float(r) for r in radii), size_class=request.size_class,
                           voxels=lesion.num_voxels, bbox=tuple((int(s.start), int(s.stop)) for s in lesion.bbox))
         placed.append(PlacedLesion(lesion, info))

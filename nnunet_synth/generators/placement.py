@@ -6,8 +6,6 @@ about as much as the lesion itself, whatever the size of the patch or volume.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +13,7 @@ from scipy.ndimage import distance_transform_edt
 from scipy.ndimage import label as connected_components
 
 from nnunet_synth.generators.base import Lesion
+from nnunet_synth.generators.shapes import bounding_box
 
 # candidate centres are drawn by rejection in at most this many rounds of this many points per wanted centre:
 # enough for a region of 2% of the window to give them with near certainty
@@ -86,7 +85,7 @@ def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumou
         candidates = candidate_centres(allowed, centres, window, rng, attempts)
         if len(candidates) == 0:
             return None
-        halo = functools.cache(functools.partial(_halo, mask, sp, rule.gap_mm))  # only where tumour is near
+        halo = _LazyHalo(mask, sp, rule.gap_mm)
         for centre in candidates:
             lesion = _try(mask, halo, centre, allowed, organ, tumour, sp, rule, whole, texture, one_piece)
             if lesion is not None:
@@ -128,17 +127,65 @@ def _first_unique(points: np.ndarray, shape: np.ndarray) -> np.ndarray:
     return points[np.sort(first)]
 
 
+class _LazyHalo:
+    """The whole dilated lesion (:func:`_halo`), built once the local checks of one lesion have dilated as many
+    voxels as it holds (then reused by every later check), never where tumours stay far."""
+
+    def __init__(self, mask: np.ndarray, spacing: np.ndarray, gap_mm: float):
+        self.mask, self.spacing, self.gap_mm = mask, spacing, gap_mm
+        self.size = int(np.prod(np.array(mask.shape) + 2 * _halo_pad(spacing, gap_mm)))
+        self.spent, self.array = 0, None
+
+    def worth_building(self, local_size: int) -> bool:
+        """Records a local check of ``local_size`` voxels; True where the whole halo should serve it instead."""
+        if self.array is None and self.spent + local_size > self.size:
+            self.array = _halo(self.mask, self.spacing, self.gap_mm)
+        self.spent += local_size
+        return self.array is not None
+
+
+def too_close(mask: np.ndarray, tumour: np.ndarray, spacing: np.ndarray, gap_mm: float,
+              halo: _LazyHalo | None = None) -> bool:
+    """Whether a tumour voxel lies within ``gap_mm`` of the mask.
+
+    Args:
+        mask: bool lesion mask.
+        tumour: bool tumour voxels in the frame of ``mask`` grown by :func:`_halo_pad` on every side.
+        spacing: voxel spacing (mm).
+        gap_mm: the gap (> 0).
+        halo: the lesion's whole dilation, shared by the checks of one lesion: once the local checks have cost as
+            much as it, it is built and used.
+
+    Otherwise the lesion is dilated only in the box of the tumour voxels grown by the gap (a voxel's distance from
+    the mask depends on mask voxels within the gap alone), not over the whole lesion.
+    """
+    if not tumour.any():
+        return False
+    pad = _halo_pad(spacing, gap_mm)
+    box = bounding_box(tumour)
+    lo = np.maximum([b.start for b in box] - pad, 0)
+    hi = np.minimum([b.stop for b in box] + pad, tumour.shape)
+    if halo is not None and halo.worth_building(int(np.prod(hi - lo))):
+        return bool((tumour & halo.array).any())
+    # the mask's part of that box (the mask sits at ``pad`` in the grown frame)
+    part = np.zeros(tuple(hi - lo), dtype=bool)
+    src = tuple(slice(max(a - p, 0), max(min(b - p, n), max(a - p, 0))) for a, b, p, n in zip(lo, hi, pad, mask.shape))
+    dst = tuple(slice(s.start + p - a, s.stop + p - a) for s, a, p in zip(src, lo, pad))
+    part[dst] = mask[src]
+    if not part.any():
+        return False
+    near = distance_transform_edt(~part, sampling=spacing) <= gap_mm
+    return bool((near & tumour[tuple(slice(a, b) for a, b in zip(lo, hi))]).any())
+
+
 def _halo(mask: np.ndarray, spacing: np.ndarray, gap_mm: float) -> np.ndarray:
     """The lesion dilated by ``gap_mm`` (padded by :func:`_halo_pad` so the dilation fits)."""
-    pad = _halo_pad(spacing, gap_mm)
-    padded = np.pad(mask, [(p, p) for p in pad])
-    if gap_mm <= 0:
-        return padded
+    padded = np.pad(mask, [(p, p) for p in _halo_pad(spacing, gap_mm)])
     return distance_transform_edt(~padded, sampling=spacing) <= gap_mm
 
 
 def _halo_pad(spacing: np.ndarray, gap_mm: float) -> np.ndarray:
-    """Voxels per side that :func:`_halo` adds around the lesion's box."""
+    """Voxels per side within which a gap of ``gap_mm`` reaches."""
     return np.ceil(gap_mm / spacing).astype(int)
 
 
@@ -153,7 +200,7 @@ def _crop(array: np.ndarray, start: np.ndarray, shape: tuple[int, ...]) -> tuple
     return array[tuple(src)], tuple(src), tuple(dst)
 
 
-def _try(mask: np.ndarray, halo: Callable[[], np.ndarray], centre: np.ndarray, allowed: np.ndarray,
+def _try(mask: np.ndarray, halo: _LazyHalo, centre: np.ndarray, allowed: np.ndarray,
          organ: np.ndarray, tumour: np.ndarray, spacing: np.ndarray, rule: PlacementRules, whole: bool,
          texture: np.ndarray | None = None, one_piece: bool = False) -> Lesion | None:
     if rule.margin_mm > 0:
@@ -167,8 +214,11 @@ def _try(mask: np.ndarray, halo: Callable[[], np.ndarray], centre: np.ndarray, a
     if rule.gap_mm > 0:
         shape = tuple(np.array(mask.shape) + 2 * _halo_pad(spacing, rule.gap_mm))
         local, _, dst = _crop(tumour, centre - np.array(shape) // 2, shape)
-        if local.any() and (local & halo()[dst]).any():  # the dilated lesion is built only where tumour is near
-            return None
+        if local.any():
+            near = np.zeros(shape, dtype=bool)
+            near[dst] = local
+            if too_close(mask, near, spacing, rule.gap_mm, halo):
+                return None
     start = centre - np.array(mask.shape) // 2
     local_allowed, src, dst = _crop(allowed, start, mask.shape)
     total = int(mask.sum())

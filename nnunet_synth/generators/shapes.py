@@ -155,8 +155,10 @@ def smooth_field(shape: tuple[int, ...], sigma_vox: np.ndarray, rng: np.random.G
     sigma_vox = np.broadcast_to(np.asarray(sigma_vox, dtype=float), (len(shape),))
     factor = np.maximum(1.0, sigma_vox / 2.0)
     coarse = tuple(max(2, int(np.ceil(n / f)) + 1) if f > 1 else n for n, f in zip(shape, factor))
-    draw = rng.standard_normal if distribution == "normal" else rng.uniform
-    noise = gaussian_filter(draw(size=coarse).astype(np.float32), sigma_vox / factor)
+    # drawn in single precision directly: half the cost of drawing doubles and converting them
+    noise = rng.standard_normal(coarse, dtype=np.float32) if distribution == "normal" else \
+        rng.random(coarse, dtype=np.float32)
+    noise = gaussian_filter(noise, sigma_vox / factor)
     return resize_linear(noise, tuple(shape))
 
 
@@ -214,8 +216,26 @@ def lesion_mask(radius_mm: float | np.ndarray, spacing: tuple[float, ...], rng: 
 
 def crop_to_mask(mask: np.ndarray) -> np.ndarray:
     """The mask cropped to the bounding box of its True voxels."""
-    idx = np.nonzero(mask)
-    return mask[tuple(slice(i.min(), i.max() + 1) for i in idx)]
+    return mask[bounding_box(mask)]
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """Slices of the smallest box that holds the True voxels of a non-empty mask (read from the mask's projections
+    on the axes, several times faster than listing the voxels)."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            raise ValueError("an empty mask has no bounding box")
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def centroid(mask: np.ndarray) -> np.ndarray:
+    """Mean voxel index of a non-empty mask's True voxels, per axis (from its projections)."""
+    total = np.count_nonzero(mask)
+    return np.array([np.dot(np.count_nonzero(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)),
+                            np.arange(mask.shape[axis])) / total for axis in range(mask.ndim)])
 
 
 def equivalent_diameter_mm(num_voxels: int, spacing: tuple[float, ...]) -> float:

@@ -10,6 +10,10 @@ fold's cases, so no validation case shapes or textures a synthetic tumour. A dra
 flips, 90-degree rotations in planes of equal spacing, and a zoom to the requested size, its texture exactly as
 its mask (linear interpolation for the texture, nearest for the mask). Shape-only paths use ``.mask``; the
 transplant backend paints ``.texture``.
+
+Breast plans (placement region ``fgt``) scale the drawn size with the breast, as the SynBT paper sizes tumours by
+tumour and breast dimensions: :func:`breast_scale` is this image's breast size over the training cases' median
+(recorded at planning), and :func:`scale_requests` multiplies the requested semi-axes by it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.ndimage import label as connected_components
@@ -33,12 +38,18 @@ from nnunet_synth.generators.appearance import (
     signed_distance,
 )
 from nnunet_synth.generators.paths import DEFAULT_PLANS_IDENTIFIER, template_file
+from nnunet_synth.generators.regions import breast_size_mm
+from nnunet_synth.generators.sizes import LesionRequest
+
+if TYPE_CHECKING:
+    from nnunet_synth.synth_plan import SynthPlan
 
 MIN_TEMPLATE_VOXELS = 8
 TEMPLATE_ZOOM_JITTER = 0.1
 # version of the stored textures; a template file without this key (or of another version) is rebuilt
 TEXTURE_VERSION = 2
 NO_ORGAN = -1  # the ring label stored for datasets without an organ label (ring: unlabelled voxels)
+BREAST_SCALE_RANGE = (0.5, 2.0)  # the breast-size factor is clipped to this (a patch that shows little body)
 
 
 @dataclass(frozen=True, eq=False)
@@ -256,6 +267,39 @@ def draw_template(templates: Sequence[Template | np.ndarray], radii_mm: np.ndarr
                 (slice(None), *(slice(n // 2, n // 2 + 1) for n in template.mask.shape))]
     mask, texture = crop_template(zoomed, texture)
     return Template(mask=mask, texture=texture, case=template.case)
+
+
+def breast_scale(image: np.ndarray, plan: SynthPlan, spacing: tuple[float, ...],
+                 window: tuple[slice, ...] | None = None) -> float:
+    """The factor template sizes are multiplied by: this image's breast size over the training cases' median.
+
+    It applies to breast plans (placement region ``fgt``) with deformation ``template`` whose FGT region records the
+    median (1.0 otherwise). The breast size is the equivalent diameter of the body
+    (:func:`~nnunet_synth.generators.regions.breast_size_mm`): of the whole image against the median of whole cases,
+    or, with ``window`` (a patch's central window), of the body in the window against the median in patch-size
+    windows centred on the body. Clipped to :data:`BREAST_SCALE_RANGE`.
+
+    Args:
+        image: (C, *spatial) image, normalised as at planning.
+        plan: the synth plan.
+        spacing: voxel spacing (mm) of the spatial axes.
+        window: the central window of a patch, or None for a whole case.
+    """
+    spec = plan.fgt
+    if plan.shapes.deformation != "template" or plan.region_kind != "fgt" or spec is None:
+        return 1.0
+    median = spec.breast_size_mm if window is None else spec.breast_size_patch_mm
+    if not median or len(spacing) != 3:
+        return 1.0
+    size = breast_size_mm(np.asarray(image[spec.channel]), spec.body_threshold, spacing, window)
+    return float(np.clip(size / median, *BREAST_SCALE_RANGE))
+
+
+def scale_requests(requests: list[LesionRequest], scale: float) -> list[LesionRequest]:
+    """The requests with their semi-axes multiplied by ``scale`` (see :func:`breast_scale`)."""
+    if scale == 1.0:
+        return requests
+    return [LesionRequest(r.size_class, np.asarray(r.radii_mm) * scale) for r in requests]
 
 
 def fold_templates(preprocessed: Path, configuration_manager, plan, train_cases: list[str],
