@@ -7,8 +7,9 @@ own dataset class into ``nnUNet_preprocessed/DatasetNNN/nnUNetSynthBank_<backend
 so are the shape settings of a bank made with ``--size-preset``/``--size-class``/``--deformation``, e.g.
 ``nnUNetSynthBank_ldm_3d_fullres_tiny``).
 Identifiers are ``<source case>__synth_f<fold>_<index>``: the fold and source are in the name, so a
-trainer takes only bank cases made for its fold from its own training cases. Case ``index`` depends only on
-(seed, fold, index), so parts (``-num_parts P -part_id I``, e.g. SLURM array tasks on different machines)
+trainer takes only bank cases made for its fold from its own training cases. Sources are the synth plan's healthy
+controls first, spread evenly over the cohorts of a merged dataset (:func:`source_cases`). Case ``index`` depends
+only on (seed, fold, index), so parts (``-num_parts P -part_id I``, e.g. SLURM array tasks on different machines)
 write disjoint, reproducible cases, and a rerun skips finished ones. A case becomes visible only when
 complete: its files are written in a temporary subfolder and renamed, the data file last.
 """
@@ -41,7 +42,7 @@ MANIFEST_DIR = "manifest"  # a subfolder, so the bank folder itself holds nothin
 TMP_DIR = ".tmp"
 SOURCE_TRIES = 4  # training cases tried, in turn, for one bank case before it is skipped
 # manifest entries a later part or rerun must share with the bank it adds to
-MANIFEST_KEYS = ("backend", "configuration", "seed", "checkpoint", "sampling_steps", "shapes", "settings")
+MANIFEST_KEYS = ("backend", "configuration", "seed", "checkpoint", "sampling_steps", "shapes", "settings", "sources")
 # synth-plan keys that are no bank setting: how the generator is found and run (the manifest records its checkpoint
 # and sampling steps), the seed (recorded on its own: --seed may override it), the partial-bank permission and the
 # number of bank cases a trainer mixes in and the healthy controls on-the-fly trainers prefer (how a bank is used,
@@ -403,6 +404,44 @@ def export_raw(data: np.ndarray, source_data: np.ndarray, synthetic: np.ndarray,
     return [final for _, final in moves]
 
 
+def source_cases(index: int, train_cases: list[str], healthy: list[str] | tuple[str, ...] = (),
+                 cohorts: dict[str, str] | None = None, tries: int = SOURCE_TRIES) -> list[str]:
+    """The training cases bank case ``index`` tries as its source, in turn (the first that takes a lesion is used).
+
+    It depends only on ``index`` and the arguments, so a bank case is the same whichever part or rerun makes it:
+
+    * healthy controls first: where ``healthy`` (the synth plan's ``healthy_cases``) lists training cases, the
+      sources are those (the other training cases only after them), as the papers insert into healthy scans;
+    * cohorts: with ``cohorts`` (case -> source dataset of a merged dataset), bank case ``k`` takes cohort
+      ``k mod n`` of the n cohorts among those sources (sorted by name) and its case ``(k // n) mod size``, so a
+      bank's sources are spread evenly over the cohorts (the liver-MRI paper's 500 synthetic tumours on each of
+      ATLAS and LLD-MMRI); the cohort's next cases follow, then the other sources;
+    * otherwise the ``index``-th source, cycling, then the next ones.
+
+    Args:
+        index: bank case index.
+        train_cases: the fold's training cases (sorted, as :func:`~nnunet_synth.generators.splits.split_cases`
+            gives them).
+        healthy: healthy-control case identifiers (any case; those not in ``train_cases`` are ignored).
+        cohorts: the cohort of every training case, or None.
+        tries: how many cases to return at most.
+    """
+    listed = set(healthy)
+    first = [c for c in train_cases if c in listed] or list(train_cases)
+    rest = [c for c in train_cases if c not in set(first)]
+
+    def turn(cases: list[str], k: int) -> list[str]:
+        return cases[k % len(cases):] + cases[:k % len(cases)] if cases else []
+
+    ordered = turn(first, index)
+    if cohorts is not None:
+        names = sorted({cohorts[c] for c in first})
+        cohort = names[index % len(names)]
+        members = [c for c in first if cohorts[c] == cohort]
+        ordered = turn(members, index // len(names)) + [c for c in ordered if cohorts[c] != cohort]
+    return (ordered + turn(rest, index))[:min(tries, len(train_cases))]
+
+
 def _fold_seed(fold: int | str) -> int:
     return fold if isinstance(fold, int) else 1_000_000
 
@@ -587,6 +626,7 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from tqdm import tqdm
 
+    from nnunet_synth.dataset_conversion.merge import read_case_cohorts
     from nnunet_synth.generators import get_backend
     from nnunet_synth.generators.lesions import insert_tumours_in_case
     from nnunet_synth.generators.splits import split_cases
@@ -605,6 +645,8 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
     seed = int(plan.seed if seed is None else seed)
     generator = get_backend(backend)(plan)
     train_cases, _, real_folder = split_cases(dataset, configuration, fold, plans_identifier)
+    cohorts = read_case_cohorts(plan.dataset_name, train_cases)  # None: not a merged dataset
+    healthy = [c for c in plan.healthy_cases if c in set(train_cases)]
     base = preprocessed_dir(dataset)
     plans_manager = PlansManager(load_json(base / f"{plans_identifier}.json"))
     conf = plans_manager.get_configuration(configuration)
@@ -624,7 +666,10 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
                 "fold": fold, "seed": seed, "num_cases": num_cases,
                 "checkpoint": None if generator.checkpoint is None else str(generator.checkpoint),
                 "sampling_steps": generator.sampling_steps, "training_cases": train_cases,
-                "shapes": dataclasses.asdict(plan.shapes), "shape_overrides": shapes, "settings": bank_settings(plan)}
+                "shapes": dataclasses.asdict(plan.shapes), "shape_overrides": shapes, "settings": bank_settings(plan),
+                # how sources are chosen (source_cases): healthy controls first, spread evenly over the cohorts
+                "sources": {"healthy_first": healthy,
+                            "cohorts": None if cohorts is None else sorted({cohorts[c] for c in train_cases})}}
     manifest_path, part_key = out / MANIFEST_DIR / f"fold_{fold}.json", f"{part}/{num_parts}"
     _check_manifest(manifest_path, manifest, part_key)
 
@@ -636,8 +681,8 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
         if index in done:
             continue
         rng = np.random.default_rng([seed, _fold_seed(fold), index])
-        # the index's own source case first; where nothing fits it whole, the next training cases
-        for source in (train_cases[(index + k) % len(train_cases)] for k in range(min(SOURCE_TRIES, len(train_cases)))):
+        # the index's own source case first (healthy controls, cohorts in turn); where nothing fits, the next ones
+        for source in source_cases(index, train_cases, healthy, cohorts):
             data, seg, _, properties = real.load_case(source)
             new_data, new_seg, lesions, z = insert_tumours_in_case(np.asarray(data), np.asarray(seg), plan, rng,
                                                                    generator, templates)
@@ -656,6 +701,7 @@ def generate_bank(dataset: str | int, backend: str, num_cases: int, configuratio
         props["synth"] = {"source": source, "fold": fold, "index": index, "backend": backend, "seed": seed,
                           "lesions": [lesion.to_dict() for lesion in lesions], "slice": z,
                           "synthetic_slices": synthetic_slices,
+                          "cohort": None if cohorts is None else cohorts[source],
                           "checkpoint": manifest["checkpoint"], "sampling_steps": manifest["sampling_steps"]}
         if export_raw_dir is not None:  # first: a failed export (e.g. a missing raw file) leaves no bank case behind
             export_raw(new_data, np.asarray(data), synthetic, props, plans_manager, conf, dataset_json,

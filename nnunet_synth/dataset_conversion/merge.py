@@ -14,7 +14,9 @@ contain tumour voxels. ``healthy_cases.json`` beside dataset.json lists the iden
 cases (a JSON list of strings); ``nnUNetv2_synth_plan`` copies it into the synth plan (``healthy_cases``) and the
 on-the-fly Synth trainers insert their synthetic tumours into those cases first, as the pancreas paper inserts into
 its healthy scans (see :class:`nnunet_synth.injection.SynthTumourTransform`). ``merge_sources.json`` maps every case
-to its source dataset.
+to its source dataset: its cohort (:func:`read_case_cohorts`). The cohort-balanced trainers
+(:mod:`nnunet_synth.trainers.cohorts`, the liver-MRI paper's ATLAS + LLD-MMRI oversampling) draw every cohort alike,
+and ``nnUNetv2_synth_generate`` spreads a bank's source cases evenly over the cohorts.
 """
 
 from __future__ import annotations
@@ -48,6 +50,51 @@ from nnunet_synth.synth_plan import HEALTHY_CASES_FILE
 TUMOUR_WORDS = ("tumour", "tumor", "cancer", "lesion", "mass", "carcinoma", "neoplasm")
 HEALTHY_FILE = HEALTHY_CASES_FILE  # the synth plan reads it from there
 SOURCES_FILE = "merge_sources.json"
+
+
+def cohorts_file(dataset_name: str) -> Path | None:
+    """``merge_sources.json`` of a dataset: in its raw folder (``nnUNet_raw/<name>``, where merge writes it), else in
+    its preprocessed folder (copy it there where training runs without the raw data); None where neither holds it."""
+    from nnunet_synth.dataset_conversion.common import _nnunet_path
+
+    for variable in ("nnUNet_raw", "nnUNet_preprocessed"):
+        root = _nnunet_path(variable)
+        if root and (Path(root) / dataset_name / SOURCES_FILE).is_file():
+            return Path(root) / dataset_name / SOURCES_FILE
+    return None
+
+
+def read_case_cohorts(dataset_name: str, cases: list[str] | None = None) -> dict[str, str] | None:
+    """The cohort (source dataset) of every case of a merged dataset, from its ``merge_sources.json``
+    (:func:`cohorts_file`).
+
+    Args:
+        dataset_name: nnU-Net dataset name (``DatasetNNN_Name``).
+        cases: identifiers that must all have a cohort (e.g. a fold's training cases).
+
+    Returns:
+        Case identifier -> cohort name; None where the dataset has no ``merge_sources.json``.
+
+    Raises:
+        ValueError: the file is not a JSON object of strings, or lacks some of ``cases`` (the message names the file
+            and the cases).
+    """
+    path = cohorts_file(dataset_name)
+    if path is None:
+        return None
+    try:
+        cohorts = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(cohorts, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                for k, v in cohorts.items()):
+        raise ValueError(f"{path}: expected a JSON object mapping case identifiers to their source dataset, got "
+                         f"{str(cohorts)[:200]}")
+    missing = sorted(set(cases or ()) - set(cohorts))
+    if missing:
+        raise ValueError(f"{path} gives no source dataset for {len(missing)} case(s): "
+                         f"{', '.join(missing[:10])}{'...' if len(missing) > 10 else ''}")
+    return cohorts
 
 
 def canonical_label(name: str) -> str:

@@ -13,7 +13,9 @@ tumour is cut out with a context margin and measured in nnU-Net's normalised int
 * per-channel contrast to the organ, edge sharpness and heterogeneity of real and synthetic tumours side by
   side, and a panel of examples.
 
-Outputs: ``quality.json``, ``quality.md``, ``intensity_stats.png``, ``examples.png``. See docs/evaluation.md.
+Outputs: ``quality.json``, ``quality.md``, ``intensity_stats.png``, ``examples.png``. With ``--select-checkpoint``
+the command instead scores every checkpoint of a learned generator's training with the one-class SVM and records the
+best (:mod:`~nnunet_synth.evaluation.checkpoint_selection`). See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -366,6 +368,75 @@ def _build_transform(plan: SynthPlan, backend: str, patch_size: tuple[int, ...],
     return plan, transform
 
 
+def load_dataset(dataset: str | int, configuration: str, plans_identifier: str,
+                 synth_plan: SynthPlan | dict | None = None):
+    """The preprocessed dataset a quality check reads.
+
+    Args:
+        dataset: dataset name or ID.
+        configuration: nnU-Net configuration.
+        plans_identifier: nnU-Net plans identifier.
+        synth_plan: a synth plan to use instead of the dataset's (validated against it), or None.
+
+    Returns:
+        (preprocessed dataset folder, nnU-Net configuration manager, preprocessed data folder, synth plan).
+
+    Raises:
+        QualityError: missing plans, configuration or preprocessed data, or an invalid synth plan.
+    """
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_synth.planning import load_synth_plan
+    from nnunet_synth.synth_plan import SynthPlan, SynthPlanError
+
+    base = resolve_dataset(dataset)
+    plans_file = base / f"{plans_identifier}.json"
+    if not plans_file.is_file():
+        raise QualityError(f"{plans_file} not found: run nnUNetv2_plan_and_preprocess -d {dataset} first")
+    try:
+        conf = PlansManager(load_json(plans_file)).get_configuration(configuration)
+    except (KeyError, RuntimeError) as e:
+        raise QualityError(f"{base.name}, {plans_file.name}: {e}") from e
+    folder = base / conf.data_identifier
+    if not folder.is_dir():
+        raise QualityError(f"{folder} does not exist: run nnUNetv2_plan_and_preprocess -d {dataset} "
+                           f"-c {configuration} first")
+    try:
+        if synth_plan is None:
+            plan = load_synth_plan(dataset, configuration, plans_identifier)
+        else:
+            source = "the synth_plan argument of assess_quality"
+            plan = synth_plan if isinstance(synth_plan, SynthPlan) else SynthPlan.from_dict(synth_plan, source)
+            plan = plan.validated(source, load_json(base / "dataset.json"))
+    except SynthPlanError as e:
+        raise QualityError(f"{base.name}: {e}") from e
+    return base, conf, folder, plan
+
+
+def load_encoder(model_folder: str | Path, fold: int | str, checkpoint_name: str, device: str | None,
+                 dataset_name: str, data_identifier: str, num_channels: int):
+    """A trained model's encoder (:class:`~nnunet_synth.evaluation.encoder_features.EncoderEmbedder`), checked to
+    be trained on the data the check reads.
+
+    Raises:
+        QualityError: the model cannot be loaded, or was trained on another dataset, configuration or channel count.
+    """
+    from nnunet_synth.evaluation.encoder_features import EncoderEmbedder, EncoderError
+
+    try:
+        encoder = EncoderEmbedder(model_folder, fold, checkpoint_name, device)
+    except EncoderError as e:
+        raise QualityError(str(e)) from e
+    if (encoder.dataset_name, encoder.data_identifier) != (dataset_name, data_identifier) \
+            or encoder.num_input_channels != num_channels:
+        raise QualityError(f"the model in {model_folder} was trained on {encoder.dataset_name} "
+                           f"({encoder.data_identifier}, {encoder.num_input_channels} channels) but the check "
+                           f"reads {dataset_name} ({data_identifier}, {num_channels} channels); pass the "
+                           f"matching -d/-c/-p")
+    return encoder
+
+
 def assess_quality(dataset: str | int, backend: str, output_dir: str | Path, num: int = 100,
                    configuration: str = "3d_fullres", plans_identifier: str = "nnUNetPlans",
                    fold: int | str | None = None, model_folder: str | Path | None = None,
@@ -399,13 +470,10 @@ def assess_quality(dataset: str | int, backend: str, output_dir: str | Path, num
         QualityError: for an unknown or unbuilt backend, a dataset without real tumours, a model that does
             not match the dataset and other conditions the message names.
     """
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_synth.evaluation.quality_report import write_report
-    from nnunet_synth.planning import MAX_CASES_FOR_STATISTICS, load_synth_plan
-    from nnunet_synth.synth_plan import SynthPlan, SynthPlanError
+    from nnunet_synth.planning import MAX_CASES_FOR_STATISTICS
 
     settings = settings or QualitySettings()
     settings.check()
@@ -414,27 +482,7 @@ def assess_quality(dataset: str | int, backend: str, output_dir: str | Path, num
     if model_folder is not None and fold is None:
         raise QualityError("a model (-m) needs the fold (-f) whose checkpoint to load")
     check_backend(backend)  # fail fast, before any data is read
-    base = resolve_dataset(dataset)
-    plans_file = base / f"{plans_identifier}.json"
-    if not plans_file.is_file():
-        raise QualityError(f"{plans_file} not found: run nnUNetv2_plan_and_preprocess -d {dataset} first")
-    try:
-        conf = PlansManager(load_json(plans_file)).get_configuration(configuration)
-    except (KeyError, RuntimeError) as e:
-        raise QualityError(f"{base.name}, {plans_file.name}: {e}") from e
-    folder = base / conf.data_identifier
-    if not folder.is_dir():
-        raise QualityError(f"{folder} does not exist: run nnUNetv2_plan_and_preprocess -d {dataset} "
-                           f"-c {configuration} first")
-    try:
-        if synth_plan is None:
-            plan = load_synth_plan(dataset, configuration, plans_identifier)
-        else:
-            source = "the synth_plan argument of assess_quality"
-            plan = synth_plan if isinstance(synth_plan, SynthPlan) else SynthPlan.from_dict(synth_plan, source)
-            plan = plan.validated(source, load_json(base / "dataset.json"))
-    except SynthPlanError as e:
-        raise QualityError(f"{base.name}: {e}") from e
+    base, conf, folder, plan = load_dataset(dataset, configuration, plans_identifier, synth_plan)
     ds = infer_dataset_class(str(folder))(str(folder))
     identifiers = list(ds.identifiers)
     # the plan's statistics saw every case unless there are more than it samples: then no tumour means none
@@ -457,18 +505,8 @@ def assess_quality(dataset: str | int, backend: str, output_dir: str | Path, num
 
     encoder = None
     if model_folder is not None:
-        from nnunet_synth.evaluation.encoder_features import EncoderEmbedder, EncoderError
-
-        try:
-            encoder = EncoderEmbedder(model_folder, fold, checkpoint_name, device)
-        except EncoderError as e:
-            raise QualityError(str(e)) from e
-        if (encoder.dataset_name, encoder.data_identifier) != (base.name, conf.data_identifier) \
-                or encoder.num_input_channels != len(channel_names):
-            raise QualityError(f"the model in {model_folder} was trained on {encoder.dataset_name} "
-                               f"({encoder.data_identifier}, {encoder.num_input_channels} channels) but the check "
-                               f"reads {base.name} ({conf.data_identifier}, {len(channel_names)} channels); pass the "
-                               f"matching -d/-c/-p")
+        encoder = load_encoder(model_folder, fold, checkpoint_name, device, base.name, conf.data_identifier,
+                               len(channel_names))
 
     rng = np.random.default_rng(seed)
     real, synthetic, counts = collect_crops(ds, cases, plan, transform, patch_size, num, settings, rng, base.name,
@@ -564,6 +602,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=d.examples,
                    help=f"real and synthetic examples each in examples.png (default {d.examples})")
     p.add_argument("--seed", type=int, default=0, help="seed of the patches, lesions and classifiers (default 0)")
+    p.add_argument("--select-checkpoint", action="store_true",
+                   help="instead of the report: score every checkpoint of the generator's training folder of fold -f "
+                        "(checkpoint_iter*.pth, checkpoint_best.pth, checkpoint_final.pth) as the liver-MRI paper "
+                        "selects its model (one-class SVM on the encoder features of -m at the real tumours of the "
+                        "fold's validation images, each replaced by the checkpoint's synthetic tumour), record the "
+                        "best in the generator folder's selected_checkpoint.json (bank generation and the ddpm "
+                        "backend then use it) and write checkpoint_selection.json/.md to -o; needs -m and -f")
+    p.add_argument("--pooling", choices=("global", "lesion"), default="global",
+                   help="encoder pooling of --select-checkpoint (default global: the paper's patch latent)")
+    p.add_argument("--sampling-steps", type=int, default=None,
+                   help="sampling steps of the generator in --select-checkpoint (default: the synth plan's, else "
+                        "the backend's, e.g. 250 for ddpm)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -588,6 +638,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = QualitySettings(context_mm=args.context_mm, shell_mm=args.shell_mm, min_voxels=args.min_voxels,
                                classifier=args.classifier, n_repeats=args.repeats, nu=args.nu,
                                examples=args.examples)
+    if args.select_checkpoint:
+        if args.model is None:
+            parser.error("--select-checkpoint needs -m MODEL_FOLDER (the trained nnU-Net whose encoder scores) and -f")
+        if args.sampling_steps is not None and args.sampling_steps < 1:
+            parser.error(f"--sampling-steps must be at least 1, got {args.sampling_steps}")
+        from nnunet_synth.evaluation.checkpoint_selection import select_checkpoint
+
+        selection = select_checkpoint(args.dataset, args.generator, args.model, fold, args.output, args.configuration,
+                                      args.plans, args.checkpoint, args.device, args.seed, settings, args.pooling,
+                                      args.sampling_steps, progress=not args.quiet)
+        print(f"nnUNetv2_synth_quality: selected {selection['checkpoint']} of {len(selection['scores'])} "
+              f"{selection['backend']} checkpoints (score {selection['score']:.4g}, lower is better; "
+              f"{selection['num_tumours']} validation tumours); recorded in {selection['selection_file']}; report "
+              f"in {args.output}")
+        return 0
     summary = assess_quality(args.dataset, args.generator, args.output, args.num, args.configuration, args.plans,
                              fold, args.model, args.checkpoint, args.device, args.seed, settings,
                              progress=not args.quiet)

@@ -1,9 +1,11 @@
-"""The generator-quality report: ``quality.json``, ``quality.md``, ``intensity_stats.png``, ``examples.png``."""
+"""The generator-quality report: ``quality.json``, ``quality.md``, ``intensity_stats.png``, ``examples.png``; and the
+checkpoint selection's ``checkpoint_selection.json`` and ``checkpoint_selection.md``."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -295,3 +297,40 @@ def _write_report_files(summary: dict, real: Sequence[LesionCrop], synthetic: Se
     (out / files["json"]).write_text(json.dumps(summary, indent=1, allow_nan=False), encoding="utf-8")
     replace_report(out, final, list(files.values()), files["json"], old_files=list(files.values()))
     return summary
+
+
+def selection_markdown(selection: dict) -> str:
+    """The Markdown report of a checkpoint selection (``checkpoint_selection.md``)."""
+    lines = [
+        f"# Checkpoint selection: `{selection['backend']}` on {selection['dataset']} ({selection['configuration']}), "
+        f"fold {selection['fold']}",
+        "",
+        f"- Selected: **{selection['checkpoint']}** (recorded in `{selection['selection_file']}`; bank generation "
+        f"and the backend load it where the synth plan names no checkpoint)",
+        f"- Score: {selection['criterion']}",
+        f"- One-class SVM (nu {selection['nu']:g}) on the encoder features ({selection['pooling']} pooling) of "
+        f"`{selection['model_folder']}` ({selection['model_checkpoint']}), fitted on the real tumours of the "
+        f"{len(selection['validation_cases'])} validation images; {selection['num_tumours']} tumours scored"
+        + (f", {selection['num_tumours_left_out']} left out (larger than a checkpoint's patch)"
+           if selection["num_tumours_left_out"] else ""),
+        "",
+        "| Checkpoint | Iteration | Score (lower is better) | Mean SVM decision, synthetic | Accepted as inliers |",
+        "| :-- | --: | --: | --: | --: |",
+    ]
+    for s in selection["scores"]:
+        mark = " (selected)" if s["checkpoint"] == selection["checkpoint"] else ""
+        iteration = "–" if s["iteration"] is None else str(s["iteration"])
+        lines.append(f"| {s['checkpoint']}{mark} | {iteration} | {_fmt(s['score'], 4)} | "
+                     f"{_fmt(s['synthetic_mean_decision'], 4)} | {100 * s['synthetic_inlier_share']:.0f}% |")
+    lines += ["", f"Real tumours: mean SVM decision {_fmt(selection['real_mean_decision'], 4)}.", ""]
+    return "\n".join(lines)
+
+
+def write_selection_report(selection: dict, out: Path) -> None:
+    """Writes ``checkpoint_selection.json`` and ``checkpoint_selection.md`` into ``out``, each atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("checkpoint_selection.json", json.dumps(_strict(selection), indent=1, allow_nan=False)),
+                       ("checkpoint_selection.md", selection_markdown(selection))):
+        tmp = out / f".{name}{process_tag()}"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out / name)

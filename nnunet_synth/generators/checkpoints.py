@@ -7,8 +7,10 @@ and the model/optimiser state. Loading names the file and the mismatch instead o
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -79,3 +81,62 @@ def _normalise(value):
     if isinstance(value, float):
         return round(value, 6)
     return value
+
+
+# --- checkpoint selection (the liver-MRI paper's model selection, ``nnUNetv2_synth_quality --select-checkpoint``)
+
+# beside a generator's checkpoints: the one chosen by the one-class SVM score, with every checkpoint's score
+SELECTION_FILE = "selected_checkpoint.json"
+# periodic checkpoints of a training: checkpoint_iter{N:07d}.pth, N the iteration
+PERIODIC_CHECKPOINT = re.compile(r"^checkpoint_iter(?P<iteration>\d+)\.pth$")
+# the named checkpoints scored besides the periodic ones (latest is a copy of the newest state, not a candidate)
+SELECTABLE_NAMES = ("checkpoint_best.pth", "checkpoint_final.pth")
+
+
+def selectable_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints of a generator training that checkpoint selection scores: every ``checkpoint_iter*.pth``
+    by iteration, then ``checkpoint_best.pth`` and ``checkpoint_final.pth`` where present."""
+    folder = Path(folder)
+    periodic = [p for p in folder.glob("checkpoint_iter*.pth") if PERIODIC_CHECKPOINT.match(p.name)]
+    periodic.sort(key=lambda p: int(PERIODIC_CHECKPOINT.match(p.name)["iteration"]))
+    return periodic + [folder / name for name in SELECTABLE_NAMES if (folder / name).is_file()]
+
+
+def record_selection(folder: Path, selection: dict) -> Path:
+    """Writes ``selection`` (its ``checkpoint``: the chosen file's name in ``folder``) atomically to
+    ``folder/selected_checkpoint.json``.
+
+    Returns:
+        The written file.
+    """
+    folder = Path(folder)
+    if not (folder / selection["checkpoint"]).is_file():
+        raise GeneratorCheckpointError(f"the selected checkpoint {folder / selection['checkpoint']} does not exist")
+    path = folder / SELECTION_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(selection, indent=2, allow_nan=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def selected_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint recorded in ``folder/selected_checkpoint.json``; None where no selection was recorded.
+
+    Raises:
+        GeneratorCheckpointError: the file is not a selection record, or the checkpoint it names no longer exists
+            (the message names both and how to choose again).
+    """
+    path = Path(folder) / SELECTION_FILE
+    if not path.is_file():
+        return None
+    try:
+        name = json.loads(path.read_text(encoding="utf-8"))["checkpoint"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise GeneratorCheckpointError(f"{path} is not a checkpoint selection record ({type(e).__name__}: {e}); "
+                                       f"delete it or run nnUNetv2_synth_quality --select-checkpoint again") from e
+    chosen = Path(folder) / str(name)
+    if not chosen.is_file():
+        raise GeneratorCheckpointError(f"{path} selects {chosen}, which no longer exists; run "
+                                       f"nnUNetv2_synth_quality --select-checkpoint again, or delete {path.name} to "
+                                       f"use the default checkpoint")
+    return chosen

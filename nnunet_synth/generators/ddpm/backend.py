@@ -2,13 +2,17 @@
 
 The checkpoint comes from the synth plan's ``backend_params``: ``checkpoint`` (a path, or ``best``/``final``/
 ``latest`` of the default training folder ``nnUNet_results/DatasetNNN/nnUNetSynthGenerator_ddpm__<config>/
-fold_<fold>/``, see :mod:`nnunet_synth.generators.paths`; default ``best``), ``fold`` (default 0),
+fold_<fold>/``, see :mod:`nnunet_synth.generators.paths`; absent: the checkpoint that
+``nnUNetv2_synth_quality --select-checkpoint`` recorded in that folder's ``selected_checkpoint.json``, else
+``best``), ``fold`` (default 0),
 ``sampling_steps`` (DDIM steps, default 250 as in the paper) and ``device`` (default cuda when available).
 Loading checks that the checkpoint was trained on this dataset, configuration, channel count and spacing.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,11 +43,30 @@ class DDPMGenerator(TumourGenerator):
         params = synth_plan.backend_params
         self.checkpoint, self.fold = resolve_checkpoint(synth_plan.dataset_name, "ddpm", synth_plan.configuration,
                                                         params, synth_plan.plans_identifier)
+        if not params.get("checkpoint"):  # none named: the recorded selection, else the default (best)
+            self.checkpoint = self._selected_or(self.checkpoint)
         self.sampling_steps = int(params.get("sampling_steps") or DEFAULT_SAMPLING_STEPS)
         self.device = torch.device(params.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.num_channels = len(synth_plan.channels)
         self._model: torch.nn.Module | None = None
         self.config = self._load()
+
+    @staticmethod
+    def _selected_or(default: Path) -> Path:
+        """The checkpoint ``nnUNetv2_synth_quality --select-checkpoint`` recorded beside ``default`` (in
+        ``selected_checkpoint.json``), else ``default``; says on stderr which one is used.
+
+        Raises:
+            GeneratorCheckpointError: the recorded checkpoint no longer exists.
+        """
+        from nnunet_synth.generators.checkpoints import SELECTION_FILE, selected_checkpoint
+
+        chosen = selected_checkpoint(default.parent)
+        if chosen is None:
+            return default
+        print(f"ddpm generator: {chosen} (selected by one-class SVM score, {default.parent / SELECTION_FILE})",
+              file=sys.stderr, flush=True)
+        return chosen
 
     def _load(self) -> dict:
         from nnunet_synth.generators.checkpoints import load_checkpoint
