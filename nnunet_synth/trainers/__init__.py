@@ -12,6 +12,13 @@ from nnunet_synth.trainers.bank import (
     nnUNetTrainerSynth60DDPM,
     nnUNetTrainerSynthBank,
 )
+from nnunet_synth.trainers.cohorts import (
+    nnUNetTrainerCohortBalanced,
+    nnUNetTrainerSynth20DDPMCohortBalanced,
+    nnUNetTrainerSynth20ElasticDDPMCohortBalanced,
+    nnUNetTrainerSynth20SimplexDDPMCohortBalanced,
+    nnUNetTrainerSynthBankCohortBalanced,
+)
 from nnunet_synth.trainers.ldm import (
     nnUNetTrainerSynth2LDM,
     nnUNetTrainerSynth2LDMOnline,
@@ -32,6 +39,11 @@ from nnunet_synth.trainers.ldm import (
     nnUNetTrainerSynth60LDMOnline,
     nnUNetTrainerSynthLDMBank,
     nnUNetTrainerSynthLDMOnline,
+)
+from nnunet_synth.trainers.phases import (
+    nnUNetTrainerRandomPhase,
+    nnUNetTrainerSynth20LDMOnlineRandomPhase,
+    nnUNetTrainerSynth20RandomPhase,
 )
 from nnunet_synth.trainers.ratios import (
     nnUNetTrainerSynth2,
@@ -155,6 +167,11 @@ __all__ = [
     "nnUNetTrainerSynth50DDPM",
     "nnUNetTrainerSynth60DDPM",
     "nnUNetTrainerSynth20DDPM_Debug",
+    "nnUNetTrainerCohortBalanced",
+    "nnUNetTrainerSynthBankCohortBalanced",
+    "nnUNetTrainerSynth20DDPMCohortBalanced",
+    "nnUNetTrainerSynth20ElasticDDPMCohortBalanced",
+    "nnUNetTrainerSynth20SimplexDDPMCohortBalanced",
     "nnUNetTrainerSynth2LDM",
     "nnUNetTrainerSynth5LDM",
     "nnUNetTrainerSynth10LDM",
@@ -174,6 +191,9 @@ __all__ = [
     "nnUNetTrainerSynth40LDMOnline",
     "nnUNetTrainerSynth50LDMOnline",
     "nnUNetTrainerSynth60LDMOnline",
+    "nnUNetTrainerRandomPhase",
+    "nnUNetTrainerSynth20RandomPhase",
+    "nnUNetTrainerSynth20LDMOnlineRandomPhase",
     "nnUNetTrainer_Debug",
     "nnUNetTrainer_Demo",
     "nnUNetTrainerSynthBankSD",

@@ -2,10 +2,14 @@
 
 ``nnUNetTrainerSynthNLDM`` trains on real + ldm bank cases (made by ``nnUNetv2_synth_generate -g ldm``), the
 bank drawn with total probability N/100, exactly like the DDPM bank trainers. ``nnUNetTrainerSynthNLDMOnline``
-inpaints a share N/100 of every training batch's samples on the GPU with the trained LDM just before the
-forward pass (few DDIM steps; ``sampling_steps`` of the synth plan's ``backend_params`` when its backend is
-``ldm``, else 10) and log each epoch which share of the training-step time generation took. On a machine
-without CUDA the online trainers refuse to start and name the bank trainers.
+inpaints a share N/100 of the training samples on the GPU with the trained LDM just before the forward pass (few
+DDIM steps; ``sampling_steps`` of the synth plan's ``backend_params`` when its backend is ``ldm``, else 10) and log
+each epoch which share of the training-step time generation took. The loader chooses and marks those samples
+(:class:`~nnunet_synth.injection.OnlineSynthMarker`: healthy cases first where the synth plan lists them) and keeps
+them out of nnU-Net's intensity transforms; ``train_step`` inpaints them and then applies those same transforms to
+them on the GPU (:class:`~nnunet_synth.injection.DeviceIntensityAugmentation`), so the generator sees un-augmented
+intensities and a synthetic sample is augmented like a real one. On a machine without CUDA the online trainers
+refuse to start and name the bank trainers.
 """
 
 from __future__ import annotations
@@ -15,10 +19,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_synth.injection import (
+    MARKED,
+    OUTCOME_KEY,
+    OUTSIDE_KEY,
+    DeviceIntensityAugmentation,
+    OnlineSynthMarker,
+    OutcomeDataLoader,
+    defer_intensity_transforms,
+)
 from nnunet_synth.synth_plan import SynthPlan
 from nnunet_synth.trainers.bank import nnUNetTrainerSynthBank
+from nnunet_synth.trainers.loaders import build_dataloaders
 from nnunet_synth.trainers.schedules import DEBUG_SCHEDULE, apply_schedule_override, set_schedule
 
 
@@ -75,7 +90,8 @@ def _bank_trainer_name(probability: float) -> str:
 
 class nnUNetTrainerSynthLDMOnline(nnUNetTrainer):
     """nnU-Net training where each training sample gets an LDM-inpainted tumour with probability
-    ``synth_probability``, generated on the GPU inside ``train_step``.
+    ``synth_probability``, generated on the GPU inside ``train_step`` before nnU-Net's intensity augmentation of that
+    sample (see the module docstring).
 
     Raises:
         RuntimeError: at construction on a device other than an available CUDA GPU (names the bank trainer).
@@ -91,8 +107,11 @@ class nnUNetTrainerSynthLDMOnline(nnUNetTrainer):
         apply_schedule_override(self)
         self.synth_plan: SynthPlan | None = None
         self._ldm = None
-        self._synth_seen = [0, 0]
+        self._synth_seen = [0, 0]  # samples, inpainted samples
+        self._synth_skipped = 0  # marked samples where no lesion fitted
         self._seconds = [0.0, 0.0]  # generation, whole training step: the generation share of step time
+        self.synth_marker: OnlineSynthMarker | None = None
+        self.device_augmentation: DeviceIntensityAugmentation | None = None
 
     @classmethod
     def _require_cuda(cls, device: torch.device) -> None:
@@ -139,24 +158,64 @@ class nnUNetTrainerSynthLDMOnline(nnUNetTrainer):
                                                 self.configuration_manager, plan, self.do_split()[0],
                                                 textures=False)  # the LDM paints; only the shapes are used
         self._ldm = (models, build_sampling_scheduler(steps), config)
-        self._rng = np.random.default_rng([int(plan.seed), self.fold if isinstance(self.fold, int) else 0])
+        fold = self.fold if isinstance(self.fold, int) else 0
+        self._rng = np.random.default_rng([int(plan.seed), fold])
+        # the loader's choice of samples, drawn per worker like the Synth trainers' transform (seed per fold)
+        self.synth_marker = OnlineSynthMarker(plan, self.synth_probability, int(plan.seed) + 1000 * fold)
         self._noise = torch.Generator(device=self.device).manual_seed(int(plan.seed))
         self.print_to_log_file(f"LDM inpainting on the fly: probability {self.synth_probability} per training "
                                f"sample, {steps} DDIM steps, checkpoint {checkpoint}")
 
-    def train_step(self, batch: dict) -> dict:
+    def get_training_transforms(self, patch_size, *args, **kwargs) -> ComposeTransforms:
+        # nnU-Net declares this a staticmethod; as a method it marks the samples to synthesise and defers their
+        # intensity augmentation to train_step
+        transforms = super().get_training_transforms(patch_size, *args, **kwargs)
+        assert isinstance(transforms, ComposeTransforms), type(transforms)
+        self.device_augmentation = defer_intensity_transforms(transforms, self.synth_marker)
+        return transforms
+
+    def get_dataloaders(self):
+        # nnU-Net's loaders; the training loader's batches carry the marks (and, where nnU-Net masks, the masks)
+        loaders = build_dataloaders(self, OutcomeDataLoader)
+        marker = self.synth_marker
+        if marker.healthy:
+            healthy_p, other_p = marker.case_probabilities()
+            self.print_to_log_file(f"healthy controls first: {len(marker.healthy)} training cases "
+                                   f"({marker.healthy_share:.0%} of drawn samples) get an LDM tumour with probability "
+                                   f"{healthy_p:.2f}, the others with {other_p:.2f}")
+        return loaders
+
+    def synthesize(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]:
+        """The batch's data and target on the device with the loader's marked samples inpainted and then given
+        nnU-Net's intensity augmentation (what ``train_step`` trains on).
+
+        Raises:
+            RuntimeError: a batch without the loader's marks (not made by this trainer's training loader).
+        """
         from nnunet_synth.generators.ldm.online import inpaint_batch
 
+        if OUTCOME_KEY not in batch:
+            raise RuntimeError(f"{self.__class__.__name__}: the training batch has no {OUTCOME_KEY!r} (the samples "
+                               f"its loader marked for synthesis); use the trainer's own get_dataloaders")
         models, scheduler, config = self._ldm
-        start = time.perf_counter()
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
-        data, target, chosen = inpaint_batch(models, scheduler, data, target, self.synth_plan, self.synth_probability,
-                                             self._rng, self._noise, config["intensity_range"], self._templates)
+        marked = torch.nonzero(torch.as_tensor(batch[OUTCOME_KEY]) == MARKED).flatten().tolist()
+        data, target, inpainted = inpaint_batch(models, scheduler, data, target, self.synth_plan,
+                                                self.synth_probability, self._rng, self._noise,
+                                                config["intensity_range"], self._templates, samples=marked)
+        # every marked sample skipped the loader's intensity transforms, inpainted or not (nothing fitted)
+        data = self.device_augmentation(data, marked, len(self.synth_plan.channels), batch.get(OUTSIDE_KEY))
         self._synth_seen[0] += data.shape[0]
-        self._synth_seen[1] += len(chosen)
+        self._synth_seen[1] += len(inpainted)
+        self._synth_skipped += len(marked) - len(inpainted)
+        return data, target
+
+    def train_step(self, batch: dict) -> dict:
+        start = time.perf_counter()
+        data, target = self.synthesize(batch)
         generated = self._elapsed(start)
         result = super().train_step({**batch, "data": data, "target": target})
         self._seconds[0] += generated
@@ -170,11 +229,12 @@ class nnUNetTrainerSynthLDMOnline(nnUNetTrainer):
         return time.perf_counter() - start
 
     def on_epoch_end(self) -> None:
-        seen, synthetic = self._synth_seen
+        (seen, synthetic), skipped = self._synth_seen, self._synth_skipped
         generation, step = self._seconds
-        self._synth_seen, self._seconds = [0, 0], [0.0, 0.0]
+        self._synth_seen, self._synth_skipped, self._seconds = [0, 0], 0, [0.0, 0.0]
         self.print_to_log_file(f"LDM tumours this epoch: {synthetic}/{seen} samples ({synthetic / max(1, seen):.1%}; "
-                               f"target {self.synth_probability:.0%}); generation {generation:.1f} s of "
+                               f"target {self.synth_probability:.0%}), {skipped} skipped (no lesion fitted); "
+                               f"generation and their intensity augmentation {generation:.1f} s of "
                                f"{step:.1f} s training-step time ({generation / max(step, 1e-9):.1%})")
         super().on_epoch_end()
 
