@@ -162,6 +162,8 @@ def too_close(mask: np.ndarray, tumour: np.ndarray, spacing: np.ndarray, gap_mm:
     if not tumour.any():
         return False
     pad = _halo_pad(spacing, gap_mm)
+    if (tumour[tuple(slice(p, p + n) for p, n in zip(pad, mask.shape))] & mask).any():
+        return True  # overlapping outright: no distance needed
     box = bounding_box(tumour)
     lo = np.maximum([b.start for b in box] - pad, 0)
     hi = np.minimum([b.stop for b in box] + pad, tumour.shape)
