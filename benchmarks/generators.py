@@ -11,10 +11,16 @@ before the backend is built, for reference).
     python benchmarks/generators.py --threads 1     # on a shared CPU: avoids OpenMP stalls between threads
     python benchmarks/generators.py --backends ldm --device cuda --preset paper   # one backend only
     python benchmarks/generators.py --online --device cuda   # ldm online trainers: generation share of a step
+    python benchmarks/generators.py --training --device cuda --preset paper   # training s/iteration, AMP on/off
 
 ``--online`` times what ``nnUNetTrainerSynthNLDMOnline.train_step`` does per batch: LDM inpainting of every
 sample of an nnU-Net batch, then a training step of nnU-Net's default 3d_fullres U-Net on it, and prints the
 share of the step spent in generation (the trainers log the same share for real training every epoch).
+
+``--training`` times optimiser steps of generator training (``nnUNetv2_synth_train_generator``'s step: forward in
+autocast, the shared :class:`~nnunet_synth.generators.training_utils.MixedPrecision` step) with mixed precision
+off and on, on random batches of the preset's size: the ddpm U-Net, the ldm VQ-VAE (stage 1) and the ldm latent
+U-Net (stage 3); seconds per iteration and peak memory.
 """
 
 from __future__ import annotations
@@ -211,6 +217,77 @@ def measure_online(device: str, preset: str, steps: int, threads: int | None) ->
             "training_s": train, "share": gen / (gen + train)}
 
 
+TRAINING_PARTS = ("ddpm", "ldm-vqvae", "ldm-diffusion")
+
+
+def measure_training(part: str, device: str, preset_name: str, amp: bool, iterations: int, channels: int,
+                     threads: int | None) -> dict:
+    """Runs in a fresh process: seconds per optimiser step of one generator network, mixed precision on or off."""
+    import resource
+
+    import torch
+
+    from nnunet_synth.generators.training_utils import MixedPrecision
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    if part == "ddpm":
+        from nnunet_synth.generators.ddpm.model import build_model, get_preset
+
+        preset = get_preset(preset_name)
+        model = build_model(preset, channels).to(dev)
+        x = torch.randn(preset.batch_size, channels + 1, *preset.patch_size, device=dev)
+
+        def forward():
+            t = torch.randint(0, 1000, (len(x),), device=dev)
+            return torch.nn.functional.mse_loss(model(x, timesteps=t).float(), x[:, :channels])
+    elif part == "ldm-vqvae":
+        from nnunet_synth.generators.ldm.model import build_vqvae, get_preset
+
+        preset = get_preset(preset_name)
+        model = build_vqvae(preset, channels).to(dev)
+        x = torch.randn(preset.vq_batch_size, channels, *preset.vq_patch_size, device=dev)
+
+        def forward():
+            recon, quantization = model(x)
+            return torch.nn.functional.l1_loss(recon.float(), x) + quantization
+    else:
+        from nnunet_synth.generators.ldm.model import build_unet, get_preset
+
+        preset = get_preset(preset_name)
+        model = build_unet(preset).to(dev)
+        x = torch.randn(preset.diffusion_batch_size, 2 * preset.embedding_dim + 1, *preset.latent_volume, device=dev)
+
+        def forward():
+            t = torch.randint(0, 1000, (len(x),), device=dev)
+            return torch.nn.functional.mse_loss(model(x, timesteps=t).float(), x[:, :preset.embedding_dim])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    precision = MixedPrecision(dev, amp)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    times = []
+    for i in range(iterations + 1):  # the first warms up kernels and caches
+        if i == 1 and device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        start = time.perf_counter()
+        with precision.autocast():
+            loss = forward()
+        precision.step(loss, optimizer, model.parameters(), 1.0)
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = (f"{torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MiB GPU" if device == "cuda" else
+            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB RSS")
+    return {"part": part, "device": device, "preset": preset_name, "precision": precision.describe(),
+            "s_per_iteration": float(np.median(times[1:])), "peak": peak,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", nargs="+", choices=["cpu", "cuda"], default=["cpu"])
@@ -226,8 +303,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--online", action="store_true", help="ldm online trainers: share of a training step "
                         "spent in generation (every sample of the batch inpainted)")
+    parser.add_argument("--training", action="store_true", help="generator training: seconds per optimiser step "
+                        "and peak memory with mixed precision off and on")
+    parser.add_argument("--iterations", type=int, default=5, help="--training: timed steps per measurement")
     args = parser.parse_args()
     ctx = multiprocessing.get_context("spawn")
+    if args.training:
+        print(f"{'network':14} {'device':6} {'preset':7} {'params':>8} {'precision':46} {'s/iteration':>11} "
+              f"{'peak memory':>16}")
+        for device in args.device:
+            preset = args.preset or ("paper" if device == "cuda" else "tiny")
+            for part in TRAINING_PARTS:
+                for amp in (False, True):
+                    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                        r = pool.submit(measure_training, part, device, preset, amp, args.iterations, args.channels,
+                                        args.threads).result()
+                    print(f"{r['part']:14} {r['device']:6} {r['preset']:7} {r['parameters'] / 1e6:>7.1f}M "
+                          f"{r['precision']:46} {r['s_per_iteration']:>11.4f} {r['peak']:>16}")
+        return
     if args.online:
         print("ldm online: batch 2, every sample inpainted, then one nnU-Net training step (random weights)")
         for device in args.device:

@@ -2,8 +2,10 @@
 
 Every trainer builds nnU-Net's real training loader (same dataset, patch size, batch size and worker count).
 Rounds are interleaved (vanilla, synth, vanilla, synth, ... for each synth trainer), each timing a fresh loader after
-a warm-up, so machine noise hits both alike; a round's ratio is the synth rate over the mean of the vanilla rates
-timed just before and after it, and the median ratio over rounds is printed with its spread. ``--workers 0`` is
+a warm-up, so machine noise hits both alike, and paired: the trainers of a round draw the same cases, patches and
+nnU-Net augmentations (global seeds set alike), so the difference is the synthesis. A round's ratio is the synth
+rate over the mean of the vanilla rates timed just before and after it, and the median ratio over rounds is printed
+with its spread. ``--workers 0`` is
 nnU-Net's single-process loader (``nnUNet_n_proc_DA=0``): the pure CPU cost per batch, the quantity that limits
 nnU-Net on a fast GPU. Also times one analytic lesion (shape + placement + texture) in enlarged patches.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def make_phantom(root: Path) -> int:
@@ -132,9 +136,15 @@ def main() -> None:
         names = ["nnUNetTrainer", *args.trainer]
         trainers = {name: build_trainer(name, dataset, args.configuration) for name in names}
 
-        def rate(name: str) -> float:
+        def rate(name: str, seed: int) -> float:
             # one loader alive at a time, fresh each round: no worker of another trainer competes for the cores,
-            # and prefetched batches are drained before timing starts
+            # and prefetched batches are drained before timing starts. The global seeds nnU-Net's case choice and
+            # augmentation draw from are set alike for the trainers of one round (the synthetic transform has its
+            # own generator), so a round compares the same patches and augmentations with and without synthesis:
+            # nnU-Net's own cost varies several-fold between batches, which unpaired rounds mistake for synthesis.
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
             train_loader, val_loader = trainers[name].get_dataloaders()
             finish(val_loader)
             time_batches(train_loader, args.warmup)
@@ -144,12 +154,12 @@ def main() -> None:
 
         rates: dict[str, list[float]] = {name: [] for name in names}
         ratios: dict[str, list[float]] = {name: [] for name in args.trainer}
-        for _ in range(args.rounds):
-            before = rate("nnUNetTrainer")
+        for round_seed in range(args.rounds):
+            before = rate("nnUNetTrainer", round_seed)
             rates["nnUNetTrainer"].append(before)
             for name in args.trainer:  # vanilla, synth, vanilla, synth, ...: each synth between two vanilla rounds
-                rates[name].append(rate(name))
-                after = rate("nnUNetTrainer")
+                rates[name].append(rate(name, round_seed))
+                after = rate("nnUNetTrainer", round_seed)
                 rates["nnUNetTrainer"].append(after)
                 ratios[name].append(rates[name][-1] / ((before + after) / 2))
                 before = after

@@ -308,7 +308,8 @@ def test_generator_training_runs_distributed_under_torchrun(phantom_ct, generato
     out = generator_output_dir(phantom_ct, "ddpm", "3d_fullres", 2)
     state = torch.load(out / "checkpoint_final.pth", weights_only=False)
     assert state["iteration"] == 2 and state["config"]["world_size"] == 2
-    assert "2 process(es)" in (out / "training_log.txt").read_text(encoding="utf-8")
+    log = (out / "training_log.txt").read_text(encoding="utf-8")
+    assert "2 process(es)" in log and "parameters identical on all 2 ranks (model)" in log
 
 
 def test_bank_with_the_liver_mri_preset_has_its_semi_axes(nnunet_dirs, one_torch_thread):

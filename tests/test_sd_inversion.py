@@ -6,6 +6,7 @@ the bank (--size-class) and the Synth*SD trainers (ratio, real-only fine-tuning)
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from nnunet_synth.trainers import (
     nnUNetTrainerSynth60SD,
 )
 
-from .conftest import TINY, plan_and_preprocess, train_as_the_readme_says, training_log
+from .conftest import TINY, plan_and_preprocess, run, train_as_the_readme_says, training_log
 
 DATASET = 905
 TUMOUR = 2
@@ -164,6 +165,21 @@ def test_resumed_fine_tuning_continues_from_its_checkpoint(phantom_2d, base_mode
     for key, value in straight["lora"].items():
         assert torch.allclose(resumed["lora"][key], value, rtol=1e-5, atol=1e-7), key
     assert "resumed at iteration 2" in (out / "training_log.txt").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_fine_tuning_runs_distributed_under_torchrun(phantom_2d, base_model, generator):
+    """Two gloo ranks on CPU (fold 2): both fine-tune, rank 0 writes, the LoRA replicas stay identical."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "nnunet_synth.generator_training",
+         "-d", str(phantom_2d), "-g", "sd_inversion", "-c", "2d", "--preset", "tiny", "--iterations", "2",
+         "-device", "cpu", "-f", "2", "-np", "0", "--base-model", str(base_model)], env=env, timeout=600)
+    out = generator_output_dir(phantom_2d, "sd_inversion", "2d", 2)
+    state = torch.load(out / "checkpoint_final.pth", weights_only=False)
+    assert state["iteration"] == 2 and state["config"]["world_size"] == 2
+    log = (out / "training_log.txt").read_text(encoding="utf-8")
+    # an all_gather of both ranks' parameter sums after the last step
+    assert "2 process(es)" in log and "parameters identical on all 2 ranks (unet)" in log
 
 
 def test_inversion_then_regeneration_with_the_source_prompt_reconstructs_the_slice(base_model, generator):

@@ -89,6 +89,13 @@ def _normalise(value):
 SELECTION_FILE = "selected_checkpoint.json"
 # periodic checkpoints of a training: checkpoint_iter{N:07d}.pth, N the iteration
 PERIODIC_CHECKPOINT = re.compile(r"^checkpoint_iter(?P<iteration>\d+)\.pth$")
+
+
+def iteration_checkpoint_name(iteration: int) -> str:
+    """``checkpoint_iter{N:07d}.pth``: the periodic checkpoints ``--save-every`` keeps (matched by
+    :data:`PERIODIC_CHECKPOINT`, scored by ``nnUNetv2_synth_quality --select-checkpoint``)."""
+    return f"checkpoint_iter{int(iteration):07d}.pth"
+
 # the named checkpoints scored besides the periodic ones (latest is a copy of the newest state, not a candidate)
 SELECTABLE_NAMES = ("checkpoint_best.pth", "checkpoint_final.pth")
 

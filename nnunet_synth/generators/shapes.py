@@ -155,10 +155,8 @@ def smooth_field(shape: tuple[int, ...], sigma_vox: np.ndarray, rng: np.random.G
     sigma_vox = np.broadcast_to(np.asarray(sigma_vox, dtype=float), (len(shape),))
     factor = np.maximum(1.0, sigma_vox / 2.0)
     coarse = tuple(max(2, int(np.ceil(n / f)) + 1) if f > 1 else n for n, f in zip(shape, factor))
-    # drawn in single precision directly: half the cost of drawing doubles and converting them
-    noise = rng.standard_normal(coarse, dtype=np.float32) if distribution == "normal" else \
-        rng.random(coarse, dtype=np.float32)
-    noise = gaussian_filter(noise, sigma_vox / factor)
+    draw = rng.standard_normal if distribution == "normal" else rng.uniform
+    noise = gaussian_filter(draw(size=coarse).astype(np.float32), sigma_vox / factor)
     return resize_linear(noise, tuple(shape))
 
 

@@ -7,8 +7,11 @@ axes, in mm so anisotropic voxels are not sheared) by an angle uniform within ``
 no angle; small angles keep the anatomy the model inpaints into as it is at sampling time), cut from a larger crop
 so no corner is padding. The tumour voxels are the inpainting mask. Noise goes only inside the mask and the loss
 is computed only there (eqs. 1 and 3). A few of the training-fold cases are held out of the generator's training
-for a validation loss on fixed noise and timesteps; the best checkpoint by that loss is kept. ``torchrun`` runs one
-process per GPU with DistributedDataParallel: every rank draws its own patches, rank 0 validates and writes.
+for a validation loss on fixed noise and timesteps; the best checkpoint by that loss is kept, and ``--save-every K``
+keeps ``checkpoint_iter{N:07d}.pth`` every K iterations (for checkpoint selection). ``torchrun`` runs one process
+per GPU with DistributedDataParallel: every rank draws its own patches, rank 0 validates and writes. Patches are
+drawn in background processes (``-np``), mixed precision on CUDA (``--amp``); see
+:mod:`nnunet_synth.generators.training_utils`.
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnunet_synth.generators.checkpoints import GeneratorCheckpointError, load_checkpoint, save_checkpoint
+from nnunet_synth.generators.checkpoints import (
+    GeneratorCheckpointError,
+    iteration_checkpoint_name,
+    load_checkpoint,
+    save_checkpoint,
+)
 from nnunet_synth.generators.ddpm.model import (
     BETA_SCHEDULE,
     NUM_TRAIN_TIMESTEPS,
@@ -34,16 +41,21 @@ from nnunet_synth.generators.ddpm.model import (
 )
 from nnunet_synth.generators.ddpm.sampling import masked_noise_loss, masked_noisy_sample
 from nnunet_synth.generators.training_utils import (
+    MixedPrecision,
     PatchSource,
     TumourSite,
     append_log,
+    as_tensor,
+    batch_loader,
     find_tumours,
     intensity_range,
+    iteration_seed,
     plot_losses,
+    setup_distributed,
     split_generator_cases,
 )
 
-__all__ = ["PRESETS", "rotate_axial", "train", "training_crop"]
+__all__ = ["PRESETS", "TrainingPatches", "rotate_axial", "train", "training_crop"]
 
 BACKEND = "ddpm"
 MAX_VAL_CROPS = 32
@@ -109,26 +121,20 @@ def training_crop(source: PatchSource, site: TumourSite, rng: np.random.Generato
     return np.ascontiguousarray(image), np.ascontiguousarray(mask)
 
 
-def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) under torchrun; (0, 1, device) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, torch.device(device)
-    import torch.distributed as dist
+@dataclasses.dataclass(frozen=True)
+class TrainingPatches:
+    """Draws one training batch (images, masks) of :func:`training_crop` patches around random training tumours;
+    picklable, so background loader processes can run it."""
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if device == "cuda" else "cpu")
+    source: PatchSource
+    sites: list[TumourSite]
+    batch_size: int
+    spacing: tuple[float, ...]
 
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    def __call__(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        picks = rng.integers(len(self.sites), size=self.batch_size)
+        crops = [training_crop(self.source, self.sites[i], rng, self.spacing) for i in picks]
+        return np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops])
 
 
 class _Validation:
@@ -149,7 +155,7 @@ class _Validation:
         self.device = device
 
     @torch.no_grad()
-    def loss(self, model: torch.nn.Module, scheduler, batch_size: int) -> float:
+    def loss(self, model: torch.nn.Module, scheduler, batch_size: int, amp: MixedPrecision) -> float:
         model.eval()
         total, weight = 0.0, 0.0
         for noise, timesteps in zip(self.noise, self.timesteps):
@@ -157,9 +163,10 @@ class _Validation:
                 sl = slice(start, start + batch_size)
                 x0, m = self.images[sl].to(self.device), self.masks[sl].to(self.device)
                 eps, t = noise[sl].to(self.device), timesteps[sl].to(self.device)
-                pred = model(torch.cat([masked_noisy_sample(scheduler, x0, m, eps, t), m], 1), timesteps=t)
+                with amp.autocast():
+                    pred = model(torch.cat([masked_noisy_sample(scheduler, x0, m, eps, t), m], 1), timesteps=t)
                 w = float(m.sum()) * x0.shape[1]
-                total += float(masked_noise_loss(pred, eps, m)) * w
+                total += float(masked_noise_loss(pred.float(), eps, m)) * w
                 weight += w
         model.train()
         return total / max(weight, 1.0)
@@ -179,7 +186,9 @@ def train(job) -> Path:
 
     preset = get_preset(job.preset)
     iterations = int(job.iterations if job.iterations is not None else preset.iterations)
-    rank, world, device = _setup_distributed(job.device)
+    dist = setup_distributed(job.device)
+    rank, world, device = dist.rank, dist.world, dist.device
+    amp = MixedPrecision(device, job.amp)
     out = Path(job.output_dir)
     synth_plan = load_synth_plan(job.dataset_name, job.configuration, job.plans_identifier)
     plans = PlansManager(load_json(preprocessed_dir(job.dataset_name) / f"{job.plans_identifier}.json"))
@@ -202,7 +211,8 @@ def train(job) -> Path:
         "intensity_range": intensity_range(source, train_sites, job.seed),
         "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_schedule": dict(BETA_SCHEDULE),
         "train_cases": train_cases, "val_cases": val_cases, "segmenter_val_excluded": True,
-        "iterations": iterations, "world_size": world, "seed": job.seed,
+        "iterations": iterations, "world_size": world, "seed": job.seed, "amp": amp.state_dict()["dtype"],
+        "num_workers": job.num_workers,
     }
 
     with torch.random.fork_rng(devices=[]):  # seeded initial weights, the caller's global RNG untouched
@@ -210,8 +220,7 @@ def train(job) -> Path:
         model = build_model(preset, num_channels).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=preset.learning_rate, weight_decay=preset.weight_decay)
     scheduler = build_training_scheduler()
-    rng = np.random.default_rng([job.seed, rank])
-    noise_gen = torch.Generator(device=device).manual_seed(job.seed * 1000 + rank)
+    noise_gen = torch.Generator(device=device)
     iteration, best, train_loss, history = 0, math.inf, [], []
 
     latest = out / "checkpoint_latest.pth"
@@ -221,57 +230,53 @@ def train(job) -> Path:
         state = load_checkpoint(latest, BACKEND, {k: config[k] for k in RESUME_KEYS})
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        amp.load_state_dict(state.get("amp"))
         iteration, best = int(state["iteration"]), float(state["best_val_loss"])
         train_loss, history = list(state["train_loss"]), list(state["history"])
-        if world == 1 and state["config"].get("world_size", 1) == 1:
-            rng.bit_generator.state = state["rng"]["numpy"]
-            noise_gen.set_state(state["rng"]["torch"].cpu())
-        else:  # per-rank generator states are not saved; reseed every rank at the resumed iteration
-            rng = np.random.default_rng([job.seed, rank, iteration])
-            noise_gen.manual_seed(job.seed * 1000 + rank + 7919 * iteration)
         config["intensity_range"] = state["config"]["intensity_range"]
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         start = f"resumed at iteration {iteration}" if job.resume else "started"
         append_log(out, f"{start}: preset {job.preset}, "
                   f"{len(train_sites)} training tumours in {len(train_cases)} cases, {len(val_sites)} validation "
-                  f"tumours in {len(val_cases)} held-out cases, {world} process(es), device {device}")
+                  f"tumours in {len(val_cases)} held-out cases, {world} process(es), device {device}, "
+                  f"{amp.describe()}, {job.num_workers} loader worker(s) per process")
     validation = _Validation(source, val_sites, job.seed, device) if rank == 0 else None
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    net = dist.wrap(model)
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    def save(name: str, resumable: bool = True) -> None:
+        """Weights, configuration and history; resumable ones also the optimiser and scaler states."""
+        state = {"backend": BACKEND, "config": config, "model": model.state_dict(), "iteration": iteration,
+                 "best_val_loss": best, "history": history}
+        if resumable:
+            state.update(optimizer=optimizer.state_dict(), amp=amp.state_dict(), train_loss=train_loss)
+        save_checkpoint(state, out / name)
 
-    def save(name: str) -> None:
-        save_checkpoint({"backend": BACKEND, "config": config, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "iteration": iteration, "best_val_loss": best,
-                         "train_loss": train_loss, "history": history,
-                         "rng": {"numpy": rng.bit_generator.state, "torch": noise_gen.get_state()}}, out / name)
-
+    # every batch depends on (seed, rank, iteration) only: reproducible for any -np, exact on resume
+    batches = batch_loader(TrainingPatches(source, train_sites, preset.batch_size, tuple(conf.spacing)),
+                           (job.seed, rank), iteration, iterations, job.num_workers, pin_memory=device.type == "cuda")
     net.train()
     bar = tqdm(total=iterations, initial=iteration, desc=f"ddpm {job.preset}", unit="it", disable=rank != 0)
-    while iteration < iterations:
-        picks = rng.integers(len(train_sites), size=preset.batch_size)
-        crops = [training_crop(source, train_sites[i], rng, tuple(conf.spacing)) for i in picks]
-        x0 = torch.from_numpy(np.stack([c[0] for c in crops])).to(device)
-        mask = torch.from_numpy(np.stack([c[1] for c in crops])).to(device)
+    for images, masks in batches:
+        x0 = as_tensor(images).to(device, non_blocking=True)
+        mask = as_tensor(masks).to(device, non_blocking=True)
+        noise_gen.manual_seed(iteration_seed(job.seed, rank, iteration))
         noise = torch.randn(x0.shape, generator=noise_gen, device=device)
         timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=noise_gen, device=device)
-        prediction = net(torch.cat([masked_noisy_sample(scheduler, x0, mask, noise, timesteps), mask], 1),
-                         timesteps=timesteps)
-        loss = masked_noise_loss(prediction, noise, mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
-        optimizer.step()
+        noisy = torch.cat([masked_noisy_sample(scheduler, x0, mask, noise, timesteps), mask], 1)
+        with amp.autocast():
+            prediction = net(noisy, timesteps=timesteps)
+        loss = masked_noise_loss(prediction.float(), noise, mask)
+        amp.step(loss, optimizer, model.parameters(), GRAD_CLIP_NORM)
         iteration += 1
         train_loss.append(round(float(loss.detach()), 6))
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(train_loss[-preset.val_every:]):.4f}")
+        if rank == 0 and job.save_every and iteration % job.save_every == 0:
+            save(iteration_checkpoint_name(iteration), resumable=False)
         if iteration % preset.val_every == 0 or iteration == iterations:
             if rank == 0:
-                val_loss = validation.loss(model, scheduler, preset.batch_size)
+                val_loss = validation.loss(model, scheduler, preset.batch_size, amp)
                 recent = float(np.mean(train_loss[-preset.val_every:]))
                 improved = val_loss < best
                 best = min(best, val_loss)
@@ -284,15 +289,12 @@ def train(job) -> Path:
                 write_json_atomic({"config": config, "history": history, "train_loss": train_loss},
                                   out / "training_log.json")
                 plot_losses(out / "progress.png", train_loss, history)
-            _barrier(world)
+            dist.barrier()
     bar.close()
+    replicas = dist.check_replicas({"model": model})
     if rank == 0:
         save("checkpoint_final.pth")
-        append_log(out, f"finished at iteration {iteration}; best validation loss {best:.5f}")
+        append_log(out, f"finished at iteration {iteration}; best validation loss {best:.5f}; {replicas}")
         print(json.dumps({"output": str(out), "iteration": iteration, "best_val_loss": best}))
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    dist.close()
     return out / "checkpoint_final.pth"

@@ -47,6 +47,8 @@ class LDMPreset:
         encode_halo: voxels of neighbouring context the encoder sees around each tile when a volume is encoded
             (stage 2, diffusion, sampling); cropped from the latent, a multiple of ``compression``. 0: the paper's
             plain tiles.
+        perceptual_weight: weight of the perceptual loss in stages 1 and 2 (the paper's 0.001); used only where
+            ``--perceptual-network`` gives local ResNet-50 weights.
     """
 
     vq_channels: tuple[int, ...]
@@ -75,6 +77,7 @@ class LDMPreset:
     blend_margin: int
     val_every: int
     encode_halo: int
+    perceptual_weight: float = 0.0
     description: str = field(default="", compare=False)
 
     def to_dict(self) -> dict:
@@ -108,14 +111,16 @@ PRESETS: dict[str, LDMPreset] = {
                        unet_channels=(64, 128, 256, 512), attention_levels=(False, False, True, True),
                        num_head_channels=(0, 0, 32, 32), num_res_blocks=2, norm_num_groups=32,
                        diffusion_batch_size=2, diffusion_learning_rate=1e-4, diffusion_iterations=500_000,
-                       blend_margin=4, val_every=2000, encode_halo=0, description="breast SynBT paper, section 3.1"),
+                       blend_margin=4, val_every=2000, encode_halo=0, perceptual_weight=0.001,
+                       description="breast SynBT paper, section 3.1"),
     "tiny": LDMPreset(vq_channels=(8, 16), compression=2, num_res_layers=1, num_embeddings=64, embedding_dim=4,
                       vq_patch_size=(8, 16, 16), vq_batch_size=4, vq_learning_rate=2e-3, vq_iterations=40,
                       volume_size=(16, 32, 32), volume_batch_size=1, volume_learning_rate=5e-4, volume_iterations=20,
                       adversarial_weight=0.0, adversarial_start=0, unet_channels=(16, 32),
                       attention_levels=(False, True), num_head_channels=(0, 32), num_res_blocks=1, norm_num_groups=8,
                       diffusion_batch_size=2, diffusion_learning_rate=2e-3, diffusion_iterations=40, blend_margin=2,
-                      val_every=10, encode_halo=4, description="CPU tests and smoke runs only"),
+                      val_every=10, encode_halo=4, perceptual_weight=0.001,
+                      description="CPU tests and smoke runs only"),
 }
 
 

@@ -1,5 +1,5 @@
-"""What the three ``ldm`` training stages share: the fold's data, the stage loop (validation, checkpoints,
-logs, resume) and the hand-over from one stage to the next."""
+"""What the three ``ldm`` training stages share: the fold's data, the stage loop (batches drawn in background
+processes, validation, checkpoints, logs, resume, DDP ranks) and the hand-over from one stage to the next."""
 
 from __future__ import annotations
 
@@ -12,12 +12,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnunet_synth.generators.checkpoints import GeneratorCheckpointError, load_checkpoint, save_checkpoint
+from nnunet_synth.generators.checkpoints import (
+    GeneratorCheckpointError,
+    iteration_checkpoint_name,
+    load_checkpoint,
+    save_checkpoint,
+)
 from nnunet_synth.generators.ldm.model import NUM_TRAIN_TIMESTEPS
 from nnunet_synth.generators.training_utils import (
+    Distributed,
+    MixedPrecision,
     PatchSource,
     append_log,
+    batch_loader,
     find_tumours,
+    iteration_seed,
     plot_losses,
     split_generator_cases,
 )
@@ -38,9 +47,10 @@ def stage_dir(output_dir: Path, stage: str) -> Path:
 
 
 class StageData:
-    """The fold's preprocessed cases, its tumours and the generator's own train/validation split."""
+    """The fold's preprocessed cases, its tumours, the generator's own train/validation split and this process's
+    place in a ``torchrun`` job (``dist``)."""
 
-    def __init__(self, job, preset):
+    def __init__(self, job, preset, dist: Distributed):
         from batchgenerators.utilities.file_and_folder_operations import load_json
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -54,6 +64,7 @@ class StageData:
             raise ValueError(f"the ldm generator is 3D; configuration {job.configuration} is 2D")
         self.dataset = infer_dataset_class(str(job.preprocessed_folder))(str(job.preprocessed_folder),
                                                                         list(job.cases))
+        self.dist = dist
         self.tumour_label = plan.tumour_label
         self.sites = find_tumours(self.dataset, list(job.cases), self.tumour_label)
         if len({s.case for s in self.sites}) < 2:
@@ -74,7 +85,7 @@ class StageData:
             "tumour_label": self.tumour_label, "volume_size": list(preset.volume_size),
             "vq_patch_size": list(preset.vq_patch_size), "train_cases": self.train_cases,
             "val_cases": self.val_cases, "segmenter_val_excluded": True, "seed": job.seed,
-            "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+            "num_train_timesteps": NUM_TRAIN_TIMESTEPS, "world_size": dist.world, "num_workers": job.num_workers,
         }
 
     def random_crop(self, case: str, size: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -86,25 +97,38 @@ class StageData:
         bbox = [[0, data.shape[0]]] + [[lo, lo + s] for lo, s in zip(lower, size)]
         return np.asarray(crop_and_pad_nd(data, bbox, 0), dtype=np.float32)
 
-    def random_batch(self, cases: list[str], size: tuple[int, ...], n: int, rng: np.random.Generator) -> torch.Tensor:
-        return torch.from_numpy(np.stack([self.random_crop(cases[i], size, rng)
-                                          for i in rng.integers(len(cases), size=n)]))
+    def random_batch(self, cases: list[str], size: tuple[int, ...], n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` crops of :meth:`random_crop` of random ``cases`` (the stage-1 and stage-2 training batch)."""
+        return np.stack([self.random_crop(cases[i], size, rng) for i in rng.integers(len(cases), size=n)])
 
 
 def run_stage(job, data: StageData, stage: str, modules: dict[str, torch.nn.Module],
-               optimizers: dict[str, torch.optim.Optimizer], step: Callable, validate: Callable[[], float],
-               iterations: int, val_every: int, config: dict, resume: bool) -> Path:
-    """The loop every stage shares: seeded draws, validation, checkpoints (temp + rename), logs, resume.
+              optimizers: dict[str, torch.optim.Optimizer], step: Callable, validate: Callable[[], float],
+              iterations: int, val_every: int, config: dict, resume: bool, draw: Callable,
+              amps: dict[str, MixedPrecision], notes: tuple[str, ...] = (), save_every: int | None = None) -> Path:
+    """The loop every stage shares: batches, validation, checkpoints (temp + rename), logs, resume, DDP ranks.
 
-    ``step(iteration, rng, noise_gen)`` runs one optimiser step and returns the loss to log.
+    Batch ``i`` is ``draw(Generator seeded by (seed, stage, rank, i))``, drawn in ``job.num_workers`` background
+    processes, and the torch generator handed to ``step`` is seeded by the same keys before every step, so a
+    resumed stage reproduces the uninterrupted one whatever ``-np``. Rank 0 validates, writes and logs.
+
+    Args:
+        step: ``step(iteration, batch, noise_gen)`` runs one optimiser step and returns its loss terms (dict of
+            floats; the first is logged as the training loss).
+        validate: the validation loss (rank 0 only).
+        draw: makes one training batch from a numpy Generator.
+        amps: the stage's :class:`MixedPrecision` objects by checkpoint key (their scaler states are saved).
+        notes: added to the stage's start line in the log.
+        save_every: also keep ``checkpoint_iter{N:07d}.pth`` (weights) every this many iterations.
     """
+    dist = data.dist
     folder, out = stage_dir(job.output_dir, stage), Path(job.output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    device = torch.device(job.device)
+    if dist.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+    device = dist.device
     index = STAGES.index(stage)
-    rng = np.random.default_rng([job.seed, index])
-    noise_gen = torch.Generator(device=device).manual_seed(job.seed * 1000 + index)
-    iteration, best, train_loss, history = 0, math.inf, [], []
+    noise_gen = torch.Generator(device=device)
+    iteration, best, train_loss, history, terms = 0, math.inf, [], [], {}
     if resume:
         state = load_checkpoint(folder / "checkpoint_latest.pth", BACKEND, {k: config[k] for k in RESUME_KEYS})
         if state.get("stage") != stage:
@@ -114,49 +138,70 @@ def run_stage(job, data: StageData, stage: str, modules: dict[str, torch.nn.Modu
             module.load_state_dict(state[name])
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(state[name])
+        for name, amp in amps.items():
+            amp.load_state_dict(state.get(name))
         iteration, best = int(state["iteration"]), float(state["best_val_loss"])
         train_loss, history = list(state["train_loss"]), list(state["history"])
-        rng.bit_generator.state = state["rng"]["numpy"]
-        noise_gen.set_state(state["rng"]["torch"].cpu())
-    start = f"resumed at iteration {iteration}" if resume else "started"
-    append_log(out, f"[{stage}] {start}: preset {job.preset}, "
-              f"{len(data.train_cases)} training cases ({len(data.train_sites)} tumours), held-out cases "
-              f"{data.val_cases}, device {device}")
+        terms = {k: list(v) for k, v in state.get("loss_terms", {}).items()}
+    config = dict(config, amp=next(iter(amps.values())).state_dict()["dtype"])
+    if dist.is_main:
+        start = f"resumed at iteration {iteration}" if resume else "started"
+        append_log(out, f"[{stage}] {start}: preset {job.preset}, "
+                  f"{len(data.train_cases)} training cases ({len(data.train_sites)} tumours), held-out cases "
+                  f"{data.val_cases}, {dist.world} process(es), device {device}, "
+                  f"{next(iter(amps.values())).describe()}, {job.num_workers} loader worker(s) per process"
+                  + "".join(f"; {n}" for n in notes))
 
-    def save(name: str) -> None:
-        save_checkpoint({"backend": BACKEND, "stage": stage, "config": config,
-                         **{k: m.state_dict() for k, m in modules.items()},
-                         **{k: o.state_dict() for k, o in optimizers.items()}, "iteration": iteration,
-                         "best_val_loss": best, "train_loss": train_loss, "history": history,
-                         "rng": {"numpy": rng.bit_generator.state, "torch": noise_gen.get_state()}}, folder / name)
+    def save(name: str, resumable: bool = True) -> None:
+        state = {"backend": BACKEND, "stage": stage, "config": config,
+                 **{k: m.state_dict() for k, m in modules.items()}, "iteration": iteration, "best_val_loss": best,
+                 "history": history}
+        if resumable:
+            state.update({k: o.state_dict() for k, o in optimizers.items()})
+            state.update({k: a.state_dict() for k, a in amps.items()})
+            state.update(train_loss=train_loss, loss_terms=terms)
+        save_checkpoint(state, folder / name)
 
-    bar = tqdm(total=iterations, initial=iteration, desc=f"ldm {stage} {job.preset}", unit="it")
-    while iteration < iterations:
-        loss = step(iteration, rng, noise_gen)
+    batches = batch_loader(draw, (job.seed, index, dist.rank), iteration, iterations, job.num_workers,
+                           pin_memory=device.type == "cuda")
+    bar = tqdm(total=iterations, initial=iteration, desc=f"ldm {stage} {job.preset}", unit="it",
+               disable=not dist.is_main)
+    for batch in batches:
+        noise_gen.manual_seed(iteration_seed(job.seed, index, dist.rank, iteration))
+        values = step(iteration, batch, noise_gen)
         iteration += 1
-        train_loss.append(round(float(loss), 6))
+        for name, value in values.items():
+            terms.setdefault(name, []).append(round(float(value), 6))
+        train_loss.append(round(float(next(iter(values.values()))), 6))
         bar.update(1)
+        if dist.is_main and save_every and iteration % save_every == 0:
+            save(iteration_checkpoint_name(iteration), resumable=False)
         if iteration % val_every == 0 or iteration == iterations:
-            val_loss = validate()
-            recent = float(np.mean(train_loss[-val_every:]))
-            improved = val_loss < best
-            best = min(best, val_loss)
-            history.append({"iteration": iteration, "train_loss": recent, "val_loss": val_loss})
-            append_log(out, f"[{stage}] iteration {iteration}: training loss {recent:.5f}, "
-                            f"validation loss {val_loss:.5f}"
-                      + (" (new best)" if improved else ""))
-            save("checkpoint_latest.pth")
-            if improved:
-                save("checkpoint_best.pth")
-            from nnunet_synth.planning import write_json_atomic
+            if dist.is_main:
+                val_loss = validate()
+                recent = float(np.mean(train_loss[-val_every:]))
+                improved = val_loss < best
+                best = min(best, val_loss)
+                history.append({"iteration": iteration, "train_loss": recent, "val_loss": val_loss})
+                append_log(out, f"[{stage}] iteration {iteration}: training loss {recent:.5f}, "
+                                f"validation loss {val_loss:.5f}"
+                          + (" (new best)" if improved else ""))
+                save("checkpoint_latest.pth")
+                if improved:
+                    save("checkpoint_best.pth")
+                from nnunet_synth.planning import write_json_atomic
 
-            write_json_atomic({"stage": stage, "config": config, "history": history, "train_loss": train_loss},
-                              folder / "training_log.json")
-            plot_losses(folder / "progress.png", train_loss, history)
+                write_json_atomic({"stage": stage, "config": config, "history": history, "train_loss": train_loss,
+                                   "loss_terms": terms}, folder / "training_log.json")
+                plot_losses(folder / "progress.png", train_loss, history)
+            dist.barrier()
     bar.close()
-    save("checkpoint_final.pth")
-    append_log(out, f"[{stage}] finished at iteration {iteration}; best validation loss {best:.5f}")
-    print(json.dumps({"stage": stage, "output": str(folder), "iteration": iteration, "best_val_loss": best}))
+    replicas = dist.check_replicas(modules)
+    if dist.is_main:
+        save("checkpoint_final.pth")
+        append_log(out, f"[{stage}] finished at iteration {iteration}; best validation loss {best:.5f}; {replicas}")
+        print(json.dumps({"stage": stage, "output": str(folder), "iteration": iteration, "best_val_loss": best}))
+    dist.barrier()  # the next stage starts from this one's checkpoints
     return folder / "checkpoint_final.pth"
 
 

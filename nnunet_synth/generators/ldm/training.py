@@ -11,22 +11,27 @@
 Each stage writes ``checkpoint_{latest,best,final}.pth`` (stages 1-2 in ``stage_vqvae/`` and
 ``stage_vqvae_volume/`` of the fold folder, stage 3 in the fold folder itself, holding the autoencoder too, so
 the ``ldm`` generator loads one file) and starts from the previous stage's best checkpoint. A few training-fold
-cases with tumours are held out of every stage for its validation loss. One process (no torchrun).
+cases with tumours are held out of every stage for its validation loss. ``torchrun`` runs one process per GPU with
+DistributedDataParallel (every rank draws its own batches, rank 0 validates and writes; all ranks read the previous
+stage's checkpoint, so several nodes need a shared ``nnUNet_results``); batches are drawn in background processes
+(``-np``), mixed precision on CUDA (``--amp``).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from nnunet_synth.generators.checkpoints import GeneratorCheckpointError
-from nnunet_synth.generators.ldm.autoencoder_training import train_volume, train_vqvae
+from nnunet_synth.generators.ldm.autoencoder_training import PerceptualNetworkError, train_volume, train_vqvae
 from nnunet_synth.generators.ldm.diffusion_training import train_diffusion
 from nnunet_synth.generators.ldm.model import PRESETS, get_preset
 from nnunet_synth.generators.ldm.stages import STAGES, StageData, stage_dir
-from nnunet_synth.generators.training_utils import append_log
+from nnunet_synth.generators.training_utils import append_log, setup_distributed
 
-__all__ = ["PRESETS", "STAGES", "stage_dir", "train"]
+__all__ = ["PRESETS", "STAGES", "USER_ERRORS", "stage_dir", "train"]
+
+# errors the command reports as a message (no traceback)
+USER_ERRORS = (GeneratorCheckpointError, PerceptualNetworkError)
 
 _STAGE_TRAINERS = {"vqvae": train_vqvae, "vqvae-volume": train_volume, "diffusion": train_diffusion}
 
@@ -44,14 +49,13 @@ def train(job) -> Path:
     Returns:
         Path of the last trained stage's final checkpoint.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError("the ldm generator trains in one process; start it without torchrun")
     stage = getattr(job, "stage", None)
     if stage is not None and stage not in STAGES:
         raise ValueError(f"unknown ldm stage {stage!r}; stages: {', '.join(STAGES)}")
     preset = get_preset(job.preset)
     preset.check()
-    data = StageData(job, preset)
+    dist = setup_distributed(job.device)
+    data = StageData(job, preset, dist)
     Path(job.output_dir).mkdir(parents=True, exist_ok=True)
     path = None
     for name in [stage] if stage else STAGES:
@@ -59,8 +63,9 @@ def train(job) -> Path:
         resume = bool(job.resume)
         if resume and stage is None:
             if _finished(folder):
-                append_log(Path(job.output_dir),
-                           f"[{name}] already finished ({folder / 'checkpoint_final.pth'}); skipped")
+                if dist.is_main:
+                    append_log(Path(job.output_dir),
+                               f"[{name}] already finished ({folder / 'checkpoint_final.pth'}); skipped")
                 path = folder / "checkpoint_final.pth"
                 continue
             resume = (folder / "checkpoint_latest.pth").is_file()
@@ -68,4 +73,5 @@ def train(job) -> Path:
             raise GeneratorCheckpointError(f"--c given but {folder / 'checkpoint_latest.pth'} does not exist; "
                                            f"start the {name} stage without --c")
         path = _STAGE_TRAINERS[name](job, data, preset, resume)
+    dist.close()
     return path

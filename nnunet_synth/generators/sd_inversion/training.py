@@ -7,14 +7,15 @@ resized image, as the paper's bins are (:mod:`.captions`); tumour slices are dra
 The VAE and text encoder are frozen; LoRA adapters (rank 4, lr 1e-4, batch 1 in the paper) on the UNet's
 attention projections learn the usual noise-prediction loss. Checkpoints hold the LoRA weights,
 the optimiser state and the configuration, including the base model folder and a fingerprint of its
-configuration, which the backend checks on load.
+configuration, which the backend checks on load. ``torchrun`` runs one process per GPU with DistributedDataParallel
+(every rank draws its own slices, rank 0 evaluates and writes); slices are drawn in background processes
+(``-np``), mixed precision on CUDA (``--amp``); see :mod:`nnunet_synth.generators.training_utils`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,9 +34,18 @@ from nnunet_synth.generators.sd_inversion.components import (
     to_model,
     to_unit,
 )
-from nnunet_synth.generators.training_utils import append_log, plot_losses
+from nnunet_synth.generators.training_utils import (
+    MixedPrecision,
+    append_log,
+    as_tensor,
+    batch_loader,
+    iteration_seed,
+    plot_losses,
+    process_rank,
+    setup_distributed,
+)
 
-__all__ = ["PRESETS", "USER_ERRORS", "FixedLoss", "SlicePreset", "SliceSource", "train"]
+__all__ = ["PRESETS", "USER_ERRORS", "FixedLoss", "SliceBatch", "SlicePreset", "SliceSource", "train"]
 
 BACKEND = "sd_inversion"
 MAX_INTENSITY_SLICES = 64
@@ -100,7 +110,7 @@ class SliceSource:
 
         self.dataset, self.tumour_share = dataset, tumour_share
         self.tumour, self.plain = [], []
-        for case in tqdm(cases, desc="indexing slices", unit="case"):
+        for case in tqdm(cases, desc="indexing slices", unit="case", disable=process_rank() != 0):
             seg = np.asarray(dataset.load_case(case)[1][0])
             if seg.ndim != 3:
                 raise ValueError(f"case {case}: expected a (Z, Y, X) segmentation, got shape {seg.shape}")
@@ -132,6 +142,22 @@ def intensity_range(source: SliceSource, seed: int) -> list[list[float]]:
     slices = np.stack([source.load(*source.draw(rng)[:2]) for _ in range(MAX_INTENSITY_SLICES)])
     flat = slices.transpose(1, 0, 2, 3).reshape(slices.shape[1], -1)
     return [[float(v) for v in np.percentile(ch, [0.5, 99.5])] for ch in flat]
+
+
+@dataclass(frozen=True)
+class SliceBatch:
+    """Draws one training batch: [0, 1] slices (B, C, Y, X) and their captions (a caption template drawn per
+    slice); picklable, so background loader processes can run it."""
+
+    source: SliceSource
+    intensity_range: list[list[float]]
+    batch_size: int
+
+    def __call__(self, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+        drawn = [self.source.draw(rng) for _ in range(self.batch_size)]
+        unit = np.stack([to_unit(self.source.load(case, z), self.intensity_range) for case, z, _ in drawn])
+        prompts = [caption(size_class_of_area(area), int(rng.integers(len(TUMOUR_TEMPLATES)))) for *_, area in drawn]
+        return unit, prompts
 
 
 class FixedLoss:
@@ -182,8 +208,6 @@ def train(job) -> Path:
     from nnunet_synth.planning import load_synth_plan, preprocessed_dir, write_json_atomic
 
     folder = check_base_model(getattr(job, "base_model", None))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError("the sd_inversion fine-tuning runs in one process; start it without torchrun")
     preset = PRESETS[job.preset]
     iterations = int(job.iterations if job.iterations is not None else preset.iterations)
     plans = PlansManager(load_json(preprocessed_dir(job.dataset_name) / f"{job.plans_identifier}.json"))
@@ -191,7 +215,9 @@ def train(job) -> Path:
     if len(conf.patch_size) != 2:
         raise ValueError(f"the sd_inversion generator is 2D; configuration {job.configuration} is 3D (use -c 2d)")
     synth_plan = load_synth_plan(job.dataset_name, job.configuration, job.plans_identifier)
-    device = torch.device(job.device)
+    dist = setup_distributed(job.device)
+    device = dist.device
+    amp = MixedPrecision(device, job.amp)
     parts = load_parts(folder, device, lora_rank=preset.lora_rank, seed=job.seed)
     resolution = int(preset.resolution or parts.native_resolution)
     dataset = infer_dataset_class(str(job.preprocessed_folder))(str(job.preprocessed_folder), list(job.cases))
@@ -209,12 +235,12 @@ def train(job) -> Path:
         "base_model": str(folder),
         "base_model_fingerprint": base_model_fingerprint(folder),
         "prediction_type": parts.scheduler.config.prediction_type, "train_cases": list(job.cases),
-        **source.counts(), "iterations": iterations, "seed": job.seed,
+        **source.counts(), "iterations": iterations, "seed": job.seed, "world_size": dist.world,
+        "amp": amp.state_dict()["dtype"], "num_workers": job.num_workers,
     }
     params = [p for p in parts.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=preset.learning_rate)
-    rng = np.random.default_rng([job.seed, 11])
-    noise_gen = torch.Generator(device=device).manual_seed(job.seed)
+    noise_gen = torch.Generator(device=device)
     iteration, train_loss, history = 0, [], []
     out = Path(job.output_dir)
     if job.resume:
@@ -226,64 +252,72 @@ def train(job) -> Path:
 
         load_lora_state(parts.unet, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
+        amp.load_state_dict(state.get("amp"))
         iteration, train_loss = int(state["iteration"]), list(state["train_loss"])
         history = list(state["history"])
-        rng.bit_generator.state = state["rng"]["numpy"]
-        noise_gen.set_state(state["rng"]["torch"].cpu())
         config["intensity_range"] = state["config"]["intensity_range"]
-    out.mkdir(parents=True, exist_ok=True)
-    start = f"resumed at iteration {iteration}" if job.resume else "started"
-    append_log(out, f"{start}: preset {job.preset}, base "
-              f"model {folder}, resolution {resolution}, {source.counts()}, device {device}")
-
-    fixed_loss = FixedLoss(source, config["intensity_range"], resolution, job.seed)
-    if not history:
-        history.append({"iteration": 0, "fixed_loss": fixed_loss(parts)})
+    fixed_loss = None
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        start = f"resumed at iteration {iteration}" if job.resume else "started"
+        append_log(out, f"{start}: preset {job.preset}, base model {folder}, resolution {resolution}, "
+                  f"{source.counts()}, {dist.world} process(es), device {device}, {amp.describe()}, "
+                  f"{job.num_workers} loader worker(s) per process")
+        fixed_loss = FixedLoss(source, config["intensity_range"], resolution, job.seed)
+        if not history:
+            history.append({"iteration": 0, "fixed_loss": fixed_loss(parts)})
 
     def save(name: str, resumable: bool = True) -> None:
-        """LoRA weights and configuration; the latest checkpoint also the optimiser and RNG states (resume)."""
+        """LoRA weights and configuration; the latest checkpoint also the optimiser and scaler states (resume)."""
         state = {"backend": BACKEND, "config": config, "lora": lora_state(parts.unet), "iteration": iteration,
                  "train_loss": train_loss, "history": history}
         if resumable:
-            state.update(optimizer=optimizer.state_dict(),
-                         rng={"numpy": rng.bit_generator.state, "torch": noise_gen.get_state()})
+            state.update(optimizer=optimizer.state_dict(), amp=amp.state_dict())
         save_checkpoint(state, out / name)
 
     scheduler = parts.scheduler
+    net = dist.wrap(parts.unet)
     parts.unet.train()
-    bar = tqdm(total=iterations, initial=iteration, desc="sd_inversion LoRA", unit="it")
-    while iteration < iterations:
-        drawn = [source.draw(rng) for _ in range(preset.batch_size)]
-        unit = np.stack([to_unit(source.load(case, z), config["intensity_range"]) for case, z, _ in drawn])
-        prompts = [caption(size_class_of_area(area), int(rng.integers(len(TUMOUR_TEMPLATES)))) for *_, area in drawn]
-        latents = parts.encode_images(to_model(torch.from_numpy(unit).to(device), resolution), noise_gen)
+    # every batch and its noise depend on (seed, rank, iteration) only: reproducible for any -np, exact on resume
+    batches = batch_loader(SliceBatch(source, config["intensity_range"], preset.batch_size), (job.seed, 11, dist.rank),
+                           iteration, iterations, job.num_workers, pin_memory=device.type == "cuda")
+    bar = tqdm(total=iterations, initial=iteration, desc="sd_inversion LoRA", unit="it", disable=not dist.is_main)
+    for unit, prompts in batches:
+        noise_gen.manual_seed(iteration_seed(job.seed, dist.rank, iteration))
+        latents = parts.encode_images(to_model(as_tensor(unit).to(device), resolution), noise_gen)
         noise = torch.randn(latents.shape, generator=noise_gen, device=device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(drawn),), generator=noise_gen, device=device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(prompts),), generator=noise_gen,
+                          device=device)
         noisy = scheduler.add_noise(latents, noise, t)
         target = scheduler.get_velocity(latents, noise, t) if config["prediction_type"] == "v_prediction" else noise
-        pred = parts.unet(noisy, t, encoder_hidden_states=parts.encode_prompts(prompts)).sample
+        with torch.no_grad():
+            text = parts.encode_prompts(list(prompts))
+        with amp.autocast():
+            pred = net(noisy, t, encoder_hidden_states=text).sample
         loss = torch.nn.functional.mse_loss(pred.float(), target.float())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
-        optimizer.step()
+        amp.step(loss, optimizer, params, GRAD_CLIP_NORM)
         iteration += 1
         train_loss.append(round(float(loss.detach()), 6))
         if not math.isfinite(train_loss[-1]):
             raise RuntimeError(f"sd_inversion fine-tuning diverged at iteration {iteration} (loss {train_loss[-1]})")
         bar.update(1)
         if iteration % preset.save_every == 0 or iteration == iterations:
-            recent = float(np.mean(train_loss[-preset.save_every:]))
-            history.append({"iteration": iteration, "train_loss": recent, "fixed_loss": fixed_loss(parts)})
-            append_log(out, f"iteration {iteration}: training loss {recent:.5f}, fixed-batch loss "
-                      f"{history[-1]['fixed_loss']:.5f}")
-            save("checkpoint_latest.pth")
-            write_json_atomic({"config": config, "history": history, "train_loss": train_loss},
-                              out / "training_log.json")
-            plot_losses(out / "progress.png", train_loss,
-                  [{"iteration": h["iteration"], "val_loss": h["fixed_loss"]} for h in history])
+            if dist.is_main:
+                recent = float(np.mean(train_loss[-preset.save_every:]))
+                history.append({"iteration": iteration, "train_loss": recent, "fixed_loss": fixed_loss(parts)})
+                append_log(out, f"iteration {iteration}: training loss {recent:.5f}, fixed-batch loss "
+                          f"{history[-1]['fixed_loss']:.5f}")
+                save("checkpoint_latest.pth")
+                write_json_atomic({"config": config, "history": history, "train_loss": train_loss},
+                                  out / "training_log.json")
+                plot_losses(out / "progress.png", train_loss,
+                      [{"iteration": h["iteration"], "val_loss": h["fixed_loss"]} for h in history])
+            dist.barrier()
     bar.close()
-    save("checkpoint_final.pth", resumable=False)
-    append_log(out, f"finished at iteration {iteration}")
-    print(json.dumps({"output": str(out), "iteration": iteration}))
+    replicas = dist.check_replicas({"unet": parts.unet})
+    if dist.is_main:
+        save("checkpoint_final.pth", resumable=False)
+        append_log(out, f"finished at iteration {iteration}; {replicas}")
+        print(json.dumps({"output": str(out), "iteration": iteration}))
+    dist.close()
     return out / "checkpoint_final.pth"
