@@ -13,6 +13,8 @@ from nnunet_synth.dataset_conversion import mama_mia
 from nnunet_synth.dataset_conversion.common import OutputCase
 from nnunet_synth.dataset_conversion.single_breast import split_breasts
 
+from .test_conversion import volume as conversion_volume
+
 SHAPE = (6, 10, 30)  # z, y, x: x is the patient's left-right axis
 SPACING = (1.5, 1.0, 2.0)  # x, y, z
 ORIGIN = (-20.0, 4.0, 7.0)
@@ -32,12 +34,7 @@ def two_breasts(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def volume(array: np.ndarray, direction=None) -> sitk.Image:
-    img = sitk.GetImageFromArray(array)
-    img.SetSpacing(SPACING)
-    img.SetOrigin(ORIGIN)
-    if direction is not None:
-        img.SetDirection(direction)
-    return img
+    return conversion_volume(array, SPACING, ORIGIN, direction)
 
 
 def build_mama(root: Path) -> None:
