@@ -77,6 +77,13 @@ def plan_and_preprocess(dataset_id: int, configuration: str = "3d_fullres", veri
          *(["--verify_dataset_integrity"] if verify else [])], env=env)
 
 
+def ct_phantom_2d(dataset_id: int, seed: int) -> int:
+    """A CT phantom (organ 1, tumour 2; 5 training cases) written and preprocessed for the 2d configuration."""
+    write_phantom_dataset(dataset_id, num_train=5, num_test=0, modality="CT", seed=seed, config=TINY)
+    plan_and_preprocess(dataset_id, "2d", verify=False)
+    return dataset_id
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_worker_for_nnunet_helpers():
     """nnU-Net's final validation starts nnUNet_def_n_proc (8) workers twice; on two cores one is faster."""

@@ -27,13 +27,12 @@ from nnunet_synth.generators.sd_inversion.captions import caption, caption_of_ma
 from nnunet_synth.generators.sd_inversion.tiny import build_tiny_base_model
 from nnunet_synth.generators.sd_inversion.training import FixedLoss, SliceSource
 from nnunet_synth.generators.splits import split_cases
-from nnunet_synth.phantom import write_phantom_dataset
 from nnunet_synth.planning import load_synth_plan, preprocessed_dir
 from nnunet_synth.synth_plan import SynthPlan, SynthPlanError, synth_plan_file
 from nnunet_synth.trainers import nnUNetTrainerSynth20DDPM, nnUNetTrainerSynth20SD
 from nnunet_synth.trainers.bank import SyntheticSlices, synthetic_slices
 
-from .conftest import TINY, plan_and_preprocess
+from .conftest import ct_phantom_2d
 
 DATASET = 913
 TUMOUR = 2
@@ -47,9 +46,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def phantom_2d(nnunet_dirs) -> int:
     """The CT phantom (organ 1, tumour 2) planned and preprocessed for the 2d configuration."""
-    write_phantom_dataset(DATASET, num_train=5, num_test=0, modality="CT", seed=13, config=TINY)
-    plan_and_preprocess(DATASET, "2d", verify=False)
-    return DATASET
+    return ct_phantom_2d(DATASET, seed=13)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,6 @@ from nnunet_synth.generators.sd_inversion.insertion import smoothed_mask
 from nnunet_synth.generators.sd_inversion.inversion import edit_timesteps, invert, regenerate
 from nnunet_synth.generators.sd_inversion.tiny import build_tiny_base_model
 from nnunet_synth.generators.splits import split_cases
-from nnunet_synth.phantom import write_phantom_dataset
 from nnunet_synth.planning import load_synth_plan, preprocessed_dir
 from nnunet_synth.synth_plan import SynthPlan
 from nnunet_synth.trainers import (
@@ -38,7 +37,7 @@ from nnunet_synth.trainers import (
     nnUNetTrainerSynth60SD,
 )
 
-from .conftest import TINY, plan_and_preprocess, run, train_as_the_readme_says, training_log
+from .conftest import ct_phantom_2d, plan_and_preprocess, run, train_as_the_readme_says, training_log
 
 DATASET = 905
 TUMOUR = 2
@@ -54,9 +53,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def phantom_2d(nnunet_dirs) -> int:
     """The CT phantom planned and preprocessed for the 2d configuration (ID 905)."""
-    write_phantom_dataset(DATASET, num_train=5, num_test=0, modality="CT", seed=5, config=TINY)
-    plan_and_preprocess(DATASET, "2d", verify=False)
-    return DATASET
+    return ct_phantom_2d(DATASET, seed=5)
 
 
 @pytest.fixture(scope="module")
