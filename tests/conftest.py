@@ -52,6 +52,11 @@ def run(command: list[str], env: dict | None = None, timeout: int = 900) -> subp
     return result
 
 
+# the debug schedule without nnU-Net's final validation (about 20 s of spawned export and metric workers per
+# training on two cores), for trainings whose tests do not read the validation folder
+NO_FINAL_VALIDATION = {"NNUNET_SYNTH_SCHEDULE": "1,2,1,skip"}
+
+
 def train_as_the_readme_says(dataset: int, configuration: str, trainer: str, **env_overrides: str) -> Path:
     """``nnUNetv2_train DATASET CONFIGURATION 0 -tr TRAINER`` on CPU with only the README's ``nnUNet_extTrainer``
     line (and a single-threaded loader); returns the fold folder after checking its final checkpoint."""

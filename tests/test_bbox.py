@@ -31,7 +31,7 @@ from nnunet_synth.dataset_conversion.bbox import (
 from nnunet_synth.dataset_conversion.common import ConversionError
 from nnunet_synth.phantom import write_phantom_dataset
 
-from .conftest import TINY, ext_trainer_dir, run
+from .conftest import NO_FINAL_VALIDATION, TINY, ext_trainer_dir, run
 
 SHAPE = (12, 20, 20)  # z, y, x
 SPACING = (0.9, 0.9, 2.0)  # x, y, z
@@ -419,7 +419,8 @@ def test_bbox_pipeline_end_to_end_on_phantoms(nnunet_dirs, monkeypatch):
     assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["CTNormalization", "NoNormalization"]
     # nnUNet_def_n_proc=1: the final validation's export and metric pools otherwise spawn 8 interpreters each.
     run(["nnUNetv2_train", "931", "3d_fullres", "0", "-tr", "nnUNetTrainer_Debug", "-device", "cpu"],
-        env=dict(env, nnUNet_extTrainer=ext_trainer_dir(), nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1"))
+        env=dict(env, nnUNet_extTrainer=ext_trainer_dir(), nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1",
+                 **NO_FINAL_VALIDATION))
     model = Path(os.environ["nnUNet_results"]) / boxes_ds.name / "nnUNetTrainer_Debug__nnUNetPlans__3d_fullres"
     assert (model / "fold_0" / "checkpoint_final.pth").is_file()
 

@@ -358,7 +358,8 @@ def test_online_inpainting_of_a_batch(phantom_ct, generator):
 
 @pytest.mark.slow
 def test_ldm_bank_trainer_through_nnunetv2_train(phantom_ct, bank):
-    from .conftest import train_as_the_readme_says, training_log
+    from .conftest import NO_FINAL_VALIDATION, train_as_the_readme_says, training_log
 
-    log = training_log(train_as_the_readme_says(phantom_ct, "3d_fullres", "nnUNetTrainerSynth20LDM_Debug"))
+    log = training_log(train_as_the_readme_says(phantom_ct, "3d_fullres", "nnUNetTrainerSynth20LDM_Debug",
+                                                **NO_FINAL_VALIDATION))
     assert f"bank cases ({bank})" in log and "bank cases this epoch" in log

@@ -19,7 +19,7 @@ from nnunet_synth.evaluation.realism import one_class_svm_scores, realism_auc
 from nnunet_synth.generators import available_backends
 from nnunet_synth.planning import load_synth_plan, preprocessed_dir
 
-from .conftest import ext_trainer_dir, run
+from .conftest import NO_FINAL_VALIDATION, ext_trainer_dir, run
 
 SPACING = (3.0, 1.5, 1.5)
 FAST = QualitySettings(n_repeats=2, examples=3)
@@ -105,7 +105,8 @@ def trained_model(phantom_ct, tmp_path_factory) -> Path:
     """A fold-0 model of the CT phantom trained by real ``nnUNetv2_train`` into a results folder of this file's own,
     so no other test's model is reused or overwritten."""
     results = tmp_path_factory.mktemp("quality_results")
-    env = dict(os.environ, nnUNet_results=str(results), nnUNet_extTrainer=ext_trainer_dir(), nnUNet_n_proc_DA="0")
+    env = dict(os.environ, nnUNet_results=str(results), nnUNet_extTrainer=ext_trainer_dir(), nnUNet_n_proc_DA="0",
+               **NO_FINAL_VALIDATION)
     run(["nnUNetv2_train", str(phantom_ct), "3d_fullres", "0", "-tr", "nnUNetTrainer_Debug", "-device", "cpu"],
         env=env)
     model = next(results.glob(f"Dataset{phantom_ct}_*")) / "nnUNetTrainer_Debug__nnUNetPlans__3d_fullres"

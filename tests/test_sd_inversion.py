@@ -37,7 +37,14 @@ from nnunet_synth.trainers import (
     nnUNetTrainerSynth60SD,
 )
 
-from .conftest import ct_phantom_2d, plan_and_preprocess, run, train_as_the_readme_says, training_log
+from .conftest import (
+    NO_FINAL_VALIDATION,
+    ct_phantom_2d,
+    plan_and_preprocess,
+    run,
+    train_as_the_readme_says,
+    training_log,
+)
 
 DATASET = 905
 TUMOUR = 2
@@ -368,6 +375,6 @@ def test_sd_bank_trainer_through_nnunetv2_train(phantom_2d, generator):
     # the bank of the synth plan's own shapes (no --size-class), the one nnUNetTrainerSynth20SD reads
     generate_main(["-d", str(phantom_2d), "-g", "sd_inversion", "-c", "2d", "-n", str(BANK_CASES), "--sampling-steps",
                    str(STEPS), "-device", "cpu"])
-    fold = train_as_the_readme_says(phantom_2d, "2d", "nnUNetTrainerSynth20SD_Debug")
+    fold = train_as_the_readme_says(phantom_2d, "2d", "nnUNetTrainerSynth20SD_Debug", **NO_FINAL_VALIDATION)
     log = training_log(fold)
     assert f"training on 4 real and {BANK_CASES} bank cases" in log and "bank cases this epoch" in log

@@ -37,7 +37,7 @@ from nnunet_synth.generators.templates import (
 from nnunet_synth.generators.transplant import TransplantGenerator
 from nnunet_synth.planning import load_synth_plan, preprocessed_dir
 
-from .conftest import train_as_the_readme_says, training_log
+from .conftest import NO_FINAL_VALIDATION, train_as_the_readme_says, training_log
 from .test_injection import ORGAN, TUMOUR, make_patch, make_plan
 
 SPACING = (2.0, 1.0, 1.0)
@@ -297,7 +297,8 @@ def test_transplant_trainers_set_backend_and_template_shapes():
 
 @pytest.mark.slow
 def test_debug_trainer_runs_through_nnunetv2_train(phantom_ct):
-    log = training_log(train_as_the_readme_says(phantom_ct, "3d_fullres", "nnUNetTrainerSynth20Transplant_Debug"))
+    log = training_log(train_as_the_readme_says(phantom_ct, "3d_fullres", "nnUNetTrainerSynth20Transplant_Debug",
+                                                **NO_FINAL_VALIDATION))
     assert "backend transplant" in log and "template bank:" in log
     assert "synthetic tumours this epoch" in log
 

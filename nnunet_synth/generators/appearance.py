@@ -75,22 +75,35 @@ def signed_distance(mask: np.ndarray, spacing: tuple[float, ...], nearest: bool 
         nearest: also return, per voxel, the index of the nearest mask voxel (``(ndim, *mask.shape)``, as
             ``distance_transform_edt(return_indices=True)``; mask voxels are their own nearest).
     """
-    sp = np.asarray(spacing, dtype=float)
-    half = 0.5 * float(sp.min())
-    distance = np.zeros(mask.shape, dtype=np.float64)
+    if not nearest:
+        return signed_distance_flat(mask, spacing)[0]
+    distance, flat = signed_distance_flat(mask, spacing)
+    if flat is None:
+        return distance, distance_transform_edt(np.ones(mask.shape, bool), return_indices=True)[1]
+    return distance, np.stack(np.unravel_index(flat, mask.shape))
+
+
+def signed_distance_flat(mask: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`signed_distance` and the flat (C order) index of every voxel's nearest mask voxel (None for an empty
+    mask), by the compiled :func:`~.distance.feature_transform`."""
+    from nnunet_synth.generators.distance import feature_transform  # numba: imported when first needed
+
+    mask = np.asarray(mask, dtype=bool)
+    half = 0.5 * float(min(spacing))
+    if not mask.any():  # no border: SciPy's convention (distances to a seed before the array's first voxel)
+        outside = distance_transform_edt(np.ones(mask.shape, bool), sampling=spacing)
+        return 0.5 * float(min(spacing)) - outside, None
     if mask.all():  # no background at all: the array's outside is
-        distance[:] = distance_transform_edt(np.pad(mask, 1), sampling=sp)[(slice(1, -1),) * mask.ndim] - half
-    elif mask.any():
-        # the nearest background voxel of an inside voxel lies in the mask's bounding box grown by one voxel
-        # (projecting any farther one onto that box comes closer), so the inside distance is found there alone
-        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in bounding_box(mask))
-        distance[box] = distance_transform_edt(mask[box], sampling=sp) - half
-    if nearest:
-        outside, indices = distance_transform_edt(~mask, sampling=sp, return_indices=True)
-    else:
-        outside, indices = distance_transform_edt(~mask, sampling=sp), None
-    distance = np.where(mask, distance, half - outside)
-    return (distance, indices) if nearest else distance
+        inside = feature_transform(~np.pad(mask, 1), spacing, nearest=False)[0][(slice(1, -1),) * mask.ndim]
+        return inside - half, np.arange(mask.size).reshape(mask.shape)
+    distance, nearest = feature_transform(mask, spacing)
+    np.subtract(half, distance, out=distance)
+    # the nearest background voxel of an inside voxel lies in the mask's bounding box grown by one voxel
+    # (projecting any farther one onto that box comes closer), so the inside distance is found there alone
+    box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in bounding_box(mask))
+    inner = mask[box]
+    distance[box][inner] = feature_transform(~inner, spacing, nearest=False)[0][inner] - half
+    return distance, nearest
 
 
 def ring(distance: np.ndarray, valid: np.ndarray | None = None, ring_mm: tuple[float, float] = RING_MM
@@ -304,7 +317,7 @@ def paint_lesion(image: np.ndarray, bbox: tuple[slice, ...], mask: np.ndarray, s
     box, inner = expand_box(bbox, max(halo_mm, RING_MM[1]), spacing, image.shape[1:])
     m = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
     m[inner] = mask
-    distance, nearest = signed_distance(m, spacing, nearest=True)
+    distance, nearest = signed_distance_flat(m, spacing)
     # only voxels within halo_mm of the mask change: the edge is evaluated there alone (flat indices, C order)
     changed = distance >= 0.5 * min(spacing) - halo_mm
     where = np.flatnonzero(changed)
@@ -313,8 +326,7 @@ def paint_lesion(image: np.ndarray, bbox: tuple[slice, ...], mask: np.ndarray, s
         changed.ravel()[where[weight == 0]] = False
         where, weight = where[weight > 0], weight[weight > 0]
     # each changed voxel's value comes from its nearest mask voxel: its place in ``values`` (C order of the mask)
-    source = np.ravel_multi_index(tuple(n.ravel()[where] for n in nearest), m.shape)
-    source = (np.cumsum(m.ravel()) - 1)[source]
+    source = (np.cumsum(m.ravel()) - 1)[nearest.ravel()[where]]
     in_mask = m.ravel()[where]
     ring_voxels = ring(distance, None if tissue is None else tissue[box] & ~m)
     if ring_voxels.sum() < MIN_RING_VOXELS and tissue is not None:

@@ -241,7 +241,8 @@ def plan_lesions(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, rng: np.r
     scale = breast_scale(image, plan, spacing, None if window is None else win)  # breast plans' templates
     for _ in range(draws):
         requests = scale_requests(lesion_requests(plan, spacing, rng, room * float(np.prod(spacing))), scale)
-        placed = _place(requests, plan, spacing, rng, region, depth, allowed.copy(), tumour.copy(), win, templates,
+        # a draw that places nothing leaves ``tumour`` as it was: no copies of the volume for the next draw
+        placed = _place(requests, plan, spacing, rng, region, depth, allowed, tumour, win, templates,
                         max_lesion_shape)
         if placed:
             return placed
@@ -252,7 +253,8 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
            region: np.ndarray, depth: np.ndarray | None, allowed: np.ndarray, tumour: np.ndarray,
            win: tuple[slice, ...], templates: list[Template] | None, max_lesion_shape: tuple[int, ...] | None
            ) -> list[PlacedLesion]:
-    """Masks for the requests, placed one after the other (``allowed`` and ``tumour`` are updated in place).
+    """Masks for the requests, placed one after the other (``tumour`` gains each placed lesion, in place; placement
+    reads ``allowed`` less ``tumour``).
 
     ``depth`` (mm from the region's edge) is given where lesions are placed whole (no organ label)."""
     whole = depth is not None
@@ -288,19 +290,24 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
         placed.append(PlacedLesion(lesion, info))
         # later lesions keep their gap to this one and never overlap it
         tumour[lesion.bbox] |= lesion.mask
-        allowed[lesion.bbox] &= ~lesion.mask
     return placed
 
 
 def site_tissue(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, bbox: tuple[slice, ...],
-                spacing: tuple[float, ...], halo_mm: float = 0.0) -> np.ndarray:
+                spacing: tuple[float, ...], halo_mm: float = 0.0, out: np.ndarray | None = None
+                ) -> tuple[np.ndarray, tuple[slice, ...]]:
     """:func:`~nnunet_synth.generators.appearance.ring_tissue` around one placed lesion (in the box its ring and
-    halo reach, one voxel wider so the fill test sees whole neighbourhoods), False elsewhere."""
+    halo reach, one voxel wider so the fill test sees whole neighbourhoods), False elsewhere.
+
+    Returns:
+        (the (*spatial) mask, written into ``out`` when given, which must be False outside the box; the box, to
+        clear ``out`` for the next lesion instead of allocating a volume per lesion).
+    """
     box, _ = expand_box(bbox, max(RING_MM[1], halo_mm) + max(spacing), spacing, seg0.shape)
     channel = plan.tissue_channel
-    tissue = np.zeros(seg0.shape, dtype=bool)
+    tissue = np.zeros(seg0.shape, dtype=bool) if out is None else out
     tissue[box] = ring_tissue(np.asarray(image[channel][box]), seg0[box], plan.organ_label, plan.clip_floor)
-    return tissue
+    return tissue, box
 
 
 def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...] | None, plan: SynthPlan,
@@ -346,9 +353,11 @@ def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
     new_image = np.array(image, dtype=np.float32, copy=True)
     new_seg = np.array(seg, copy=True)
     labels = new_seg[0] if with_channel else new_seg
+    tissue = np.zeros(seg0.shape, dtype=bool)  # one buffer for every lesion's site (cleared after each)
     for p in placed:  # the site's ring is measured on the voxels real tumours' rings were measured on
-        tissue = site_tissue(image, seg0, plan, p.lesion.bbox, spacing, generator.halo_mm)
+        tissue, site = site_tissue(image, seg0, plan, p.lesion.bbox, spacing, generator.halo_mm, out=tissue)
         generator.synthesize(new_image, dataclasses.replace(p.lesion, tissue=tissue), spacing, rng)
+        tissue[site] = False
         labels[p.lesion.bbox][p.lesion.mask] = plan.tumour_label
         if generator.halo_mm > 0:  # a feathered edge never reaches padding, ignored or real tumour voxels
             box, _ = expand_box(p.lesion.bbox, generator.halo_mm, spacing, seg0.shape)

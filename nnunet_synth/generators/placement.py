@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.ndimage import distance_transform_edt
 from scipy.ndimage import label as connected_components
 
 from nnunet_synth.generators.base import Lesion
@@ -61,9 +60,9 @@ def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumou
 
     Args:
         mask: bool lesion mask cropped to its bounding box.
-        allowed: bool, voxels a lesion may occupy (organ, minus tumour, minus -1/ignore voxels).
+        allowed: bool, voxels a lesion may occupy (organ, minus -1/ignore voxels), less ``tumour``.
         organ: bool, the organ (placement region) of the patch.
-        tumour: bool, existing tumour voxels.
+        tumour: bool, existing tumour voxels (real and placed); never occupied, and kept ``gap_mm`` away from.
         spacing: voxel spacing in mm.
         rng: random generator.
         rules: placement constraints.
@@ -82,7 +81,7 @@ def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumou
     """
     sp = np.asarray(spacing, dtype=float)
     for rule in (rules, rules.relaxed()):
-        candidates = candidate_centres(allowed, centres, window, rng, attempts)
+        candidates = candidate_centres(allowed, centres, window, rng, attempts, excluded=tumour)
         if len(candidates) == 0:
             return None
         halo = _LazyHalo(mask, sp, rule.gap_mm)
@@ -94,9 +93,9 @@ def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumou
 
 
 def candidate_centres(allowed: np.ndarray, centres: np.ndarray | None, window: tuple[slice, ...],
-                      rng: np.random.Generator, n: int) -> np.ndarray:
-    """Up to ``n`` distinct voxels of ``allowed`` (and ``centres``) inside ``window``, uniformly at random and in
-    random order, as (k, ndim) indices.
+                      rng: np.random.Generator, n: int, excluded: np.ndarray | None = None) -> np.ndarray:
+    """Up to ``n`` distinct voxels of ``allowed`` (and ``centres``, less ``excluded``) inside ``window``, uniformly
+    at random and in random order, as (k, ndim) indices.
 
     Drawn by rejection from the window, which reads only the drawn voxels: a lesion costs nothing that scales with
     the volume. Where the region is too sparse for that (under about 2% of the window), the region's voxels are
@@ -110,11 +109,17 @@ def candidate_centres(allowed: np.ndarray, centres: np.ndarray | None, window: t
     for _ in range(REJECTION_ROUNDS):
         points = rng.integers(lo, hi, size=(REJECTION_BATCH * n, len(window)))
         where = tuple(points.T)
-        hit = allowed[where] if centres is None else allowed[where] & centres[where]
+        hit = allowed[where]
+        if centres is not None:
+            hit &= centres[where]
+        if excluded is not None:
+            hit &= ~excluded[where]
         found = _first_unique(np.concatenate([found, points[hit]]), hi)
         if len(found) >= n:
             return found[:n]
     pool = allowed[window] if centres is None else allowed[window] & centres[window]
+    if excluded is not None:
+        pool = pool & ~excluded[window]
     flat = np.flatnonzero(pool)
     picked = rng.choice(flat, size=min(n, flat.size), replace=False)
     return np.stack(np.unravel_index(picked, pool.shape), axis=1) + lo if picked.size else found[:0]
@@ -176,14 +181,18 @@ def too_close(mask: np.ndarray, tumour: np.ndarray, spacing: np.ndarray, gap_mm:
     part[dst] = mask[src]
     if not part.any():
         return False
-    near = distance_transform_edt(~part, sampling=spacing) <= gap_mm
+    from nnunet_synth.generators.distance import feature_transform  # numba: imported when first needed
+
+    near = feature_transform(part, spacing, nearest=False)[0] <= gap_mm
     return bool((near & tumour[tuple(slice(a, b) for a, b in zip(lo, hi))]).any())
 
 
 def _halo(mask: np.ndarray, spacing: np.ndarray, gap_mm: float) -> np.ndarray:
     """The lesion dilated by ``gap_mm`` (padded by :func:`_halo_pad` so the dilation fits)."""
+    from nnunet_synth.generators.distance import feature_transform
+
     padded = np.pad(mask, [(p, p) for p in _halo_pad(spacing, gap_mm)])
-    return distance_transform_edt(~padded, sampling=spacing) <= gap_mm
+    return feature_transform(padded, spacing, nearest=False)[0] <= gap_mm
 
 
 def _halo_pad(spacing: np.ndarray, gap_mm: float) -> np.ndarray:
@@ -223,6 +232,7 @@ def _try(mask: np.ndarray, halo: _LazyHalo, centre: np.ndarray, allowed: np.ndar
                 return None
     start = centre - np.array(mask.shape) // 2
     local_allowed, src, dst = _crop(allowed, start, mask.shape)
+    local_allowed = local_allowed & ~tumour[src]
     total = int(mask.sum())
     part_texture = None if texture is None else texture[(slice(None), *dst)]  # the part of the mask placed
     if whole:  # every voxel allowed; the array's edge may cut it, as a patch's edge cuts a real tumour

@@ -93,12 +93,14 @@ def _override_final_validation(trainer: nnUNetTrainer, validation: str) -> None:
 
 
 class nnUNetTrainer_Debug(nnUNetTrainer):
-    """Vanilla nnU-Net, one epoch of two training and one validation iteration."""
+    """Vanilla nnU-Net, one epoch of two training and one validation iteration (``NNUNET_SYNTH_SCHEDULE`` applies,
+    as to the synth trainers)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         set_schedule(self, DEBUG_SCHEDULE)
+        apply_schedule_override(self)
 
 
 class nnUNetTrainer_Demo(nnUNetTrainer):
