@@ -103,6 +103,44 @@ def test_feature_transform_is_scipys_distance_transform(shape, spacing):
         feature_transform(np.zeros(shape, bool), spacing)
 
 
+@pytest.mark.parametrize("shape", [(9, 14, 11), (17, 12), (2, 7, 5)])
+@pytest.mark.parametrize("kind", ["cross", "cube", "ball"])
+def test_shifted_morphology_is_scipys(shape, kind):
+    """Erosion (borders 0 and 1), dilation, closing and opening by the cross and the cube as shifted logical
+    operations give SciPy's results; other structures are SciPy's own."""
+    from scipy import ndimage
+
+    from nnunet_synth.generators import morphology
+
+    ndim = len(shape)
+    structure = {"cross": ndimage.generate_binary_structure(ndim, 1), "cube": np.ones((3,) * ndim, bool),
+                 "ball": ndimage.generate_binary_structure(ndim, 1 if ndim == 2 else 2)}[kind]
+    rng = np.random.default_rng(len(shape))
+    for density in (0.3, 0.7, 0.95):
+        mask = rng.random(shape) < density
+        for border in (0, 1):
+            np.testing.assert_array_equal(morphology.binary_erosion(mask, structure, border_value=border),
+                                          ndimage.binary_erosion(mask, structure, border_value=border))
+        np.testing.assert_array_equal(morphology.binary_dilation(mask, structure),
+                                      ndimage.binary_dilation(mask, structure))
+        np.testing.assert_array_equal(morphology.binary_closing(mask, structure),
+                                      ndimage.binary_closing(mask, structure))
+        np.testing.assert_array_equal(morphology.binary_opening(mask, structure),
+                                      ndimage.binary_opening(mask, structure))
+
+
+@pytest.mark.parametrize("shape", [(9, 14, 11), (17, 12), (1, 7, 5)])
+def test_neighbourhood_range_is_scipys_maximum_minus_minimum(shape):
+    from scipy.ndimage import maximum_filter, minimum_filter
+
+    from nnunet_synth.generators.morphology import neighbourhood_range
+
+    rng = np.random.default_rng(3)
+    array = np.round(rng.normal(size=shape), 1).astype(np.float32)  # ties, as constant fill has
+    np.testing.assert_array_equal(neighbourhood_range(array),
+                                  maximum_filter(array, size=3) - minimum_filter(array, size=3))
+
+
 def _two_boxes(shape: tuple[int, ...], sizes: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Region of two disjoint cubes of the given side lengths, and each cube alone."""
     a, b = np.zeros(shape, bool), np.zeros(shape, bool)

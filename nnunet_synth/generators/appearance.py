@@ -11,9 +11,10 @@ outside, zero on the label border. A tumour's edge is modelled as a normal-CDF t
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import binary_dilation, distance_transform_edt, maximum_filter, minimum_filter
+from scipy.ndimage import distance_transform_edt
 from scipy.special import ndtr
 
+from nnunet_synth.generators.morphology import binary_dilation, neighbourhood_range
 from nnunet_synth.generators.shapes import bounding_box
 
 RING_MM = (2.0, 7.0)  # the ring: tissue between these distances outside the tumour (past its partial-volume edge)
@@ -29,7 +30,7 @@ PLATEAU_TOLERANCE = 1e-5
 def constant_fill(channel: np.ndarray) -> np.ndarray:
     """Voxels whose 3x3(x3) neighbourhood holds one value (background fill, padding, clipped air), which no imaged
     tissue does."""
-    spread = maximum_filter(channel, size=3) - minimum_filter(channel, size=3)
+    spread = neighbourhood_range(channel)
     return spread <= PLATEAU_TOLERANCE * max(1.0, float(np.abs(channel).max()))
 
 

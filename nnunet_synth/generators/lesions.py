@@ -18,18 +18,12 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.ndimage import (
-    binary_closing,
-    binary_dilation,
-    binary_erosion,
-    binary_opening,
-    distance_transform_edt,
-    gaussian_filter,
-)
+from scipy.ndimage import distance_transform_edt, gaussian_filter
 from scipy.ndimage import label as connected_components
 
 from nnunet_synth.generators.appearance import RING_MM, constant_fill, expand_box, ring_tissue
 from nnunet_synth.generators.base import Lesion
+from nnunet_synth.generators.morphology import binary_closing, binary_dilation, binary_erosion, binary_opening
 from nnunet_synth.generators.placement import central_window, largest_component, place_lesion
 from nnunet_synth.generators.regions import fgt_region
 from nnunet_synth.generators.shapes import centroid, crop_to_mask, lesion_mask
@@ -47,6 +41,7 @@ DEPTH_GRID_MM = 2.0  # grid of the region's depth map
 TISSUE_GRID_MM = 2.0  # grid the tissue region is found on (it is smooth at 2 mm: TISSUE_SMOOTHING_MM)
 WHOLE_SHRINK, WHOLE_SHRINKS = 0.8, 3  # a whole lesion without room is tried at most 3 times, 0.8x smaller each
 MAX_FILL_VALUES = 4  # the most common values of constant regions are fill values (background, clipped air/bone)
+FILL_VALUE_SAMPLE = 65536  # fill voxels whose values are counted to find them
 
 
 @dataclass(frozen=True)
@@ -93,7 +88,10 @@ def background_plateau(channel: np.ndarray, clipped: bool = False) -> np.ndarray
     flat = constant_fill(channel)
     if not flat.any():
         return flat
-    values, counts = np.unique(channel[flat], return_counts=True)
+    values = channel[flat]
+    # the most common fill values, counted on an evenly strided sample of the fill (a fill value is shared by many
+    # voxels, so it is never missed; the whole list would cost a sort of all of them)
+    values, counts = np.unique(values[::max(1, values.size // FILL_VALUE_SAMPLE)], return_counts=True)
     fill = binary_dilation(flat, np.ones((3,) * channel.ndim, bool)) | np.isin(
         channel, values[np.argsort(counts)[-MAX_FILL_VALUES:]])
     if not clipped:
@@ -103,7 +101,10 @@ def background_plateau(channel: np.ndarray, clipped: bool = False) -> np.ndarray
     in_plane[(1,) * (fill.ndim - 2)] = True
     pieces, _ = connected_components(fill, structure=in_plane)
     faces = np.concatenate([np.moveaxis(pieces, a, 0)[[0, -1]].ravel() for a in range(fill.ndim - 2, fill.ndim)])
-    return np.isin(pieces, np.unique(faces[faces > 0]))
+    outside = np.zeros(int(pieces.max()) + 1, dtype=bool)  # a lookup per piece: one read of the labels
+    outside[faces] = True
+    outside[0] = False
+    return outside[pieces]
 
 
 def tissue_region(channel: np.ndarray, seg0: np.ndarray, tissue: TissueRegion, spacing: tuple[float, ...],
@@ -121,7 +122,7 @@ def tissue_region(channel: np.ndarray, seg0: np.ndarray, tissue: TissueRegion, s
     step = np.maximum(1, np.round(TISSUE_GRID_MM / sp)).astype(int)
     grid = tuple(slice(None, None, s) for s in step)
     coarse_sp = sp * step
-    smooth = gaussian_filter(channel.astype(np.float32), tissue.smoothing_mm / sp)[grid]
+    smooth = smooth_on_grid(channel, tissue.smoothing_mm, sp, step)
     lo, hi = tissue.range
     radius = np.maximum(np.round(tissue.smoothing_mm / coarse_sp), 1).astype(int)
     ball = _ball(radius, coarse_sp)
@@ -134,9 +135,34 @@ def tissue_region(channel: np.ndarray, seg0: np.ndarray, tissue: TissueRegion, s
     region = binary_opening(binary_closing(region, ball) & keep, ball)[inside]
     erosion = _ball(np.maximum(np.round(margin_mm / coarse_sp), 1).astype(int), coarse_sp)
     region = binary_erosion(region, erosion, border_value=1)
-    for axis, s in enumerate(step):
-        region = np.repeat(region, s, axis=axis)
-    return region[tuple(slice(0, n) for n in channel.shape)] & (seg0 == 0)
+    return repeat_to(region, step, channel.shape) & (seg0 == 0)
+
+
+def smooth_on_grid(channel: np.ndarray, sigma_mm: float, spacing: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """``channel`` Gaussian-smoothed at ``sigma_mm`` on the grid of ``step`` voxels: the mean of each block of
+    ``step`` voxels (itself a smoothing), then the rest of the Gaussian on the grid (variances add), instead of the
+    whole filter at full resolution. Grid point k is the block of voxels ``k * step`` to ``(k + 1) * step - 1``, the
+    voxels :func:`repeat_to` gives it back to (edge blocks padded by repetition)."""
+    step = np.asarray(step, dtype=int)
+    blocks = tuple(int(b) for b in -(-np.asarray(channel.shape) // step))
+    means = np.zeros(blocks, dtype=np.float32)
+    for offset in np.ndindex(*step):  # one strided read of the channel per position in the block
+        part = channel[tuple(slice(int(o), None, int(s)) for o, s in zip(offset, step))]
+        if part.shape != blocks:  # a last block cut by the array's edge: its last voxel repeated
+            part = np.pad(part, [(0, b - n) for b, n in zip(blocks, part.shape)], mode="edge")
+        means += part
+    means /= float(np.prod(step))
+    block_variance = (step.astype(float) ** 2 - 1) / 12 * np.asarray(spacing, dtype=float) ** 2  # mm^2 per axis
+    rest_mm = np.sqrt(np.maximum(sigma_mm ** 2 - block_variance, 0.0))
+    return gaussian_filter(means, rest_mm / (np.asarray(spacing, dtype=float) * step))
+
+
+def repeat_to(coarse: np.ndarray, step: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Each grid point of ``coarse`` repeated over its block of ``step`` voxels, cropped to ``shape`` (one copy)."""
+    expanded = np.broadcast_to(coarse[tuple(v for _ in coarse.shape for v in (slice(None), None))],
+                               tuple(v for n, s in zip(coarse.shape, step) for v in (n, int(s))))
+    return expanded.reshape(tuple(n * int(s) for n, s in zip(coarse.shape, step)))[
+        tuple(slice(0, n) for n in shape)]
 
 
 def _ball(radius_vox: np.ndarray, spacing: np.ndarray) -> np.ndarray:
@@ -166,15 +192,38 @@ def placement_region(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan,
     return tissue_region(np.asarray(image[channel]), seg0, plan.tissue, spacing, plan.placement.margin_mm, clipped)
 
 
-def region_depth(region: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
-    """Distance (mm) of each voxel from the region's edge, on a grid of about ``DEPTH_GRID_MM`` (it only picks
-    candidate centres, which placement then checks voxel by voxel)."""
+@dataclass(frozen=True)
+class RegionDepth:
+    """Distance (mm) of each voxel from the placement region's edge, on a grid of about ``DEPTH_GRID_MM`` (it only
+    picks candidate centres, which placement then checks voxel by voxel).
+
+    Attributes:
+        coarse: the distances on the grid (grid point k stands for voxels ``k * step`` to ``(k + 1) * step - 1``).
+        step: voxels per grid point along each axis.
+        shape: the region's shape.
+    """
+
+    coarse: np.ndarray
+    step: np.ndarray
+    shape: tuple[int, ...]
+
+    def at_least(self, mm: float) -> np.ndarray:
+        """Voxels at least ``mm`` inside the region (bool, the region's shape)."""
+        return repeat_to(self.coarse >= mm, self.step, self.shape)
+
+
+def region_depth(region: np.ndarray, spacing: tuple[float, ...]) -> RegionDepth:
+    """The :class:`RegionDepth` of a placement region."""
+    from nnunet_synth.generators.distance import feature_transform
+
     sp = np.asarray(spacing, dtype=float)
     step = np.maximum(1, np.round(DEPTH_GRID_MM / sp)).astype(int)
-    coarse = distance_transform_edt(region[tuple(slice(None, None, s) for s in step)], sampling=sp * step)
-    for axis, s in enumerate(step):
-        coarse = np.repeat(coarse, s, axis=axis)
-    return coarse[tuple(slice(0, n) for n in region.shape)]
+    coarse = region[tuple(slice(None, None, s) for s in step)]
+    if coarse.all():  # no edge in the array: SciPy's convention
+        depth = distance_transform_edt(coarse, sampling=sp * step)
+    else:  # the distance of each region voxel to the nearest voxel outside it
+        depth = feature_transform(~coarse, tuple(sp * step), nearest=False)[0]
+    return RegionDepth(depth, step, region.shape)
 
 
 def _mask_for(request: LesionRequest, spacing: tuple[float, ...], plan: SynthPlan, rng: np.random.Generator,
@@ -250,7 +299,7 @@ def plan_lesions(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, rng: np.r
 
 
 def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float, ...], rng: np.random.Generator,
-           region: np.ndarray, depth: np.ndarray | None, allowed: np.ndarray, tumour: np.ndarray,
+           region: np.ndarray, depth: RegionDepth | None, allowed: np.ndarray, tumour: np.ndarray,
            win: tuple[slice, ...], templates: list[Template] | None, max_lesion_shape: tuple[int, ...] | None
            ) -> list[PlacedLesion]:
     """Masks for the requests, placed one after the other (``tumour`` gains each placed lesion, in place; placement
@@ -270,7 +319,7 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
                 same_class = plan.replace(shapes={"size_class": request.size_class})
                 radii = np.asarray(lesion_requests(same_class, spacing, rng)[0].radii_mm)
                 continue  # the paper's classes are pixel areas of the mask as drawn
-            centres = None if depth is None else depth >= DEEP_ENOUGH * float(radii.min())
+            centres = None if depth is None else depth.at_least(DEEP_ENOUGH * float(radii.min()))
             lesion = place_lesion(mask, allowed, region, tumour, spacing, rng, plan.placement, win,
                                   attempts=WHOLE_ATTEMPTS if whole else 20, whole=whole, centres=centres,
                                   texture=texture, one_piece=True)
