@@ -93,7 +93,7 @@ def signed_distance_flat(mask: np.ndarray, spacing: tuple[float, ...]) -> tuple[
     half = 0.5 * float(min(spacing))
     if not mask.any():  # no border: SciPy's convention (distances to a seed before the array's first voxel)
         outside = distance_transform_edt(np.ones(mask.shape, bool), sampling=spacing)
-        return 0.5 * float(min(spacing)) - outside, None
+        return half - outside, None
     if mask.all():  # no background at all: the array's outside is
         inside = feature_transform(~np.pad(mask, 1), spacing, nearest=False)[0][(slice(1, -1),) * mask.ndim]
         return inside - half, np.arange(mask.size).reshape(mask.shape)

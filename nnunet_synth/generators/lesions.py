@@ -26,7 +26,7 @@ from nnunet_synth.generators.base import Lesion
 from nnunet_synth.generators.morphology import binary_closing, binary_dilation, binary_erosion, binary_opening
 from nnunet_synth.generators.placement import central_window, largest_component, place_lesion
 from nnunet_synth.generators.regions import fgt_region
-from nnunet_synth.generators.shapes import centroid, crop_to_mask, lesion_mask
+from nnunet_synth.generators.shapes import centroid, crop_to_mask, lesion_mask, repeat_to
 from nnunet_synth.generators.sizes import LesionRequest, lesion_requests, slice_area_class
 from nnunet_synth.generators.templates import Template, breast_scale, crop_template, draw_template, scale_requests
 
@@ -142,7 +142,7 @@ def smooth_on_grid(channel: np.ndarray, sigma_mm: float, spacing: np.ndarray, st
     """``channel`` Gaussian-smoothed at ``sigma_mm`` on the grid of ``step`` voxels: the mean of each block of
     ``step`` voxels (itself a smoothing), then the rest of the Gaussian on the grid (variances add), instead of the
     whole filter at full resolution. Grid point k is the block of voxels ``k * step`` to ``(k + 1) * step - 1``, the
-    voxels :func:`repeat_to` gives it back to (edge blocks padded by repetition)."""
+    voxels :func:`~.shapes.repeat_to` gives it back to (edge blocks padded by repetition)."""
     step = np.asarray(step, dtype=int)
     blocks = tuple(int(b) for b in -(-np.asarray(channel.shape) // step))
     means = np.zeros(blocks, dtype=np.float32)
@@ -155,14 +155,6 @@ def smooth_on_grid(channel: np.ndarray, sigma_mm: float, spacing: np.ndarray, st
     block_variance = (step.astype(float) ** 2 - 1) / 12 * np.asarray(spacing, dtype=float) ** 2  # mm^2 per axis
     rest_mm = np.sqrt(np.maximum(sigma_mm ** 2 - block_variance, 0.0))
     return gaussian_filter(means, rest_mm / (np.asarray(spacing, dtype=float) * step))
-
-
-def repeat_to(coarse: np.ndarray, step: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Each grid point of ``coarse`` repeated over its block of ``step`` voxels, cropped to ``shape`` (one copy)."""
-    expanded = np.broadcast_to(coarse[tuple(v for _ in coarse.shape for v in (slice(None), None))],
-                               tuple(v for n, s in zip(coarse.shape, step) for v in (n, int(s))))
-    return expanded.reshape(tuple(n * int(s) for n, s in zip(coarse.shape, step)))[
-        tuple(slice(0, n) for n in shape)]
 
 
 def _ball(radius_vox: np.ndarray, spacing: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ from scipy.ndimage import binary_erosion, generate_binary_structure
 from scipy.ndimage import label as connected_components
 from skimage.filters import threshold_multiotsu, threshold_otsu
 
-from nnunet_synth.generators.shapes import equivalent_diameter_mm
+from nnunet_synth.generators.shapes import equivalent_diameter_mm, repeat_to
 
 if TYPE_CHECKING:
     from nnunet_synth.synth_plan import FGTRegion, SynthPlan
@@ -53,12 +53,6 @@ def _grid(spacing: tuple[float, ...]) -> tuple[np.ndarray, tuple[slice, ...], np
     sp = np.asarray(spacing, dtype=float)
     step = np.maximum(1, np.round(BODY_GRID_MM / sp)).astype(int)
     return step, tuple(slice(None, None, s) for s in step), sp * step
-
-
-def _upsample(coarse: np.ndarray, step: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    for axis, s in enumerate(step):
-        coarse = np.repeat(coarse, s, axis=axis)
-    return coarse[tuple(slice(0, n) for n in shape)]
 
 
 def _sample(values: np.ndarray) -> np.ndarray:
@@ -111,7 +105,7 @@ def inner_body(channel: np.ndarray, threshold: float, spacing: tuple[float, ...]
         offsets = (np.indices(tuple(2 * radius + 1)) - radius.reshape(-1, *[1] * len(radius))) * \
             coarse_sp.reshape(-1, *[1] * len(radius))
         body = binary_erosion(body, (offsets ** 2).sum(0) <= skin_margin_mm ** 2, border_value=1)
-    return _upsample(body, step, np.shape(channel))
+    return repeat_to(body, step, np.shape(channel))
 
 
 def fgt_region(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, spacing: tuple[float, ...]) -> np.ndarray:

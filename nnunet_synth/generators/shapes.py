@@ -173,6 +173,14 @@ def resize_linear(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
+def repeat_to(coarse: np.ndarray, step: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Each grid point of ``coarse`` repeated over its block of ``step`` voxels, cropped to ``shape`` (one copy)."""
+    expanded = np.broadcast_to(coarse[tuple(v for _ in coarse.shape for v in (slice(None), None))],
+                               tuple(v for n, s in zip(coarse.shape, step) for v in (n, int(s))))
+    return expanded.reshape(tuple(n * int(s) for n, s in zip(coarse.shape, step)))[
+        tuple(slice(0, n) for n in shape)]
+
+
 def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) weights of linear interpolation from n_in to n_out samples, end points aligned."""
     weights = np.zeros((n_out, n_in))
