@@ -335,20 +335,19 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
 
 
 def site_tissue(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, bbox: tuple[slice, ...],
-                spacing: tuple[float, ...], halo_mm: float = 0.0, out: np.ndarray | None = None
-                ) -> tuple[np.ndarray, tuple[slice, ...]]:
+                spacing: tuple[float, ...], halo_mm: float, out: np.ndarray) -> tuple[slice, ...]:
     """:func:`~nnunet_synth.generators.appearance.ring_tissue` around one placed lesion (in the box its ring and
     halo reach, one voxel wider so the fill test sees whole neighbourhoods), False elsewhere.
 
+    The (*spatial) mask is written into ``out``, which must be False outside the box.
+
     Returns:
-        (the (*spatial) mask, written into ``out`` when given, which must be False outside the box; the box, to
-        clear ``out`` for the next lesion instead of allocating a volume per lesion).
+        The box, to clear ``out`` for the next lesion instead of allocating a volume per lesion.
     """
     box, _ = expand_box(bbox, max(RING_MM[1], halo_mm) + max(spacing), spacing, seg0.shape)
     channel = plan.tissue_channel
-    tissue = np.zeros(seg0.shape, dtype=bool) if out is None else out
-    tissue[box] = ring_tissue(np.asarray(image[channel][box]), seg0[box], plan.organ_label, plan.clip_floor)
-    return tissue, box
+    out[box] = ring_tissue(np.asarray(image[channel][box]), seg0[box], plan.organ_label, plan.clip_floor)
+    return box
 
 
 def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...] | None, plan: SynthPlan,
@@ -396,7 +395,7 @@ def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
     labels = new_seg[0] if with_channel else new_seg
     tissue = np.zeros(seg0.shape, dtype=bool)  # one buffer for every lesion's site (cleared after each)
     for p in placed:  # the site's ring is measured on the voxels real tumours' rings were measured on
-        tissue, site = site_tissue(image, seg0, plan, p.lesion.bbox, spacing, generator.halo_mm, out=tissue)
+        site = site_tissue(image, seg0, plan, p.lesion.bbox, spacing, generator.halo_mm, tissue)
         generator.synthesize(new_image, dataclasses.replace(p.lesion, tissue=tissue), spacing, rng)
         tissue[site] = False
         labels[p.lesion.bbox][p.lesion.mask] = plan.tumour_label

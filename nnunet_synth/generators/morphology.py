@@ -19,20 +19,21 @@ def _along(axis: int, ndim: int, start: int | None, stop: int | None) -> tuple[s
     return tuple(slice(start, stop) if a == axis else slice(None) for a in range(ndim))
 
 
-def _step(out: np.ndarray, source: np.ndarray, axis: int, erode: bool, border: bool) -> None:
-    """``out`` AND (erode) or OR (dilate) ``source`` shifted by +1 and -1 along ``axis``, in place; what lies past
-    the array's edge is ``border``."""
+def _neighbours(out: np.ndarray, source: np.ndarray, axis: int, combine: np.ufunc) -> None:
+    """``out`` combined (in place) with ``source`` shifted by +1 and by -1 along ``axis``, where the shift reaches."""
     ndim = source.ndim
-    combine = np.logical_and if erode else np.logical_or
     for target, shifted in ((_along(axis, ndim, None, -1), _along(axis, ndim, 1, None)),
                             (_along(axis, ndim, 1, None), _along(axis, ndim, None, -1))):
         combine(out[target], source[shifted], out=out[target])
+
+
+def _step(out: np.ndarray, source: np.ndarray, axis: int, erode: bool, border: bool) -> None:
+    """``out`` AND (erode) or OR (dilate, border 0) ``source``'s neighbours along ``axis``, in place; for an erosion
+    what lies past the array's edge is ``border``."""
+    _neighbours(out, source, axis, np.logical_and if erode else np.logical_or)
     if erode and not border:  # the first and last layers meet the outside
-        out[_along(axis, ndim, None, 1)] = False
-        out[_along(axis, ndim, -1, None)] = False
-    if not erode and border:
-        out[_along(axis, ndim, None, 1)] = True
-        out[_along(axis, ndim, -1, None)] = True
+        out[_along(axis, source.ndim, None, 1)] = False
+        out[_along(axis, source.ndim, -1, None)] = False
 
 
 def _shifted(mask: np.ndarray, structure: np.ndarray, erode: bool, border: bool) -> np.ndarray | None:
@@ -63,10 +64,7 @@ def neighbourhood_range(array: np.ndarray) -> np.ndarray:
         if array.shape[axis] < 2:
             continue
         for values, pick in ((high, np.maximum), (low, np.minimum)):
-            source = values.copy()
-            for target, shifted in ((_along(axis, array.ndim, None, -1), _along(axis, array.ndim, 1, None)),
-                                    (_along(axis, array.ndim, 1, None), _along(axis, array.ndim, None, -1))):
-                pick(values[target], source[shifted], out=values[target])
+            _neighbours(values, values.copy(), axis, pick)
     return high - low
 
 
