@@ -3,7 +3,8 @@
 Each shortcut is compared with the definition it replaces: the deformed ellipsoid evaluated on a coarse grid with
 the equation evaluated at every voxel, the compiled distance transform with SciPy's, the inside distance found in
 the mask's box with the distance over the whole array, candidate centres drawn by rejection with a uniform draw
-from the listed voxels.
+from the listed voxels, the compiled threshold of the interpolated quadric with the interpolation, the compiled
+one-piece test with SciPy's labelling.
 """
 
 from __future__ import annotations
@@ -245,7 +246,10 @@ def test_paint_lesion_on_changed_voxels_is_the_whole_box_definition(spacing, add
     bbox = tuple(slice(a, a + s) for a, s in zip(start, mask.shape))
     values = rng.normal(0.5, 1.0, size=(2, int(mask.sum())))
     tissue = rng.random(shape) > 0.3
-    for sigma, offset, halo in [(0.8, 0.0, 2.0), (1.5, 0.5, 3.25), (0.01, 0.0, 40.0)]:
+    # the last two: edges complete at the shallowest inside voxel (no inside distances) and edges that reach no
+    # voxel outside the mask (no nearest mask voxels), as sharp real edges give
+    for sigma, offset, halo in [(0.8, 0.0, 2.0), (1.5, 0.5, 3.25), (0.01, 0.0, 40.0), (0.09, -0.3, 0.52),
+                                (0.2, 0.0, 0.5)]:
         fast, reference = image.copy(), image.copy()
         args = (bbox, mask, spacing, values, sigma, offset, halo, [clip, None])
         paint_lesion(fast, *args, additive=additive, tissue=None if additive else tissue)
@@ -282,3 +286,43 @@ def test_gap_check_in_the_tumours_box_is_the_whole_lesions_dilation(spacing, gap
             np.testing.assert_array_equal(shared.array, _halo(mask, sp, gap))
     assert 0 < sum(decisions) < len(decisions)  # both answers were tested
     assert built > 0  # and the whole dilation was used
+
+
+@pytest.mark.parametrize("shape, step", [((61, 77, 73), (3, 3, 3)), ((10, 33, 30), (1, 3, 3)), ((40, 41), (2, 5)),
+                                         ((30,), (4,)), ((9, 9, 9), (1, 1, 1))])
+def test_threshold_of_the_interpolated_grid_is_the_interpolations(shape, step):
+    """The compiled threshold decides cells whole where their corners agree and interpolates the rest; the mask is
+    the interpolated grid's (resize_linear) thresholded."""
+    from nnunet_synth.generators.kernels import linear_at_most
+
+    rng = np.random.default_rng(len(shape))
+    coarse = tuple(int(np.ceil((n - 1) / s)) + 1 for n, s in zip(shape, step))
+    grid = np.meshgrid(*[np.linspace(-1.3, 1.3, c) for c in coarse], indexing="ij")
+    quadric = (sum(g ** 2 for g in grid) + 0.1 * rng.normal(size=coarse)).astype(np.float32)
+    fine = tuple((c - 1) * s + 1 for c, s in zip(coarse, step))
+    expected = resize_linear(quadric, fine)[tuple(slice(0, n) for n in shape)] <= 1.0
+    mask = linear_at_most(quadric, np.array(step), shape, 1.0)
+    assert mask.shape == shape and 0 < mask.sum() < mask.size
+    np.testing.assert_array_equal(mask, expected)
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_one_piece_test_is_scipys_labelling(ndim):
+    from scipy.ndimage import generate_binary_structure, label
+
+    from nnunet_synth.generators.kernels import face_connected
+    from nnunet_synth.generators.placement import largest_component
+
+    rng = np.random.default_rng(ndim)
+    answers = set()
+    for _ in range(150):
+        mask = rng.random((5, 6, 7)[:ndim]) < rng.uniform(0.3, 0.95)
+        if not mask.any():
+            continue
+        pieces = label(mask, generate_binary_structure(ndim, 1))[1]
+        assert face_connected(mask) == (pieces == 1)
+        answers.add(pieces == 1)
+        full, n = label(mask, np.ones((3,) * ndim, bool))
+        largest = full == np.argmax(np.bincount(full.ravel())[1:]) + 1
+        np.testing.assert_array_equal(largest_component(mask), largest if n > 1 else mask)
+    assert answers == {True, False}

@@ -77,16 +77,25 @@ def signed_distance(mask: np.ndarray, spacing: tuple[float, ...], nearest: bool 
             ``distance_transform_edt(return_indices=True)``; mask voxels are their own nearest).
     """
     if not nearest:
-        return signed_distance_flat(mask, spacing)[0]
+        return signed_distance_flat(mask, spacing, nearest=False)[0]
     distance, flat = signed_distance_flat(mask, spacing)
     if flat is None:
         return distance, distance_transform_edt(np.ones(mask.shape, bool), return_indices=True)[1]
     return distance, np.stack(np.unravel_index(flat, mask.shape))
 
 
-def signed_distance_flat(mask: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`signed_distance` and the flat (C order) index of every voxel's nearest mask voxel (None for an empty
-    mask), by the compiled :func:`~.distance.feature_transform`."""
+def signed_distance_flat(mask: np.ndarray, spacing: tuple[float, ...], nearest: bool = True, inside: bool = True
+                         ) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`signed_distance` and the flat (C order) index of every voxel's nearest mask voxel, by the compiled
+    :func:`~.distance.feature_transform`.
+
+    Args:
+        mask: bool mask.
+        spacing: voxel spacing (mm).
+        nearest: find the nearest mask voxels (None is returned without, and for an empty mask).
+        inside: find the distances inside the mask; without, every inside voxel reads half a voxel, the least it
+            can be (for a caller that needs nothing deeper, e.g. an edge already complete there).
+    """
     from nnunet_synth.generators.distance import feature_transform  # numba: imported when first needed
 
     mask = np.asarray(mask, dtype=bool)
@@ -95,16 +104,19 @@ def signed_distance_flat(mask: np.ndarray, spacing: tuple[float, ...]) -> tuple[
         outside = distance_transform_edt(np.ones(mask.shape, bool), sampling=spacing)
         return half - outside, None
     if mask.all():  # no background at all: the array's outside is
-        inside = feature_transform(~np.pad(mask, 1), spacing, nearest=False)[0][(slice(1, -1),) * mask.ndim]
-        return inside - half, np.arange(mask.size).reshape(mask.shape)
-    distance, nearest = feature_transform(mask, spacing)
+        inner = feature_transform(~np.pad(mask, 1), spacing, nearest=False)[0][(slice(1, -1),) * mask.ndim]
+        return inner - half if inside else np.full(mask.shape, half), (
+            np.arange(mask.size).reshape(mask.shape) if nearest else None)
+    distance, flat = feature_transform(mask, spacing, nearest=nearest)
     np.subtract(half, distance, out=distance)
+    if not inside:
+        return distance, flat
     # the nearest background voxel of an inside voxel lies in the mask's bounding box grown by one voxel
     # (projecting any farther one onto that box comes closer), so the inside distance is found there alone
     box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in bounding_box(mask))
     inner = mask[box]
     distance[box][inner] = feature_transform(~inner, spacing, nearest=False)[0][inner] - half
-    return distance, nearest
+    return distance, flat
 
 
 def ring(distance: np.ndarray, valid: np.ndarray | None = None, ring_mm: tuple[float, float] = RING_MM
@@ -143,13 +155,14 @@ def quantile_map(field: np.ndarray, levels: tuple[float, ...], values: np.ndarra
 
     ``values`` of shape (C, len(levels)) map the one field to C channels (ranked once), giving (C, n).
     """
-    ranks = np.empty(field.size, dtype=np.float64)
     # ties have probability zero in a continuous field, so the unstable (several times faster) sort ranks alike
-    ranks[np.argsort(field)] = (np.arange(field.size) + 0.5) / field.size
+    order = np.argsort(field)
+    ranks = (np.arange(field.size) + 0.5) / field.size  # in sorted order: np.interp's search runs on ascending input
     values = np.asarray(values, dtype=np.float64)
-    if values.ndim == 1:
-        return np.interp(ranks, levels, values)
-    return np.stack([np.interp(ranks, levels, v) for v in values])
+    out = np.empty((*values.shape[:-1], field.size))
+    out[..., order] = np.interp(ranks, levels, values) if values.ndim == 1 else np.stack(
+        [np.interp(ranks, levels, v) for v in values])
+    return out
 
 
 def correlation_length(residual: np.ndarray, inside: np.ndarray, spacing: tuple[float, ...],
@@ -318,16 +331,25 @@ def paint_lesion(image: np.ndarray, bbox: tuple[slice, ...], mask: np.ndarray, s
     box, inner = expand_box(bbox, max(halo_mm, RING_MM[1]), spacing, image.shape[1:])
     m = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
     m[inner] = mask
-    distance, nearest = signed_distance_flat(m, spacing)
+    half = 0.5 * min(spacing)
+    # what the edge reads, and nothing more: the depth inside only where the shallowest inside voxel is not yet
+    # wholly tumour (weights rise with depth), the nearest mask voxel only where the edge reaches outside voxels
+    # (the nearest lies a voxel out: signed distance half - min(spacing))
+    deep = edge_weight(np.array(half), edge_sigma_mm, edge_offset_mm) < 1.0
+    outward = halo_mm >= min(spacing)
+    distance, nearest = signed_distance_flat(m, spacing, nearest=outward, inside=deep)
     # only voxels within halo_mm of the mask change: the edge is evaluated there alone (flat indices, C order)
-    changed = distance >= 0.5 * min(spacing) - halo_mm
+    changed = distance >= half - halo_mm
     where = np.flatnonzero(changed)
+    if nearest is None:  # no voxel outside the mask changes: the changed voxels are the mask's, in its C order
+        source = np.arange(where.size)
+    else:  # each changed voxel's value comes from its nearest mask voxel: its place in ``values`` (C order)
+        source = (np.cumsum(m.ravel()) - 1)[nearest.ravel()[where]]
     weight = edge_weight(distance.ravel()[where], edge_sigma_mm, edge_offset_mm)
     if not weight.all():  # the normal CDF underflows to 0 far out: those voxels stay bit-identical
-        changed.ravel()[where[weight == 0]] = False
-        where, weight = where[weight > 0], weight[weight > 0]
-    # each changed voxel's value comes from its nearest mask voxel: its place in ``values`` (C order of the mask)
-    source = (np.cumsum(m.ravel()) - 1)[nearest.ravel()[where]]
+        keep = weight > 0
+        changed.ravel()[where[~keep]] = False
+        where, weight, source = where[keep], weight[keep], source[keep]
     in_mask = m.ravel()[where]
     ring_voxels = ring(distance, None if tissue is None else tissue[box] & ~m)
     if ring_voxels.sum() < MIN_RING_VOXELS and tissue is not None:

@@ -239,20 +239,29 @@ def _try(mask: np.ndarray, halo: _LazyHalo, centre: np.ndarray, allowed: np.ndar
         part = mask[dst]
         if (part & ~local_allowed).any():
             return None
+        kept = np.count_nonzero(part)
+        if total == 0 or kept < rule.min_inside * total:
+            return None  # too little inside the array before any component search
         placed = part if one_piece and part.shape == mask.shape else largest_component(part)
-        if total == 0 or placed.sum() < rule.min_inside * total:
+        if placed is not part and np.count_nonzero(placed) < rule.min_inside * total:
             return None
         return Lesion(bbox=src, mask=placed.copy(), texture=part_texture)
     part = mask[dst] & local_allowed
-    uncut = one_piece and part.shape == mask.shape and np.count_nonzero(part) == total
-    placed = part if uncut else largest_component(part)
-    if total == 0 or placed.sum() < rule.min_inside * total:
+    kept = np.count_nonzero(part)
+    if total == 0 or kept < rule.min_inside * total:
+        return None  # the largest piece is at most what is inside: no component search for a lesion that fails
+    placed = part if one_piece and part.shape == mask.shape and kept == total else largest_component(part)
+    if placed is not part and np.count_nonzero(placed) < rule.min_inside * total:
         return None
     return Lesion(bbox=src, mask=placed, texture=part_texture)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest connected component (full connectivity) of a boolean mask."""
+    from nnunet_synth.generators.kernels import face_connected  # numba: imported when first needed
+
+    if mask.any() and face_connected(mask):  # one piece already (the usual case): no labelling of its box
+        return mask
     components, n = connected_components(mask, structure=np.ones((3,) * mask.ndim, bool))
     if n <= 1:
         return mask

@@ -74,15 +74,15 @@ def ellipsoid(radii_mm: np.ndarray, spacing: tuple[float, ...], rng: np.random.G
     coords = list(np.meshgrid(*_axes_mm(half, sp, step, coarse), indexing="ij"))
     for axis, field in enumerate(displacement_fields(deformation, coarse, sp * step, smoothing_mm, rng)):
         coords[axis] = coords[axis] + field * (displacement_mm / (field.std() + 1e-8))
-    def upsampled(values: np.ndarray) -> np.ndarray:
-        if coarse == shape:
-            return values
-        return resize_linear(values, tuple((c - 1) * s + 1 for c, s in zip(coarse, step)))[
-            tuple(slice(0, n) for n in shape)]
-
     if exact:
-        return _quadric([upsampled(c) for c in coords], rotation, radii_mm) <= 1.0
-    return upsampled(_quadric(coords, rotation, radii_mm)) <= 1.0
+        if coarse != shape:
+            fine = tuple((c - 1) * s + 1 for c, s in zip(coarse, step))
+            coords = [resize_linear(c, fine)[tuple(slice(0, n) for n in shape)] for c in coords]
+        return _quadric(coords, rotation, radii_mm) <= 1.0
+    from nnunet_synth.generators.kernels import linear_at_most  # numba: imported when first needed
+
+    # the quadric is smooth at the grid's step: interpolated, and thresholded, only in cells its surface crosses
+    return linear_at_most(_quadric(coords, rotation, radii_mm), step, shape, 1.0)
 
 
 def _axes_mm(half: np.ndarray, spacing: np.ndarray, step: np.ndarray, count: tuple[int, ...] | None = None
@@ -155,9 +155,9 @@ def smooth_field(shape: tuple[int, ...], sigma_vox: np.ndarray, rng: np.random.G
     sigma_vox = np.broadcast_to(np.asarray(sigma_vox, dtype=float), (len(shape),))
     factor = np.maximum(1.0, sigma_vox / 2.0)
     coarse = tuple(max(2, int(np.ceil(n / f)) + 1) if f > 1 else n for n, f in zip(shape, factor))
-    draw = rng.standard_normal if distribution == "normal" else rng.uniform
-    noise = gaussian_filter(draw(size=coarse).astype(np.float32), sigma_vox / factor)
-    return resize_linear(noise, tuple(shape))
+    draw = rng.standard_normal if distribution == "normal" else rng.random
+    noise = gaussian_filter(draw(size=coarse, dtype=np.float32), sigma_vox / factor)
+    return noise if noise.shape == tuple(shape) else resize_linear(noise, tuple(shape))
 
 
 def resize_linear(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
