@@ -100,6 +100,16 @@ def test_feature_transform_is_scipys_distance_transform(shape, spacing):
         alone, none = feature_transform(seeds, spacing, nearest=False)
         assert none is None
         np.testing.assert_array_equal(alone, distance)
+        # a limit: the same distances (and seeds) up to it, infinity past it
+        limit = float(np.median(expected[expected > 0])) if (expected > 0).any() else 1.0
+        for with_nearest in (True, False):
+            near, near_seed = feature_transform(seeds, spacing, nearest=with_nearest, limit_mm=limit)
+            np.testing.assert_array_equal(near[distance <= limit], distance[distance <= limit])
+            assert np.isinf(near[distance > limit * (1 + 1e-9)]).all()
+            if with_nearest:
+                within = distance <= limit
+                np.testing.assert_allclose(to_nearest[within], expected[within], rtol=1e-12, atol=1e-12)
+                assert seeds[np.unravel_index(near_seed[within], shape)].all()
     with pytest.raises(ValueError, match="at least one seed"):
         feature_transform(np.zeros(shape, bool), spacing)
 
@@ -246,10 +256,11 @@ def test_paint_lesion_on_changed_voxels_is_the_whole_box_definition(spacing, add
     bbox = tuple(slice(a, a + s) for a, s in zip(start, mask.shape))
     values = rng.normal(0.5, 1.0, size=(2, int(mask.sum())))
     tissue = rng.random(shape) > 0.3
-    # the last two: edges complete at the shallowest inside voxel (no inside distances) and edges that reach no
-    # voxel outside the mask (no nearest mask voxels), as sharp real edges give
-    for sigma, offset, halo in [(0.8, 0.0, 2.0), (1.5, 0.5, 3.25), (0.01, 0.0, 40.0), (0.09, -0.3, 0.52),
-                                (0.2, 0.0, 0.5)]:
+    # then: an edge complete a few mm inside (inside distances only that deep), edges complete at the shallowest
+    # inside voxel (none) and edges that reach no voxel outside the mask (no nearest mask voxels), as sharp real
+    # edges give
+    for sigma, offset, halo in [(0.8, 0.0, 2.0), (1.5, 0.5, 3.25), (0.01, 0.0, 40.0), (0.4, 0.2, 1.5),
+                                (0.09, -0.3, 0.52), (0.2, 0.0, 0.5)]:
         fast, reference = image.copy(), image.copy()
         args = (bbox, mask, spacing, values, sigma, offset, halo, [clip, None])
         paint_lesion(fast, *args, additive=additive, tissue=None if additive else tissue)

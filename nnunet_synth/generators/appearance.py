@@ -22,6 +22,7 @@ QUANTILE_LEVELS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 MIN_RING_VOXELS = 8
 MIN_CORRELATION = 0.05  # autocorrelation below this is not fitted (sampling noise)
 EDGE_REACH = 2.5  # edge widths past its centre where the transition is cut off (the tumour's share there < 0.7%)
+EDGE_COMPLETE = 8.5  # edge widths past its centre where the tumour's share is 1.0 in float64 (ndtr(8.3) is)
 MAX_HALO_MM = 10.0
 # relative spread below which a neighbourhood counts as constant fill (float32 resampling noise is ~1e-7)
 PLATEAU_TOLERANCE = 1e-5
@@ -84,17 +85,19 @@ def signed_distance(mask: np.ndarray, spacing: tuple[float, ...], nearest: bool 
     return distance, np.stack(np.unravel_index(flat, mask.shape))
 
 
-def signed_distance_flat(mask: np.ndarray, spacing: tuple[float, ...], nearest: bool = True, inside: bool = True
-                         ) -> tuple[np.ndarray, np.ndarray | None]:
+def signed_distance_flat(mask: np.ndarray, spacing: tuple[float, ...], nearest: bool = True,
+                         inside_mm: float = np.inf, outside_mm: float = np.inf) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`signed_distance` and the flat (C order) index of every voxel's nearest mask voxel, by the compiled
-    :func:`~.distance.feature_transform`.
+    :func:`~.distance.feature_transform`, computed only as far as the caller reads.
 
     Args:
         mask: bool mask.
         spacing: voxel spacing (mm).
         nearest: find the nearest mask voxels (None is returned without, and for an empty mask).
-        inside: find the distances inside the mask; without, every inside voxel reads half a voxel, the least it
-            can be (for a caller that needs nothing deeper, e.g. an edge already complete there).
+        inside_mm: signed distances above this are not needed: they read ``inf`` (below half a voxel, the least an
+            inside voxel has, no inside distance is computed).
+        outside_mm: signed distances below ``-outside_mm`` are not needed: they read ``-inf`` (and have no nearest
+            mask voxel).
     """
     from nnunet_synth.generators.distance import feature_transform  # numba: imported when first needed
 
@@ -104,18 +107,22 @@ def signed_distance_flat(mask: np.ndarray, spacing: tuple[float, ...], nearest: 
         outside = distance_transform_edt(np.ones(mask.shape, bool), sampling=spacing)
         return half - outside, None
     if mask.all():  # no background at all: the array's outside is
-        inner = feature_transform(~np.pad(mask, 1), spacing, nearest=False)[0][(slice(1, -1),) * mask.ndim]
-        return inner - half if inside else np.full(mask.shape, half), (
-            np.arange(mask.size).reshape(mask.shape) if nearest else None)
-    distance, flat = feature_transform(mask, spacing, nearest=nearest)
+        distance = np.full(mask.shape, np.inf)
+        if inside_mm >= half:
+            distance = feature_transform(~np.pad(mask, 1), spacing, nearest=False, limit_mm=inside_mm + half)[0][
+                (slice(1, -1),) * mask.ndim] - half
+        return distance, np.arange(mask.size).reshape(mask.shape) if nearest else None
+    distance, flat = feature_transform(mask, spacing, nearest=nearest, limit_mm=outside_mm + half)
     np.subtract(half, distance, out=distance)
-    if not inside:
+    if inside_mm < half:
+        distance[mask] = np.inf
         return distance, flat
     # the nearest background voxel of an inside voxel lies in the mask's bounding box grown by one voxel
     # (projecting any farther one onto that box comes closer), so the inside distance is found there alone
     box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in bounding_box(mask))
     inner = mask[box]
-    distance[box][inner] = feature_transform(~inner, spacing, nearest=False)[0][inner] - half
+    distance[box][inner] = feature_transform(~inner, spacing, nearest=False, limit_mm=inside_mm + half)[0][
+        inner] - half
     return distance, flat
 
 
@@ -145,7 +152,8 @@ def edge_halo_mm(sigma_mm: float, offset_mm: float = 0.0) -> float:
 
 
 def edge_weight(distance: np.ndarray, sigma_mm: float, offset_mm: float = 0.0) -> np.ndarray:
-    """The tumour's share of each voxel across its edge: a normal CDF of the signed distance."""
+    """The tumour's share of each voxel across its edge: a normal CDF of the signed distance (1.0 from
+    ``EDGE_COMPLETE`` widths past the edge's centre on, and at ``inf``)."""
     return ndtr((distance - offset_mm) / max(float(sigma_mm), 1e-3))
 
 
@@ -332,12 +340,15 @@ def paint_lesion(image: np.ndarray, bbox: tuple[slice, ...], mask: np.ndarray, s
     m = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
     m[inner] = mask
     half = 0.5 * min(spacing)
-    # what the edge reads, and nothing more: the depth inside only where the shallowest inside voxel is not yet
-    # wholly tumour (weights rise with depth), the nearest mask voxel only where the edge reaches outside voxels
-    # (the nearest lies a voxel out: signed distance half - min(spacing))
-    deep = edge_weight(np.array(half), edge_sigma_mm, edge_offset_mm) < 1.0
+    # distances only as far as they are read: inside to the depth past which the edge is complete (every voxel
+    # wholly tumour, weights rise with depth), outside to the ring's and the edge's reach (RING_MM are signed
+    # distances), the nearest mask voxel only where the edge reaches outside voxels (signed distance at most
+    # half - min(spacing))
+    complete = edge_offset_mm + EDGE_COMPLETE * max(float(edge_sigma_mm), 1e-3)
+    deep = complete >= half
     outward = halo_mm >= min(spacing)
-    distance, nearest = signed_distance_flat(m, spacing, nearest=outward, inside=deep)
+    distance, nearest = signed_distance_flat(m, spacing, nearest=outward, inside_mm=complete,
+                                             outside_mm=max(RING_MM[1], halo_mm - half))
     # only voxels within halo_mm of the mask change: the edge is evaluated there alone (flat indices, C order)
     changed = distance >= half - halo_mm
     where = np.flatnonzero(changed)
@@ -345,12 +356,16 @@ def paint_lesion(image: np.ndarray, bbox: tuple[slice, ...], mask: np.ndarray, s
         source = np.arange(where.size)
     else:  # each changed voxel's value comes from its nearest mask voxel: its place in ``values`` (C order)
         source = (np.cumsum(m.ravel()) - 1)[nearest.ravel()[where]]
-    weight = edge_weight(distance.ravel()[where], edge_sigma_mm, edge_offset_mm)
+    in_mask = m.ravel()[where]
+    if deep:
+        weight = edge_weight(distance.ravel()[where], edge_sigma_mm, edge_offset_mm)
+    else:  # wholly tumour inside
+        weight = np.ones(where.size)
+        weight[~in_mask] = edge_weight(distance.ravel()[where[~in_mask]], edge_sigma_mm, edge_offset_mm)
     if not weight.all():  # the normal CDF underflows to 0 far out: those voxels stay bit-identical
         keep = weight > 0
         changed.ravel()[where[~keep]] = False
-        where, weight, source = where[keep], weight[keep], source[keep]
-    in_mask = m.ravel()[where]
+        where, weight, source, in_mask = where[keep], weight[keep], source[keep], in_mask[keep]
     ring_voxels = ring(distance, None if tissue is None else tissue[box] & ~m)
     if ring_voxels.sum() < MIN_RING_VOXELS and tissue is not None:
         ring_voxels = ring(distance)

@@ -18,9 +18,10 @@ _INF = np.inf
 
 
 @numba.njit(cache=True, nogil=True)
-def _scan_middle_axis(seeds: np.ndarray, w: float, d2: np.ndarray, feat: np.ndarray, track: bool) -> None:
+def _scan_middle_axis(seeds: np.ndarray, w: float, d2: np.ndarray, feat: np.ndarray, track: bool, limit: float
+                      ) -> None:
     """Squared distance to, and (``track``) flat index of, the nearest seed along axis 1 of (outer, n, inner)
-    arrays (the innermost loop runs along the contiguous last axis)."""
+    arrays (the innermost loop runs along the contiguous last axis); infinite past ``limit`` (squared)."""
     outer, n, inner = seeds.shape
     last = np.empty(inner, dtype=np.int64)
     for a in range(outer):
@@ -29,8 +30,8 @@ def _scan_middle_axis(seeds: np.ndarray, w: float, d2: np.ndarray, feat: np.ndar
             for c in range(inner):
                 if seeds[a, i, c]:
                     last[c] = i
-                if last[c] >= 0:
-                    d = (i - last[c]) * w
+                d = (i - last[c]) * w
+                if last[c] >= 0 and d * d <= limit:
                     d2[a, i, c] = d * d
                     if track:
                         feat[a, i, c] = (a * n + last[c]) * inner + c
@@ -43,16 +44,17 @@ def _scan_middle_axis(seeds: np.ndarray, w: float, d2: np.ndarray, feat: np.ndar
                     last[c] = i
                 if last[c] >= 0:
                     d = (last[c] - i) * w
-                    if d * d < d2[a, i, c]:
+                    if d * d < d2[a, i, c] and d * d <= limit:
                         d2[a, i, c] = d * d
                         if track:
                             feat[a, i, c] = (a * n + last[c]) * inner + c
 
 
 @numba.njit(cache=True, nogil=True)
-def _envelope_middle_axis(d2: np.ndarray, feat: np.ndarray, w: float, track: bool) -> None:
+def _envelope_middle_axis(d2: np.ndarray, feat: np.ndarray, w: float, track: bool, limit: float) -> None:
     """Lower envelope of parabolas along axis 1 of (outer, n, inner) arrays, in place: each voxel's squared
-    distance becomes the least (squared distance so far + squared step along this axis)."""
+    distance becomes the least (squared distance so far + squared step along this axis); infinite past
+    ``limit`` (squared), where no parabola starts either."""
     outer, n, inner = d2.shape
     f = np.empty(n)
     ff = np.empty(n, dtype=np.int64)
@@ -65,7 +67,7 @@ def _envelope_middle_axis(d2: np.ndarray, feat: np.ndarray, w: float, track: boo
                 f[q] = d2[a, q, c]
                 if track:
                     ff[q] = feat[a, q, c]
-                if f[q] == _INF:
+                if f[q] > limit:
                     continue
                 if k < 0:
                     k = 0
@@ -94,9 +96,13 @@ def _envelope_middle_axis(d2: np.ndarray, feat: np.ndarray, w: float, track: boo
                     j += 1
                 p = v[j]
                 d = (q - p) * w
-                d2[a, q, c] = f[p] + d * d
-                if track:
-                    feat[a, q, c] = ff[p]
+                value = f[p] + d * d
+                if value <= limit:
+                    d2[a, q, c] = value
+                    if track:
+                        feat[a, q, c] = ff[p]
+                else:
+                    d2[a, q, c] = _INF
 
 
 def _middle_view(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
@@ -104,8 +110,8 @@ def _middle_view(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
     return (int(np.prod(shape[:axis], dtype=np.int64)), shape[axis], int(np.prod(shape[axis + 1:], dtype=np.int64)))
 
 
-def feature_transform(seeds: np.ndarray, spacing: tuple[float, ...], nearest: bool = True
-                      ) -> tuple[np.ndarray, np.ndarray | None]:
+def feature_transform(seeds: np.ndarray, spacing: tuple[float, ...], nearest: bool = True,
+                      limit_mm: float = np.inf) -> tuple[np.ndarray, np.ndarray | None]:
     """Distance (mm) from every voxel to the nearest ``True`` voxel of ``seeds`` and that voxel's flat index.
 
     The distances are those of ``scipy.ndimage.distance_transform_edt(~seeds, sampling=spacing)``.
@@ -114,6 +120,8 @@ def feature_transform(seeds: np.ndarray, spacing: tuple[float, ...], nearest: bo
         seeds: bool array (1-3D) with at least one True voxel.
         spacing: voxel spacing (mm) per axis.
         nearest: also find the nearest seed (about a third of the cost).
+        limit_mm: distances beyond this are not needed: they read ``inf`` (and their nearest seed is undefined),
+            and no pass spends work on them (those within rounding of it may keep their value).
 
     Returns:
         (distance, nearest): float64 distances (0 on seeds) and int64 flat (C order) indices into ``seeds`` (None
@@ -125,6 +133,8 @@ def feature_transform(seeds: np.ndarray, spacing: tuple[float, ...], nearest: bo
     if not seeds.any():
         raise ValueError("the distance transform needs at least one seed voxel")
     shape = seeds.shape
+    # squared with a few roundings of slack (a distance at the limit stays); finite: inf is never a parabola
+    limit = min(float(limit_mm) ** 2 * (1 + 1e-12), np.finfo(np.float64).max)
     d2 = np.empty(shape, dtype=np.float64)
     feat = np.empty(shape if nearest else (1, 1, 1), dtype=np.int64)  # without nearest: never written
 
@@ -132,8 +142,8 @@ def feature_transform(seeds: np.ndarray, spacing: tuple[float, ...], nearest: bo
         return feat.reshape(view) if nearest else feat
 
     view = _middle_view(shape, 0)
-    _scan_middle_axis(seeds.reshape(view), float(spacing[0]), d2.reshape(view), features(view), nearest)
+    _scan_middle_axis(seeds.reshape(view), float(spacing[0]), d2.reshape(view), features(view), nearest, limit)
     for axis in range(1, seeds.ndim):  # SciPy sums the squared terms in axis order: ((d0^2 + d1^2) + d2^2)
         view = _middle_view(shape, axis)
-        _envelope_middle_axis(d2.reshape(view), features(view), float(spacing[axis]), nearest)
+        _envelope_middle_axis(d2.reshape(view), features(view), float(spacing[axis]), nearest, limit)
     return np.sqrt(d2, out=d2), feat if nearest else None

@@ -183,7 +183,7 @@ def too_close(mask: np.ndarray, tumour: np.ndarray, spacing: np.ndarray, gap_mm:
         return False
     from nnunet_synth.generators.distance import feature_transform  # numba: imported when first needed
 
-    near = feature_transform(part, spacing, nearest=False)[0] <= gap_mm
+    near = feature_transform(part, spacing, nearest=False, limit_mm=gap_mm)[0] <= gap_mm
     return bool((near & tumour[tuple(slice(a, b) for a, b in zip(lo, hi))]).any())
 
 
@@ -192,7 +192,7 @@ def _halo(mask: np.ndarray, spacing: np.ndarray, gap_mm: float) -> np.ndarray:
     from nnunet_synth.generators.distance import feature_transform
 
     padded = np.pad(mask, [(p, p) for p in _halo_pad(spacing, gap_mm)])
-    return feature_transform(padded, spacing, nearest=False)[0] <= gap_mm
+    return feature_transform(padded, spacing, nearest=False, limit_mm=gap_mm)[0] <= gap_mm
 
 
 def _halo_pad(spacing: np.ndarray, gap_mm: float) -> np.ndarray:
