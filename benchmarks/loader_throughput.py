@@ -7,7 +7,9 @@ nnU-Net augmentations (global seeds set alike), so the difference is the synthes
 rate over the mean of the vanilla rates timed just before and after it, and the median ratio over rounds is printed
 with its spread. ``--workers 0`` is
 nnU-Net's single-process loader (``nnUNet_n_proc_DA=0``): the pure CPU cost per batch, the quantity that limits
-nnU-Net on a fast GPU. Also times one analytic lesion (shape + placement + texture) in enlarged patches.
+nnU-Net on a fast GPU; there the batches themselves are interleaved (vanilla, synth, ... batch by batch, each pair
+after the same seeds), which cancels the machine's drift far better than rounds do. Also times one analytic lesion
+(shape + placement + texture) in enlarged patches.
 
     python benchmarks/loader_throughput.py                 # Synth20 on a generated phantom (64x128x128)
     python benchmarks/loader_throughput.py --workers 0 --trainer nnUNetTrainerSynth20 nnUNetTrainerSynth60 \
@@ -76,6 +78,39 @@ def finish(loader) -> None:
     """Stops a multi-process augmenter's workers (a single-threaded one has none)."""
     if hasattr(loader, "_finish"):
         loader._finish()
+
+
+def paired_batches(trainers: dict, synth_names: list[str], rounds: int, batches: int, warmup: int
+                   ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Single-process loaders, timed batch by batch in turn (vanilla and each synth trainer, the order rotated every
+    batch), each batch after the same global seeds, so the trainers draw the same cases, patches and augmentations
+    at nearly the same moment: machine noise slower than one batch cancels. Returns per round the rates
+    (batches/s) and each synth trainer's ratio (its rate over vanilla's on the same batches)."""
+    names = ["nnUNetTrainer", *synth_names]
+    loaders = {}
+    for name in names:
+        train_loader, val_loader = trainers[name].get_dataloaders()
+        finish(val_loader)
+        loaders[name] = train_loader
+    seconds = {name: [] for name in names}
+    for index in range(-warmup, rounds * batches):
+        order = names[index % len(names):] + names[:index % len(names)]
+        for name in order:
+            random.seed(index)
+            np.random.seed(index % 2 ** 32)
+            torch.manual_seed(index)
+            start = time.perf_counter()
+            next(loaders[name])
+            if index >= 0:
+                seconds[name].append(time.perf_counter() - start)
+    rates, ratios = {name: [] for name in names}, {name: [] for name in synth_names}
+    for r in range(rounds):
+        part = slice(r * batches, (r + 1) * batches)
+        for name in names:
+            rates[name].append(batches / sum(seconds[name][part]))
+        for name in synth_names:
+            ratios[name].append(sum(seconds["nnUNetTrainer"][part]) / sum(seconds[name][part]))
+    return rates, ratios
 
 
 def lesion_milliseconds(trainer, num: int, seed: int = 0) -> dict[str, float]:
@@ -154,7 +189,9 @@ def main() -> None:
 
         rates: dict[str, list[float]] = {name: [] for name in names}
         ratios: dict[str, list[float]] = {name: [] for name in args.trainer}
-        for round_seed in range(args.rounds):
+        if args.workers == 0:
+            rates, ratios = paired_batches(trainers, args.trainer, args.rounds, args.batches, args.warmup)
+        for round_seed in range(args.rounds if args.workers > 0 else 0):
             before = rate("nnUNetTrainer", round_seed)
             rates["nnUNetTrainer"].append(before)
             for name in args.trainer:  # vanilla, synth, vanilla, synth, ...: each synth between two vanilla rounds
@@ -165,9 +202,10 @@ def main() -> None:
                 before = after
         first = trainers[args.trainer[0]]
         conf = first.configuration_manager
-        mode = "single-process (nnUNet_n_proc_DA=0)" if args.workers == 0 else f"{args.workers} workers"
+        mode = ("single-process (nnUNet_n_proc_DA=0), batches interleaved one by one" if args.workers == 0
+                else f"{args.workers} workers, interleaved rounds")
         print(f"dataset {first.plans_manager.dataset_name}, {args.configuration}: patch {conf.patch_size}, "
-              f"batch {first.batch_size}, {mode}, {args.rounds} interleaved rounds x {args.batches} batches")
+              f"batch {first.batch_size}, {mode}, {args.rounds} rounds x {args.batches} batches")
         for name, values in rates.items():
             print(f"  {name:28s} {statistics.median(values):7.3f} batches/s (rounds: "
                   f"{', '.join(f'{v:.3f}' for v in values)})")
