@@ -337,3 +337,30 @@ def test_one_piece_test_is_scipys_labelling(ndim):
         largest = full == np.argmax(np.bincount(full.ravel())[1:]) + 1
         np.testing.assert_array_equal(largest_component(mask), largest if n > 1 else mask)
     assert answers == {True, False}
+
+
+@pytest.mark.parametrize("shape", [(20, 24, 18), (30, 25)])
+def test_label_mask_reads_as_the_whole_comparison(shape):
+    """Placement reads the organ and tumour masks of a patch where it looks only; every crop and every set of points
+    reads as the whole array ``seg == label`` with the placed lesions or-ed in."""
+    from nnunet_synth.generators.placement import LabelMask
+
+    rng = np.random.default_rng(len(shape))
+    seg = rng.integers(-1, 3, size=shape).astype(np.int16)
+    lazy, whole = LabelMask(seg, 2), seg == 2
+    for _ in range(3):  # lesions placed one after the other, some reaching the array's edge
+        start = rng.integers(0, np.array(shape) - 3)
+        size = rng.integers(3, 9, len(shape))
+        bbox = tuple(slice(int(a), int(min(a + s, n))) for a, s, n in zip(start, size, shape))
+        mask = rng.random(tuple(b.stop - b.start for b in bbox)) < 0.6
+        lazy.add(bbox, mask)
+        whole[bbox] |= mask
+        for _ in range(20):
+            lo = rng.integers(0, shape)
+            hi = [int(rng.integers(a + 1, n + 1)) for a, n in zip(lo, shape)]
+            crop = tuple(slice(int(a), b) for a, b in zip(lo, hi))
+            np.testing.assert_array_equal(lazy[crop], whole[crop])
+            points = tuple(rng.integers(0, n, 50) for n in shape)
+            np.testing.assert_array_equal(lazy[points], whole[points])
+        full = tuple(slice(None) for _ in shape)
+        np.testing.assert_array_equal(lazy[full], whole)

@@ -24,7 +24,7 @@ from scipy.ndimage import label as connected_components
 from nnunet_synth.generators.appearance import RING_MM, constant_fill, expand_box, ring_tissue
 from nnunet_synth.generators.base import Lesion
 from nnunet_synth.generators.morphology import binary_closing, binary_dilation, binary_erosion, binary_opening
-from nnunet_synth.generators.placement import central_window, largest_component, place_lesion
+from nnunet_synth.generators.placement import LabelMask, central_window, largest_component, place_lesion
 from nnunet_synth.generators.regions import fgt_region
 from nnunet_synth.generators.shapes import centroid, crop_to_mask, lesion_mask, repeat_to
 from nnunet_synth.generators.sizes import LesionRequest, lesion_requests, slice_area_class
@@ -264,16 +264,18 @@ def plan_lesions(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, rng: np.r
     if plan.shapes.deformation == "template" and not templates:
         raise ValueError("deformation 'template' needs the training fold's real tumour masks (templates=...); "
                          "none were given")
-    region = placement_region(image, seg0, plan, spacing) if region is None else region
+    if region is None:  # the organ is read where placement looks (a few crops), not over the patch
+        region = LabelMask(seg0, plan.organ_label) if plan.organ_label is not None else placement_region(
+            image, seg0, plan, spacing)
     win = central_window(seg0.shape, None if window is None else tuple(window)[-seg0.ndim:])
     room = int(np.count_nonzero(region[win]))
     if room == 0:
         return []
-    tumour = seg0 == plan.tumour_label
-    if plan.organ_label is not None and region.dtype == bool:  # organ voxels are neither tumour, ignore nor -1
+    tumour = LabelMask(seg0, plan.tumour_label)
+    if plan.organ_label is not None:  # organ voxels are neither tumour, ignore nor -1
         allowed = region
     else:
-        allowed = region & ~tumour & (seg0 >= 0)
+        allowed = region & (seg0 != plan.tumour_label) & (seg0 >= 0)
         if plan.ignore_label is not None:
             allowed &= seg0 != plan.ignore_label
     # a whole lesion's centre lies at least its smallest semi-axis inside the region (most random centres in a
@@ -291,7 +293,8 @@ def plan_lesions(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, rng: np.r
 
 
 def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float, ...], rng: np.random.Generator,
-           region: np.ndarray, depth: RegionDepth | None, allowed: np.ndarray, tumour: np.ndarray,
+           region: np.ndarray | LabelMask, depth: RegionDepth | None, allowed: np.ndarray | LabelMask,
+           tumour: LabelMask,
            win: tuple[slice, ...], templates: list[Template] | None, max_lesion_shape: tuple[int, ...] | None
            ) -> list[PlacedLesion]:
     """Masks for the requests, placed one after the other (``tumour`` gains each placed lesion, in place; placement
@@ -330,7 +333,7 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
                           voxels=lesion.num_voxels, bbox=tuple((int(s.start), int(s.stop)) for s in lesion.bbox))
         placed.append(PlacedLesion(lesion, info))
         # later lesions keep their gap to this one and never overlap it
-        tumour[lesion.bbox] |= lesion.mask
+        tumour.add(lesion.bbox, lesion.mask)
     return placed
 
 
@@ -384,7 +387,6 @@ def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
         raise ValueError(f"image {image.shape} (channels first) and segmentation {seg.shape} do not match")
     if generator is None:
         generator = get_backend(plan.backend)(plan)
-    region = placement_region(image, seg0, plan, spacing) if region is None else region
     placed = plan_lesions(image, seg0, plan, rng, spacing=spacing, templates=templates, window=window,
                           max_lesion_shape=generator.max_lesion_shape, region=region, draws=draws)
     if not placed:

@@ -39,6 +39,42 @@ class PlacementRules:
         return PlacementRules(margin_mm=0.0, gap_mm=self.gap_mm, min_inside=min(self.min_inside, 0.5))
 
 
+class LabelMask:
+    """``seg == label`` of a patch, evaluated only where it is read (crops and points), with the voxels of lesions
+    placed since (:meth:`add`): the organ and tumour masks that placement reads around a few candidate centres,
+    without a pass over the patch.
+
+    Args:
+        seg: (*spatial) labels.
+        label: the label.
+    """
+
+    def __init__(self, seg: np.ndarray, label: int):
+        self.seg, self.label = seg, label
+        self.shape, self.ndim = seg.shape, seg.ndim
+        self._added: list[tuple[tuple[slice, ...], np.ndarray]] = []
+
+    def add(self, bbox: tuple[slice, ...], mask: np.ndarray) -> None:
+        """Voxels of ``mask`` (at ``bbox``) read True from now on."""
+        self._added.append((bbox, mask))
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        out = np.asarray(self.seg[key] == self.label)
+        for bbox, mask in self._added:
+            if all(isinstance(k, slice) for k in key):  # a crop
+                span = [k.indices(n)[:2] for k, n in zip(key, self.shape)]
+                lo = [max(a, b.start) for (a, _), b in zip(span, bbox)]
+                hi = [min(z, b.stop) for (_, z), b in zip(span, bbox)]
+                if all(h > low for low, h in zip(lo, hi)):
+                    out[tuple(slice(low - a, h - a) for low, h, (a, _) in zip(lo, hi, span))] |= mask[
+                        tuple(slice(low - b.start, h - b.start) for low, h, b in zip(lo, hi, bbox))]
+            else:  # points: one index array per axis
+                points = np.stack([np.asarray(k) for k in key])
+                inside = np.all([(p >= b.start) & (p < b.stop) for p, b in zip(points, bbox)], axis=0)
+                out[inside] |= mask[tuple(p[inside] - b.start for p, b in zip(points, bbox))]
+        return out
+
+
 def central_window(shape: tuple[int, ...], window: tuple[int, ...] | None) -> tuple[slice, ...]:
     """Slices of the centred ``window`` (nnU-Net's final patch size) inside an enlarged patch of ``shape``."""
     if window is None:
@@ -60,9 +96,11 @@ def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumou
 
     Args:
         mask: bool lesion mask cropped to its bounding box.
-        allowed: bool, voxels a lesion may occupy (organ, minus -1/ignore voxels), less ``tumour``.
+        allowed: bool, voxels a lesion may occupy (organ, minus -1/ignore voxels), less ``tumour`` (an array or
+            a :class:`LabelMask`, as ``organ``).
         organ: bool, the organ (placement region) of the patch.
-        tumour: bool, existing tumour voxels (real and placed); never occupied, and kept ``gap_mm`` away from.
+        tumour: existing tumour voxels (real and placed, a :class:`LabelMask`); never occupied, and kept ``gap_mm``
+            away from.
         spacing: voxel spacing in mm.
         rng: random generator.
         rules: placement constraints.
