@@ -396,13 +396,14 @@ def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
     new_seg = np.array(seg, copy=True)
     labels = new_seg[0] if with_channel else new_seg
     tissue = np.zeros(seg0.shape, dtype=bool)  # one buffer for every lesion's site (cleared after each)
+    halo = generator.halo_mm
     for p in placed:  # the site's ring is measured on the voxels real tumours' rings were measured on
-        site = site_tissue(image, seg0, plan, p.lesion.bbox, spacing, generator.halo_mm, tissue)
+        site = site_tissue(image, seg0, plan, p.lesion.bbox, spacing, halo, tissue)
         generator.synthesize(new_image, dataclasses.replace(p.lesion, tissue=tissue), spacing, rng)
         tissue[site] = False
         labels[p.lesion.bbox][p.lesion.mask] = plan.tumour_label
-        if generator.halo_mm > 0:  # a feathered edge never reaches padding, ignored or real tumour voxels
-            box, _ = expand_box(p.lesion.bbox, generator.halo_mm, spacing, seg0.shape)
+        if halo > 0:  # a feathered edge never reaches padding, ignored or real tumour voxels
+            box, _ = expand_box(p.lesion.bbox, halo, spacing, seg0.shape)
             protected = (seg0[box] < 0) | (seg0[box] == plan.tumour_label)
             if plan.ignore_label is not None:
                 protected |= seg0[box] == plan.ignore_label
