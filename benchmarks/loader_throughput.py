@@ -113,9 +113,10 @@ def paired_batches(trainers: dict, synth_names: list[str], rounds: int, batches:
     return rates, ratios
 
 
-def lesion_milliseconds(trainer, num: int, seed: int = 0) -> dict[str, float]:
+def lesion_milliseconds(trainer, num: int, seed: int = 0) -> tuple[dict[str, float], float | None]:
     """Milliseconds per inserted lesion by size class, on enlarged patches cropped around placement-region voxels
-    (the organ, or the tissue region without an organ label)."""
+    (the organ, or the tissue region without an organ label), the region read as the loader reads it (without an
+    organ label: the crop of the case's region, found once per case, whose seconds per case are also returned)."""
     import torch
     from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -135,20 +136,29 @@ def lesion_milliseconds(trainer, num: int, seed: int = 0) -> dict[str, float]:
             continue
         centre = region[rng.integers(len(region))]
         bbox = [[int(c) - p // 2, int(c) - p // 2 + p] for c, p in zip(centre, initial_patch)]
-        patches.append((torch.from_numpy(crop_and_pad_nd(np.asarray(data), bbox, 0).astype(np.float32)),
-                        torch.from_numpy(crop_and_pad_nd(np.asarray(seg), bbox, -1).astype(np.int16))))
-    result = {}
+        image = torch.from_numpy(crop_and_pad_nd(np.asarray(data), bbox, 0).astype(np.float32))
+        patches.append((identifier, bbox, image, torch.from_numpy(crop_and_pad_nd(np.asarray(seg), bbox, -1)
+                                                                  .astype(np.int16))))
+    result, per_case = {}, None
     for size_class in (*SIZE_CLASSES, "any"):
         plan = trainer.synth_plan.replace(shapes={"size_class": size_class}).validated(f"size class {size_class}")
         transform = SynthTumourTransform(plan, 1.0, trainer.configuration_manager.patch_size, seed)
+        transform.use_case_regions(ds)
+        regions = transform.case_regions
+        if regions is not None:  # found once per case per loader process, before the patches are timed
+            start = time.perf_counter()
+            for identifier, *_ in patches:
+                regions.region(identifier)
+            per_case = (time.perf_counter() - start) / len(patches)
         times = []
         for i in range(num):
-            image, seg = patches[i % len(patches)]
+            identifier, bbox, image, seg = patches[i % len(patches)]
             start = time.perf_counter()
-            transform.insert(image, seg, rng)
+            region = None if regions is None else regions.crop(identifier, *zip(*bbox), tuple(seg.shape[1:]))
+            transform.insert(image, seg, rng, region)
             times.append(time.perf_counter() - start)
         result[size_class] = 1000 * float(np.median(times))
-    return result
+    return result, per_case
 
 
 def main() -> None:
@@ -216,9 +226,12 @@ def main() -> None:
             print(f"  ratio {name} / vanilla: median {statistics.median(values):.3f} (rounds {min(values):.3f}-"
                   f"{max(values):.3f}; target >= 0.95); synthetic {counts['synthetic']}/{counts['seen']} samples, "
                   f"{counts['skipped']} skipped")
-        ms = lesion_milliseconds(first, args.lesions)
+        ms, per_case = lesion_milliseconds(first, args.lesions)
         print(f"  ms per injected lesion ({args.trainer[0]}, median, shape + placement + texture): "
               + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()))
+        if per_case is not None:
+            print(f"  placement region without an organ label: {per_case:.2f} s per case, found once per case and "
+                  "loader process (each patch reads its crop)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ pancreas paper inserts into), :class:`OutcomeDataLoader` hands the transform eac
 sample of a healthy case is chosen with probability ``min(1, p / h)``, any other with ``max(0, (p - h) / (1 - h))``,
 ``h`` being the share of drawn samples that come from healthy cases: the expected synthetic share stays ``p``.
 
+Placement regions without an organ label (the tissue or FGT region): :class:`OutcomeDataLoader` also tells the
+transform where in its case each patch lies (nnU-Net's box of the enlarged patch), and the transform reads the
+patch's region from its whole case's (:class:`CaseRegions`: found once per case and loader process, kept
+bit-packed), instead of finding it again on every enlarged patch, where it cost several times the lesion.
+
 Synthesis on the device (``nnUNetTrainerSynth{N}LDMOnline``): :class:`OnlineSynthMarker` takes the transform's place
 and only marks the chosen samples (same choice, healthy cases first, same per-worker seeding);
 :func:`defer_intensity_transforms` wraps nnU-Net's intensity transforms (noise, blur, brightness, contrast,
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -47,7 +52,7 @@ from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunet_synth.generators import get_backend
-from nnunet_synth.generators.lesions import insert_tumours
+from nnunet_synth.generators.lesions import insert_tumours, placement_region
 
 if TYPE_CHECKING:
     from nnunet_synth.synth_plan import SynthPlan
@@ -61,6 +66,7 @@ PENDING_OUTCOMES = 4096  # outcomes kept until taken (a batch's worth is taken a
 OUTCOME_KEY = "synth_outcome"  # the key of a training batch that holds one outcome per sample
 MARKED = INSERTED  # OnlineSynthMarker's outcome of a sample chosen for synthesis on the device
 ONLINE_KEY = "synth_online"  # flag in a sample's data dict: chosen for synthesis on the device, intensity deferred
+CASE_REGION_MEGABYTES = 256  # whole-case placement regions one loader process keeps (bit-packed), see CaseRegions
 OUTSIDE_KEY = "synth_outside"  # batch key: per sample, the voxels nnU-Net's masking set to zero (marked samples only)
 # nnU-Net's intensity transforms (nnUNetTrainer.get_training_transforms), deferred for samples synthesised on the device
 INTENSITY_TRANSFORMS = (GaussianNoiseTransform, GaussianBlurTransform, MultiplicativeBrightnessTransform,
@@ -107,6 +113,7 @@ class SampleChooser(BasicTransform):
         self.healthy: frozenset[str] = frozenset()
         self.healthy_share = 0.0
         self._keys: deque[str] = deque()
+        self._box: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     def prefer_cases(self, healthy: Iterable[str], share: float) -> None:
         """Insert into the ``healthy`` cases first (see the module docstring).
@@ -122,6 +129,11 @@ class SampleChooser(BasicTransform):
     def set_batch_keys(self, keys: Iterable[str]) -> None:
         """The case identifiers of the next samples, in the order the transform will see them (the loader's batch)."""
         self._keys = deque(str(k) for k in keys)
+
+    def set_next_box(self, lower: Iterable[int], upper: Iterable[int]) -> None:
+        """Where in its case the next sample's (enlarged) patch lies: voxels ``[lower, upper)``, which may reach
+        outside the case (nnU-Net pads there)."""
+        self._box = tuple(int(v) for v in lower), tuple(int(v) for v in upper)
 
     def case_probabilities(self) -> tuple[float, float]:
         """The chances of a synthetic tumour in a sample of a healthy case and in one of any other case: healthy
@@ -166,17 +178,70 @@ class SampleChooser(BasicTransform):
         row = self.counters[worker_index() % MAX_WORKER_ROWS]
         row[SEEN] += 1
         identifier = self._keys.popleft() if self._keys else None
+        box, self._box = self._box, None
         if rng.uniform() >= self.sample_probability(identifier):
             self._outcomes.append(NOT_CHOSEN)
             return data_dict
-        outcome = self.take(data_dict, rng)
+        outcome = self.take(data_dict, rng, None if identifier is None or box is None else (identifier, box))
         row[SYNTHETIC if outcome == INSERTED else SKIPPED] += 1
         self._outcomes.append(outcome)
         return data_dict
 
-    def take(self, data_dict: dict, rng: np.random.Generator) -> int:
-        """Acts on a chosen sample's data dict in place; returns :data:`INSERTED` or :data:`NOTHING_FITTED`."""
+    def take(self, data_dict: dict, rng: np.random.Generator,
+             patch: tuple[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None) -> int:
+        """Acts on a chosen sample's data dict in place; returns :data:`INSERTED` or :data:`NOTHING_FITTED`.
+
+        ``patch``: the sample's case and its patch's box in it (see :meth:`set_next_box`), where the loader said."""
         raise NotImplementedError
+
+
+class CaseRegions:
+    """Placement regions of whole cases (datasets without an organ label), each computed once per process and
+    cropped to every patch drawn from it: the tissue or FGT region is found on the case, not again on every enlarged
+    patch (where it cost several times the lesion, and where the patch's own borders shaped it).
+
+    Regions are kept bit-packed along the last axis (one bit per voxel), the least recently used dropped beyond
+    ``max_megabytes``.
+
+    Args:
+        dataset: nnU-Net's dataset of the loader (``load_case(identifier)``).
+        plan: the synth plan.
+        max_megabytes: memory the kept regions may take in one process.
+    """
+
+    def __init__(self, dataset, plan: SynthPlan, max_megabytes: float = CASE_REGION_MEGABYTES):
+        self.dataset, self.plan, self.max_bytes = dataset, plan, int(max_megabytes * 2 ** 20)
+        self._packed: OrderedDict[str, tuple[np.ndarray, tuple[int, ...]]] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_packed": OrderedDict()}  # each worker finds its own
+
+    def region(self, identifier: str) -> tuple[np.ndarray, tuple[int, ...]]:
+        """The case's region, packed along its last axis, and its shape."""
+        if identifier in self._packed:
+            self._packed.move_to_end(identifier)
+            return self._packed[identifier]
+        data, seg, *_ = self.dataset.load_case(identifier)
+        region = placement_region(np.asarray(data), np.asarray(seg[0]), self.plan)
+        self._packed[identifier] = np.packbits(region, axis=-1), region.shape
+        while len(self._packed) > 1 and sum(p.nbytes for p, _ in self._packed.values()) > self.max_bytes:
+            self._packed.popitem(last=False)
+        return self._packed[identifier]
+
+    def crop(self, identifier: str, lower: tuple[int, ...], upper: tuple[int, ...], shape: tuple[int, ...]
+             ) -> np.ndarray:
+        """The region of the patch ``[lower, upper)`` of the case (False outside the case), of the patch's
+        ``shape`` (a 2d configuration's patch drops the box's first axis, of size one)."""
+        packed, full = self.region(identifier)
+        out = np.zeros(tuple(u - lo for lo, u in zip(lower, upper)), dtype=bool)
+        lo = [max(v, 0) for v in lower]
+        hi = [min(v, n) for v, n in zip(upper, full)]
+        if all(h > low for low, h in zip(lo, hi)):
+            first, last = lo[-1] // 8, -(-hi[-1] // 8)  # the bytes holding the last axis's range
+            part = np.unpackbits(packed[(*(slice(a, b) for a, b in zip(lo[:-1], hi[:-1])), slice(first, last))],
+                                 axis=-1)[..., lo[-1] - 8 * first:hi[-1] - 8 * first].astype(bool)
+            out[tuple(slice(a - v, b - v) for a, b, v in zip(lo, hi, lower))] = part
+        return out.reshape(shape)
 
 
 class SynthTumourTransform(SampleChooser):
@@ -204,24 +269,37 @@ class SynthTumourTransform(SampleChooser):
         self.templates = templates
         self.final_patch_size = None if final_patch_size is None else tuple(int(s) for s in final_patch_size)
         self.generator = get_backend(synth_plan.backend)(synth_plan)
+        self.case_regions: CaseRegions | None = None
 
-    def take(self, data_dict: dict, rng: np.random.Generator) -> int:
-        image, seg = self.insert(data_dict["image"], data_dict["segmentation"], rng)
+    def use_case_regions(self, dataset) -> None:
+        """Without an organ label, read each patch's placement region from its whole case's (computed once per case
+        in this process, :class:`CaseRegions`) instead of finding it on every patch; ``dataset`` is the loader's
+        nnU-Net dataset (``load_case``)."""
+        if self.plan.organ_label is None:
+            self.case_regions = CaseRegions(dataset, self.plan)
+
+    def take(self, data_dict: dict, rng: np.random.Generator,
+             patch: tuple[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None) -> int:
+        region = None
+        if self.case_regions is not None and patch is not None:
+            region = self.case_regions.crop(patch[0], *patch[1], data_dict["segmentation"].shape[1:])
+        image, seg = self.insert(data_dict["image"], data_dict["segmentation"], rng, region)
         if image is None:
             return NOTHING_FITTED
         data_dict["image"], data_dict["segmentation"] = image, seg
         return INSERTED
 
-    def insert(self, image: torch.Tensor, segmentation: torch.Tensor, rng: np.random.Generator
-               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def insert(self, image: torch.Tensor, segmentation: torch.Tensor, rng: np.random.Generator,
+               region: np.ndarray | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Inserts the lesions of one synthetic sample (one, or several where the size class says so).
 
+        ``region``: the patch's placement region when known (the crop of its case's); None: found on the patch.
         Returns new tensors, or (None, None) when no lesion fits. The inputs are never written to: the
         loader's crop may be a view of nnU-Net's preprocessed arrays.
         """
         new_image, new_seg, lesions = insert_tumours(image.numpy(), segmentation.numpy(), None, self.plan, rng,
                                                      generator=self.generator, templates=self.templates,
-                                                     window=self.final_patch_size)
+                                                     window=self.final_patch_size, region=region)
         if not lesions:
             return None, None
         return torch.from_numpy(new_image), torch.from_numpy(new_seg)
@@ -247,7 +325,8 @@ class OnlineSynthMarker(SampleChooser):
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_outside": deque(maxlen=PENDING_OUTCOMES)}
 
-    def take(self, data_dict: dict, rng: np.random.Generator) -> int:
+    def take(self, data_dict: dict, rng: np.random.Generator,
+             patch: tuple[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None) -> int:
         data_dict[ONLINE_KEY] = True
         return MARKED
 
@@ -437,6 +516,8 @@ class OutcomeDataLoader(nnUNetDataLoader):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         synth = self.synth_transform
+        if isinstance(synth, SynthTumourTransform):
+            synth.use_case_regions(self._data)
         if synth is not None and synth.plan.healthy_cases:
             listed = set(synth.plan.healthy_cases)
             is_healthy = np.array([i in listed for i in self.indices], dtype=bool)
@@ -455,6 +536,14 @@ class OutcomeDataLoader(nnUNetDataLoader):
         if synth is not None:
             synth.set_batch_keys(keys)
         return keys
+
+    def get_bbox(self, *args, **kwargs):
+        # nnU-Net crops each sample's patch right after choosing its box, then runs the transforms on it
+        lower, upper = super().get_bbox(*args, **kwargs)
+        synth = self.synth_transform
+        if synth is not None:
+            synth.set_next_box(lower, upper)
+        return lower, upper
 
     def generate_train_batch(self) -> dict:
         synth = self.synth_transform

@@ -125,6 +125,46 @@ def test_no_synthetic_lesion_outside_the_head_without_a_brain_label(brats_tumour
     assert drawn >= 15
 
 
+def test_loader_reads_each_patchs_region_from_its_case(brats_tumour_only):
+    """nnU-Net's real loader (our OutcomeDataLoader) tells the transform each sample's case and patch box; the
+    transform reads the placement region from the case's, found once per case, and its lesions stay in the head."""
+    from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_synth.injection import OutcomeDataLoader
+
+    plan = load_synth_plan(brats_tumour_only, "3d_fullres").replace(shapes={"size_preset": "labelfree"})
+    folder = preprocessed_dir(brats_tumour_only) / "nnUNetPlans_3d_fullres"
+    plans = json.loads((preprocessed_dir(brats_tumour_only) / "nnUNetPlans.json").read_text(encoding="utf-8"))
+    dataset_json = json.loads((preprocessed_dir(brats_tumour_only) / "dataset.json").read_text(encoding="utf-8"))
+    labels = PlansManager(plans).get_label_manager(dataset_json)
+    ds = infer_dataset_class(str(folder))(str(folder))
+    transform = SynthTumourTransform(plan, 1.0, (64, 64, 64), seed=0)
+    boxes = []
+    record = transform.set_next_box
+    transform.set_next_box = lambda lower, upper: (boxes.append((list(lower), list(upper))), record(lower, upper))
+    loader = OutcomeDataLoader(ds, 2, (64, 64, 64), (64, 64, 64), labels, 0.33,
+                               transforms=ComposeTransforms([transform]))
+    assert transform.case_regions is not None
+    inserted = 0
+    for _ in range(6):
+        batch = loader.generate_train_batch()
+        for key, (lower, upper), target in zip(batch["keys"], boxes[-2:], batch["target"]):
+            _, seg, _, properties = ds.load_case(key)
+            box = [[lo, hi] for lo, hi in zip(lower, upper)]
+            real = crop_and_pad_nd(np.asarray(seg[0]), box, -1) == 1
+            synthetic = (target[0] == 1).numpy() & ~real
+            transpose = plans["transpose_forward"]
+            crop = tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
+            brain = crop_and_pad_nd(_brain(key).transpose(transpose)[crop], box, False)
+            assert brain[synthetic].all(), f"{key}: synthetic lesion voxels outside the head"
+            inserted += int(synthetic.any())
+    assert inserted >= 6
+    assert set(transform.case_regions._packed) <= set(ds.identifiers) and transform.case_regions._packed
+
+
 def test_bank_without_organ_label_writes_every_case_with_whole_lesions(brats_tumour_only, tmp_path):
     out = tmp_path / "raw_export"
     run(["nnUNetv2_synth_generate", "-d", str(brats_tumour_only), "-g", "analytic", "-f", "all", "-n", "6",

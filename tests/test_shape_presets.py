@@ -220,3 +220,67 @@ def test_ct_clipped_fat_inside_the_body_is_tissue_air_outside_is_not():
     assert not clipped[~body].any(), "air is never tissue"
     mri = tissue_region(channel, seg0, tissue, (1.0, 1.0, 1.0), 1.0, clipped=False)
     assert not mri[fat].any(), "a fill value is background in a channel nnU-Net does not clip"
+
+
+class _OneCase:
+    """An nnU-Net dataset of one case (load_case, as the loader's), counting its loads."""
+
+    def __init__(self, image: np.ndarray, seg: np.ndarray):
+        self.image, self.seg, self.loads = image, seg, 0
+
+    def load_case(self, identifier: str):
+        self.loads += 1
+        return self.image, self.seg, None, {}
+
+
+@pytest.mark.parametrize("lower, upper", [((2, 5, 3), (20, 37, 43)), ((-4, -6, 30), (14, 20, 59)),
+                                          ((10, 40, -9), (30, 60, 9)), ((30, 50, 50), (34, 54, 54))])
+def test_patch_region_is_the_crop_of_its_cases_region(lower, upper):
+    """The loader reads a patch's placement region from its whole case's (found once per case, kept bit-packed):
+    the case's region at the patch's box, False where the box leaves the case (nnU-Net's padding)."""
+    import pickle
+
+    from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+
+    from nnunet_synth.generators.lesions import placement_region
+    from nnunet_synth.injection import CaseRegions
+
+    image, seg, plan, _ = _tissue_patch()
+    case = _OneCase(image.numpy(), seg.numpy())
+    regions = CaseRegions(case, plan)
+    whole = placement_region(case.image, case.seg[0], plan)
+    assert whole.any()
+    box = [[lo, hi] for lo, hi in zip(lower, upper)]
+    shape = tuple(hi - lo for lo, hi in zip(lower, upper))
+    for _ in range(3):
+        np.testing.assert_array_equal(regions.crop("case", lower, upper, shape), crop_and_pad_nd(whole, box, False))
+    assert case.loads == 1, "the case's region is found once"
+    assert not pickle.loads(pickle.dumps(regions))._packed, "each worker finds its own"
+    # a 2d configuration's patch: a box one slice thick, the patch without that axis
+    flat = regions.crop("case", (7, lower[1], lower[2]), (8, upper[1], upper[2]), shape[1:])
+    np.testing.assert_array_equal(flat, crop_and_pad_nd(whole, [[7, 8], *box[1:]], False)[0])
+
+
+def test_transform_places_lesions_in_the_patchs_case_region():
+    """With the loader's case and box, the transform places whole lesions in the case's region at the patch, and
+    finds the region once for many samples of the case."""
+    from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+
+    from nnunet_synth.generators.lesions import placement_region
+
+    image, seg, plan, _ = _tissue_patch()
+    case = _OneCase(image.numpy(), seg.numpy())
+    whole = placement_region(case.image, case.seg[0], plan)
+    transform = SynthTumourTransform(plan, 1.0, None, seed=0)
+    transform.use_case_regions(case)
+    inserted = 0
+    for lower in [(0, 0, 0), (-3, 4, 6), (2, -5, 10), (4, 10, -2)]:
+        box = [[lo, lo + n] for lo, n in zip(lower, (22, 40, 40))]
+        transform.set_batch_keys(["case"])
+        transform.set_next_box([b[0] for b in box], [b[1] for b in box])
+        sample = transform(image=torch.from_numpy(crop_and_pad_nd(case.image, [[0, 1], *box], 0)),
+                           segmentation=torch.from_numpy(crop_and_pad_nd(case.seg, [[0, 1], *box], -1)))
+        synthetic = (sample["segmentation"][0] == TUMOUR).numpy() & (crop_and_pad_nd(case.seg[0], box, -1) != TUMOUR)
+        inserted += int(synthetic.any())
+        assert crop_and_pad_nd(whole, box, False)[synthetic].all(), "lesion outside the case's region"
+    assert inserted >= 3 and case.loads == 1
