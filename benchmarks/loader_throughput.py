@@ -154,8 +154,8 @@ def lesion_milliseconds(trainer, num: int, seed: int = 0) -> tuple[dict[str, flo
         for i in range(num):
             identifier, bbox, image, seg = patches[i % len(patches)]
             start = time.perf_counter()
-            region = None if regions is None else regions.crop(identifier, *zip(*bbox), tuple(seg.shape[1:]))
-            transform.insert(image, seg, rng, region)
+            region, depth = (None, None) if regions is None else regions.crop(identifier, *zip(*bbox))
+            transform.insert(image, seg, rng, region, depth)
             times.append(time.perf_counter() - start)
         result[size_class] = 1000 * float(np.median(times))
     return result, per_case

@@ -52,7 +52,7 @@ from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunet_synth.generators import get_backend
-from nnunet_synth.generators.lesions import insert_tumours, placement_region
+from nnunet_synth.generators.lesions import RegionDepth, insert_tumours, placement_region, region_depth
 
 if TYPE_CHECKING:
     from nnunet_synth.synth_plan import SynthPlan
@@ -196,12 +196,13 @@ class SampleChooser(BasicTransform):
 
 
 class CaseRegions:
-    """Placement regions of whole cases (datasets without an organ label), each computed once per process and
-    cropped to every patch drawn from it: the tissue or FGT region is found on the case, not again on every enlarged
-    patch (where it cost several times the lesion, and where the patch's own borders shaped it).
+    """Placement regions of whole cases (3D configurations without an organ label), each found once per process
+    with its depth map and cropped to every patch drawn from the case: the tissue or FGT region is found on the case,
+    not again on every enlarged patch (where it cost several times the lesion, and where the patch's own borders
+    shaped it).
 
-    Regions are kept bit-packed along the last axis (one bit per voxel), the least recently used dropped beyond
-    ``max_megabytes``.
+    Regions are kept bit-packed along the last axis (one bit per voxel) beside their depth on its coarse grid, the
+    least recently used dropped beyond ``max_megabytes``.
 
     Args:
         dataset: nnU-Net's dataset of the loader (``load_case(identifier)``).
@@ -211,28 +212,29 @@ class CaseRegions:
 
     def __init__(self, dataset, plan: SynthPlan, max_megabytes: float = CASE_REGION_MEGABYTES):
         self.dataset, self.plan, self.max_bytes = dataset, plan, int(max_megabytes * 2 ** 20)
-        self._packed: OrderedDict[str, tuple[np.ndarray, tuple[int, ...]]] = OrderedDict()
+        self._kept: OrderedDict[str, tuple[np.ndarray, tuple[int, ...], RegionDepth]] = OrderedDict()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_packed": OrderedDict()}  # each worker finds its own
+        return {**self.__dict__, "_kept": OrderedDict()}  # each worker finds its own
 
-    def region(self, identifier: str) -> tuple[np.ndarray, tuple[int, ...]]:
-        """The case's region, packed along its last axis, and its shape."""
-        if identifier in self._packed:
-            self._packed.move_to_end(identifier)
-            return self._packed[identifier]
+    def region(self, identifier: str) -> tuple[np.ndarray, tuple[int, ...], RegionDepth]:
+        """The case's region packed along its last axis, its shape, and its depth."""
+        if identifier in self._kept:
+            self._kept.move_to_end(identifier)
+            return self._kept[identifier]
         data, seg, *_ = self.dataset.load_case(identifier)
         region = placement_region(np.asarray(data), np.asarray(seg[0]), self.plan)
-        self._packed[identifier] = np.packbits(region, axis=-1), region.shape
-        while len(self._packed) > 1 and sum(p.nbytes for p, _ in self._packed.values()) > self.max_bytes:
-            self._packed.popitem(last=False)
-        return self._packed[identifier]
+        self._kept[identifier] = (np.packbits(region, axis=-1), region.shape,
+                                  region_depth(region, tuple(self.plan.spacing)))
+        while len(self._kept) > 1 and sum(p.nbytes + d.coarse.nbytes for p, _, d in self._kept.values()) > \
+                self.max_bytes:
+            self._kept.popitem(last=False)
+        return self._kept[identifier]
 
-    def crop(self, identifier: str, lower: tuple[int, ...], upper: tuple[int, ...], shape: tuple[int, ...]
-             ) -> np.ndarray:
-        """The region of the patch ``[lower, upper)`` of the case (False outside the case), of the patch's
-        ``shape`` (a 2d configuration's patch drops the box's first axis, of size one)."""
-        packed, full = self.region(identifier)
+    def crop(self, identifier: str, lower: tuple[int, ...], upper: tuple[int, ...]
+             ) -> tuple[np.ndarray, RegionDepth]:
+        """The region of the patch ``[lower, upper)`` of the case (False outside the case) and its depth."""
+        packed, full, depth = self.region(identifier)
         out = np.zeros(tuple(u - lo for lo, u in zip(lower, upper)), dtype=bool)
         lo = [max(v, 0) for v in lower]
         hi = [min(v, n) for v, n in zip(upper, full)]
@@ -241,7 +243,7 @@ class CaseRegions:
             part = np.unpackbits(packed[(*(slice(a, b) for a, b in zip(lo[:-1], hi[:-1])), slice(first, last))],
                                  axis=-1)[..., lo[-1] - 8 * first:hi[-1] - 8 * first].astype(bool)
             out[tuple(slice(a - v, b - v) for a, b, v in zip(lo, hi, lower))] = part
-        return out.reshape(shape)
+        return out, depth.of_patch(lower, out.shape)
 
 
 class SynthTumourTransform(SampleChooser):
@@ -275,31 +277,33 @@ class SynthTumourTransform(SampleChooser):
         """Without an organ label, read each patch's placement region from its whole case's (computed once per case
         in this process, :class:`CaseRegions`) instead of finding it on every patch; ``dataset`` is the loader's
         nnU-Net dataset (``load_case``)."""
-        if self.plan.organ_label is None:
+        if self.plan.organ_label is None and len(self.plan.spacing) == 3:  # 2d: the region is found per slice
             self.case_regions = CaseRegions(dataset, self.plan)
 
     def take(self, data_dict: dict, rng: np.random.Generator,
              patch: tuple[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None) -> int:
-        region = None
+        region = depth = None
         if self.case_regions is not None and patch is not None:
-            region = self.case_regions.crop(patch[0], *patch[1], data_dict["segmentation"].shape[1:])
-        image, seg = self.insert(data_dict["image"], data_dict["segmentation"], rng, region)
+            region, depth = self.case_regions.crop(patch[0], *patch[1])
+        image, seg = self.insert(data_dict["image"], data_dict["segmentation"], rng, region, depth)
         if image is None:
             return NOTHING_FITTED
         data_dict["image"], data_dict["segmentation"] = image, seg
         return INSERTED
 
     def insert(self, image: torch.Tensor, segmentation: torch.Tensor, rng: np.random.Generator,
-               region: np.ndarray | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+               region: np.ndarray | None = None, depth: RegionDepth | None = None
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Inserts the lesions of one synthetic sample (one, or several where the size class says so).
 
-        ``region``: the patch's placement region when known (the crop of its case's); None: found on the patch.
+        ``region``, ``depth``: the patch's placement region and its depth when known (read from its case's); None:
+        found on the patch.
         Returns new tensors, or (None, None) when no lesion fits. The inputs are never written to: the
         loader's crop may be a view of nnU-Net's preprocessed arrays.
         """
         new_image, new_seg, lesions = insert_tumours(image.numpy(), segmentation.numpy(), None, self.plan, rng,
                                                      generator=self.generator, templates=self.templates,
-                                                     window=self.final_patch_size, region=region)
+                                                     window=self.final_patch_size, region=region, depth=depth)
         if not lesions:
             return None, None
         return torch.from_numpy(new_image), torch.from_numpy(new_seg)

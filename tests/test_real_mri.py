@@ -162,7 +162,7 @@ def test_loader_reads_each_patchs_region_from_its_case(brats_tumour_only):
             assert brain[synthetic].all(), f"{key}: synthetic lesion voxels outside the head"
             inserted += int(synthetic.any())
     assert inserted >= 6
-    assert set(transform.case_regions._packed) <= set(ds.identifiers) and transform.case_regions._packed
+    assert set(transform.case_regions._kept) <= set(ds.identifiers) and transform.case_regions._kept
 
 
 def test_bank_without_organ_label_writes_every_case_with_whole_lesions(brats_tumour_only, tmp_path):

@@ -236,29 +236,34 @@ class _OneCase:
 @pytest.mark.parametrize("lower, upper", [((2, 5, 3), (20, 37, 43)), ((-4, -6, 30), (14, 20, 59)),
                                           ((10, 40, -9), (30, 60, 9)), ((30, 50, 50), (34, 54, 54))])
 def test_patch_region_is_the_crop_of_its_cases_region(lower, upper):
-    """The loader reads a patch's placement region from its whole case's (found once per case, kept bit-packed):
-    the case's region at the patch's box, False where the box leaves the case (nnU-Net's padding)."""
+    """The loader reads a patch's placement region and its depth from its whole case's (found once per case, the
+    region kept bit-packed): the case's at the patch's box, not deep and not in the region where the box leaves the
+    case (nnU-Net's padding)."""
     import pickle
 
     from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 
-    from nnunet_synth.generators.lesions import placement_region
+    from nnunet_synth.generators.lesions import placement_region, region_depth
     from nnunet_synth.injection import CaseRegions
 
     image, seg, plan, _ = _tissue_patch()
     case = _OneCase(image.numpy(), seg.numpy())
     regions = CaseRegions(case, plan)
     whole = placement_region(case.image, case.seg[0], plan)
+    whole_depth = region_depth(whole, tuple(plan.spacing))
     assert whole.any()
     box = [[lo, hi] for lo, hi in zip(lower, upper)]
-    shape = tuple(hi - lo for lo, hi in zip(lower, upper))
+    everything = tuple(slice(None) for _ in box)
     for _ in range(3):
-        np.testing.assert_array_equal(regions.crop("case", lower, upper, shape), crop_and_pad_nd(whole, box, False))
+        region, depth = regions.crop("case", lower, upper)
+        np.testing.assert_array_equal(region, crop_and_pad_nd(whole, box, False))
+        for mm in (1.0, 2.5):
+            deep = crop_and_pad_nd(whole_depth.at_least(mm)[tuple(slice(0, n) for n in whole.shape)], box, False)
+            np.testing.assert_array_equal(depth.at_least(mm)[everything], deep)
+            points = tuple(np.random.default_rng(1).integers(0, n, 40) for n in region.shape)
+            np.testing.assert_array_equal(depth.at_least(mm)[points], deep[points])
     assert case.loads == 1, "the case's region is found once"
-    assert not pickle.loads(pickle.dumps(regions))._packed, "each worker finds its own"
-    # a 2d configuration's patch: a box one slice thick, the patch without that axis
-    flat = regions.crop("case", (7, lower[1], lower[2]), (8, upper[1], upper[2]), shape[1:])
-    np.testing.assert_array_equal(flat, crop_and_pad_nd(whole, [[7, 8], *box[1:]], False)[0])
+    assert not pickle.loads(pickle.dumps(regions))._kept, "each worker finds its own"
 
 
 def test_transform_places_lesions_in_the_patchs_case_region():

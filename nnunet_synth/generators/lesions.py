@@ -190,18 +190,71 @@ class RegionDepth:
     picks candidate centres, which placement then checks voxel by voxel).
 
     Attributes:
-        coarse: the distances on the grid (grid point k stands for voxels ``k * step`` to ``(k + 1) * step - 1``).
+        coarse: the distances on the grid (grid point k stands for voxels ``k * step`` to ``(k + 1) * step - 1`` of
+            the grid's frame).
         step: voxels per grid point along each axis.
-        shape: the region's shape.
+        shape: the shape of the array it is read for.
+        origin: where that array's first voxel lies in the grid's frame (a patch of a case whose depth is known:
+            its box's lower corner; voxels outside the grid read as not deep).
     """
 
     coarse: np.ndarray
     step: np.ndarray
     shape: tuple[int, ...]
+    origin: tuple[int, ...] | None = None
 
-    def at_least(self, mm: float) -> np.ndarray:
-        """Voxels at least ``mm`` inside the region (bool, the region's shape)."""
-        return repeat_to(self.coarse >= mm, self.step, self.shape)
+    def at_least(self, mm: float) -> GridMask:
+        """Voxels at least ``mm`` inside the region (read where indexed, the region's shape)."""
+        return GridMask(self.coarse >= mm, self.step, self.shape, self.origin)
+
+    def of_patch(self, lower: tuple[int, ...], shape: tuple[int, ...]) -> RegionDepth:
+        """The depth read for the patch of ``shape`` whose first voxel is ``lower`` here."""
+        origin = (0,) * len(shape) if self.origin is None else self.origin
+        return dataclasses.replace(self, shape=tuple(shape), origin=tuple(int(o + v) for o, v in zip(origin, lower)))
+
+
+class GridMask:
+    """A bool grid (one value per block of ``step`` voxels) read as voxels, only where indexed: at points (one index
+    array per axis) or crops (slices), as placement reads candidate centres; voxels off the grid read False.
+
+    Args:
+        coarse: the grid's values.
+        step: voxels per grid point along each axis.
+        shape: the voxel array's shape.
+        origin: where the voxel array's first voxel lies in the grid's frame (default: on grid point 0's first voxel).
+    """
+
+    def __init__(self, coarse: np.ndarray, step: np.ndarray, shape: tuple[int, ...],
+                 origin: tuple[int, ...] | None = None):
+        self.coarse, self.step, self.shape = coarse, np.asarray(step, dtype=int), tuple(shape)
+        self.origin = np.zeros(len(shape), dtype=int) if origin is None else np.asarray(origin, dtype=int)
+        self.ndim = len(shape)
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        if all(isinstance(k, slice) for k in key):  # a crop: the grid's blocks that cover it, repeated
+            span = [k.indices(n)[:2] for k, n in zip(key, self.shape)]
+            lo = np.array([a for a, _ in span]) + self.origin
+            hi = np.array([b for _, b in span]) + self.origin
+            first, last = lo // self.step, -(-hi // self.step)
+            blocks = np.zeros(tuple(last - first), dtype=bool)  # False off the grid
+            a, b = np.maximum(first, 0), np.minimum(last, self.coarse.shape)
+            if (b > a).all():
+                blocks[tuple(slice(x - f, y - f) for x, y, f in zip(a, b, first))] = self.coarse[
+                    tuple(slice(x, y) for x, y in zip(a, b))]
+            voxels = repeat_to(blocks, self.step, tuple((last - first) * self.step))
+            return np.ascontiguousarray(voxels[tuple(slice(x - f * s, y - f * s) for x, y, f, s in
+                                                     zip(lo, hi, first, self.step))])
+        return self._read([np.asarray(k) for k in key])
+
+    def _read(self, voxels: list[np.ndarray]) -> np.ndarray:
+        grid = [(v + o) // s for v, o, s in zip(voxels, self.origin, self.step)]
+        inside = np.ones(np.broadcast_shapes(*(g.shape for g in grid)), dtype=bool)
+        for g, n in zip(grid, self.coarse.shape):
+            inside &= (g >= 0) & (g < n)
+        out = np.zeros(inside.shape, dtype=bool)
+        clipped = [np.broadcast_to(np.clip(g, 0, n - 1), inside.shape) for g, n in zip(grid, self.coarse.shape)]
+        out[inside] = self.coarse[tuple(c[inside] for c in clipped)]
+        return out
 
 
 def region_depth(region: np.ndarray, spacing: tuple[float, ...]) -> RegionDepth:
@@ -240,7 +293,8 @@ def draw_masks(plan: SynthPlan, spacing: tuple[float, ...], rng: np.random.Gener
 def plan_lesions(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, rng: np.random.Generator, *,
                  spacing: tuple[float, ...] | None = None, templates: list[Template] | None = None,
                  window: tuple[int, ...] | None = None, max_lesion_shape: tuple[int, ...] | None = None,
-                 region: np.ndarray | None = None, draws: int = 1) -> list[PlacedLesion]:
+                 region: np.ndarray | None = None, depth: RegionDepth | None = None, draws: int = 1
+                 ) -> list[PlacedLesion]:
     """Draws and places the lesions of one synthetic sample (no synthesis yet).
 
     Args:
@@ -254,6 +308,8 @@ def plan_lesions(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, rng: np.r
         window: nnU-Net's final patch size: lesion centres lie in this central window (None: anywhere).
         max_lesion_shape: largest lesion box (voxels) the backend can fill; larger masks are scaled down.
         region: the :func:`placement_region` of this image when already known (repeated draws on one case).
+        depth: without an organ label, the :func:`region_depth` of ``region`` when already known (a patch's, read
+            from its case's).
         draws: independent draws of the sample's lesions (sizes, shapes, positions) tried until one places any.
 
     Returns:
@@ -272,15 +328,14 @@ def plan_lesions(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, rng: np.r
     if room == 0:
         return []
     tumour = LabelMask(seg0, plan.tumour_label)
-    if plan.organ_label is not None:  # organ voxels are neither tumour, ignore nor -1
-        allowed = region
-    else:
-        allowed = region & (seg0 != plan.tumour_label) & (seg0 >= 0)
-        if plan.ignore_label is not None:
-            allowed &= seg0 != plan.ignore_label
+    # organ voxels, and the tissue and FGT regions' (unlabelled voxels only), are neither tumour, ignore nor -1
+    allowed = region
     # a whole lesion's centre lies at least its smallest semi-axis inside the region (most random centres in a
     # large region would not hold it)
-    depth = region_depth(region, spacing) if plan.organ_label is None else None
+    if plan.organ_label is not None:
+        depth = None
+    elif depth is None:
+        depth = region_depth(region, spacing)
     scale = breast_scale(image, plan, spacing, None if window is None else win)  # breast plans' templates
     for _ in range(draws):
         requests = scale_requests(lesion_requests(plan, spacing, rng, room * float(np.prod(spacing))), scale)
@@ -356,7 +411,7 @@ def site_tissue(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, bbox: tupl
 def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...] | None, plan: SynthPlan,
                    rng: np.random.Generator, *, generator: TumourGenerator | None = None,
                    templates: list[Template] | None = None, window: tuple[int, ...] | None = None,
-                   region: np.ndarray | None = None, draws: int = 1
+                   region: np.ndarray | None = None, depth: RegionDepth | None = None, draws: int = 1
                    ) -> tuple[np.ndarray, np.ndarray, list[LesionInfo]]:
     """Inserts the synthetic tumours of one sample into a whole case or a patch.
 
@@ -371,6 +426,7 @@ def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
         templates: real tumours for the ``template`` deformation (with textures for the transplant backend).
         window: nnU-Net's final patch size when ``image`` is an enlarged patch (lesion centres in its centre).
         region: the placement region when already known (see :func:`plan_lesions`).
+        depth: its depth when already known (see :func:`plan_lesions`).
         draws: independent draws of the sample's lesions tried until one fits (see :func:`plan_lesions`).
 
     Returns:
@@ -388,7 +444,7 @@ def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
     if generator is None:
         generator = get_backend(plan.backend)(plan)
     placed = plan_lesions(image, seg0, plan, rng, spacing=spacing, templates=templates, window=window,
-                          max_lesion_shape=generator.max_lesion_shape, region=region, draws=draws)
+                          max_lesion_shape=generator.max_lesion_shape, region=region, depth=depth, draws=draws)
     if not placed:
         return image, seg, []
     spacing = tuple(plan.spacing[-seg0.ndim:]) if spacing is None else tuple(float(s) for s in spacing)
