@@ -24,7 +24,7 @@ from scipy.ndimage import label as connected_components
 from nnunet_synth.generators.appearance import RING_MM, constant_fill, expand_box, ring_tissue
 from nnunet_synth.generators.base import Lesion
 from nnunet_synth.generators.morphology import binary_closing, binary_dilation, binary_erosion, binary_opening
-from nnunet_synth.generators.placement import LabelMask, central_window, largest_component, place_lesion
+from nnunet_synth.generators.placement import GridMask, LabelMask, central_window, largest_component, place_lesion
 from nnunet_synth.generators.regions import fgt_region
 from nnunet_synth.generators.shapes import centroid, crop_to_mask, lesion_mask, repeat_to
 from nnunet_synth.generators.sizes import LesionRequest, lesion_requests, slice_area_class
@@ -211,50 +211,6 @@ class RegionDepth:
         """The depth read for the patch of ``shape`` whose first voxel is ``lower`` here."""
         origin = (0,) * len(shape) if self.origin is None else self.origin
         return dataclasses.replace(self, shape=tuple(shape), origin=tuple(int(o + v) for o, v in zip(origin, lower)))
-
-
-class GridMask:
-    """A bool grid (one value per block of ``step`` voxels) read as voxels, only where indexed: at points (one index
-    array per axis) or crops (slices), as placement reads candidate centres; voxels off the grid read False.
-
-    Args:
-        coarse: the grid's values.
-        step: voxels per grid point along each axis.
-        shape: the voxel array's shape.
-        origin: where the voxel array's first voxel lies in the grid's frame (default: on grid point 0's first voxel).
-    """
-
-    def __init__(self, coarse: np.ndarray, step: np.ndarray, shape: tuple[int, ...],
-                 origin: tuple[int, ...] | None = None):
-        self.coarse, self.step, self.shape = coarse, np.asarray(step, dtype=int), tuple(shape)
-        self.origin = np.zeros(len(shape), dtype=int) if origin is None else np.asarray(origin, dtype=int)
-        self.ndim = len(shape)
-
-    def __getitem__(self, key: tuple) -> np.ndarray:
-        if all(isinstance(k, slice) for k in key):  # a crop: the grid's blocks that cover it, repeated
-            span = [k.indices(n)[:2] for k, n in zip(key, self.shape)]
-            lo = np.array([a for a, _ in span]) + self.origin
-            hi = np.array([b for _, b in span]) + self.origin
-            first, last = lo // self.step, -(-hi // self.step)
-            blocks = np.zeros(tuple(last - first), dtype=bool)  # False off the grid
-            a, b = np.maximum(first, 0), np.minimum(last, self.coarse.shape)
-            if (b > a).all():
-                blocks[tuple(slice(x - f, y - f) for x, y, f in zip(a, b, first))] = self.coarse[
-                    tuple(slice(x, y) for x, y in zip(a, b))]
-            voxels = repeat_to(blocks, self.step, tuple((last - first) * self.step))
-            return np.ascontiguousarray(voxels[tuple(slice(x - f * s, y - f * s) for x, y, f, s in
-                                                     zip(lo, hi, first, self.step))])
-        return self._read([np.asarray(k) for k in key])
-
-    def _read(self, voxels: list[np.ndarray]) -> np.ndarray:
-        grid = [(v + o) // s for v, o, s in zip(voxels, self.origin, self.step)]
-        inside = np.ones(np.broadcast_shapes(*(g.shape for g in grid)), dtype=bool)
-        for g, n in zip(grid, self.coarse.shape):
-            inside &= (g >= 0) & (g < n)
-        out = np.zeros(inside.shape, dtype=bool)
-        clipped = [np.broadcast_to(np.clip(g, 0, n - 1), inside.shape) for g, n in zip(grid, self.coarse.shape)]
-        out[inside] = self.coarse[tuple(c[inside] for c in clipped)]
-        return out
 
 
 def region_depth(region: np.ndarray, spacing: tuple[float, ...]) -> RegionDepth:

@@ -12,7 +12,7 @@ import numpy as np
 from scipy.ndimage import label as connected_components
 
 from nnunet_synth.generators.base import Lesion
-from nnunet_synth.generators.shapes import bounding_box
+from nnunet_synth.generators.shapes import bounding_box, repeat_to
 
 # candidate centres are drawn by rejection in at most this many rounds of this many points per wanted centre:
 # enough for a region of 2% of the window to give them with near certainty
@@ -72,6 +72,50 @@ class LabelMask:
                 points = np.stack([np.asarray(k) for k in key])
                 inside = np.all([(p >= b.start) & (p < b.stop) for p, b in zip(points, bbox)], axis=0)
                 out[inside] |= mask[tuple(p[inside] - b.start for p, b in zip(points, bbox))]
+        return out
+
+
+class GridMask:
+    """A bool grid (one value per block of ``step`` voxels) read as voxels, only where indexed: at points (one index
+    array per axis) or crops (slices), as placement reads candidate centres; voxels off the grid read False.
+
+    Args:
+        coarse: the grid's values.
+        step: voxels per grid point along each axis.
+        shape: the voxel array's shape.
+        origin: where the voxel array's first voxel lies in the grid's frame (default: on grid point 0's first voxel).
+    """
+
+    def __init__(self, coarse: np.ndarray, step: np.ndarray, shape: tuple[int, ...],
+                 origin: tuple[int, ...] | None = None):
+        self.coarse, self.step, self.shape = coarse, np.asarray(step, dtype=int), tuple(shape)
+        self.origin = np.zeros(len(shape), dtype=int) if origin is None else np.asarray(origin, dtype=int)
+        self.ndim = len(shape)
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        if all(isinstance(k, slice) for k in key):  # a crop: the grid's blocks that cover it, repeated
+            span = [k.indices(n)[:2] for k, n in zip(key, self.shape)]
+            lo = np.array([a for a, _ in span]) + self.origin
+            hi = np.array([b for _, b in span]) + self.origin
+            first, last = lo // self.step, -(-hi // self.step)
+            blocks = np.zeros(tuple(last - first), dtype=bool)  # False off the grid
+            a, b = np.maximum(first, 0), np.minimum(last, self.coarse.shape)
+            if (b > a).all():
+                blocks[tuple(slice(x - f, y - f) for x, y, f in zip(a, b, first))] = self.coarse[
+                    tuple(slice(x, y) for x, y in zip(a, b))]
+            voxels = repeat_to(blocks, self.step, tuple((last - first) * self.step))
+            return np.ascontiguousarray(voxels[tuple(slice(x - f * s, y - f * s) for x, y, f, s in
+                                                     zip(lo, hi, first, self.step))])
+        return self._read([np.asarray(k) for k in key])
+
+    def _read(self, voxels: list[np.ndarray]) -> np.ndarray:
+        grid = [(v + o) // s for v, o, s in zip(voxels, self.origin, self.step)]
+        inside = np.ones(np.broadcast_shapes(*(g.shape for g in grid)), dtype=bool)
+        for g, n in zip(grid, self.coarse.shape):
+            inside &= (g >= 0) & (g < n)
+        out = np.zeros(inside.shape, dtype=bool)
+        clipped = [np.broadcast_to(np.clip(g, 0, n - 1), inside.shape) for g, n in zip(grid, self.coarse.shape)]
+        out[inside] = self.coarse[tuple(c[inside] for c in clipped)]
         return out
 
 
