@@ -163,6 +163,7 @@ class SampleChooser(BasicTransform):
         state["_rng"] = state["_rng_pid"] = None
         state["_outcomes"] = deque(maxlen=PENDING_OUTCOMES)
         state["_keys"] = deque()
+        state["_box"] = None
         return state
 
     def take_outcomes(self) -> list[int]:
