@@ -61,13 +61,11 @@ class LabelMask:
     def __getitem__(self, key: tuple) -> np.ndarray:
         out = np.asarray(self.seg[key] == self.label)
         for bbox, mask in self._added:
-            if all(isinstance(k, slice) for k in key):  # a crop
+            if all(isinstance(k, slice) for k in key):  # a crop: the part of the lesion inside it
                 span = [k.indices(n)[:2] for k, n in zip(key, self.shape)]
-                lo = [max(a, b.start) for (a, _), b in zip(span, bbox)]
-                hi = [min(z, b.stop) for (_, z), b in zip(span, bbox)]
-                if all(h > low for low, h in zip(lo, hi)):
-                    out[tuple(slice(low - a, h - a) for low, h, (a, _) in zip(lo, hi, span))] |= mask[
-                        tuple(slice(low - b.start, h - b.start) for low, h, b in zip(lo, hi, bbox))]
+                part, _, dst = _crop(mask, np.array([a - b.start for (a, _), b in zip(span, bbox)]),
+                                     tuple(z - a for a, z in span))
+                out[dst] |= part
             else:  # points: one index array per axis
                 points = np.stack([np.asarray(k) for k in key])
                 inside = np.all([(p >= b.start) & (p < b.stop) for p, b in zip(points, bbox)], axis=0)
