@@ -5,14 +5,13 @@ Rounds are interleaved (vanilla, synth, vanilla, synth, ... for each synth train
 a warm-up, so machine noise hits both alike, and paired: the trainers of a round draw the same cases, patches and
 nnU-Net augmentations (global seeds set alike), so the difference is the synthesis. A round's ratio is the synth
 rate over the mean of the vanilla rates timed just before and after it, and the median ratio over rounds is printed
-with its spread. ``--workers 0`` is
-nnU-Net's single-process loader (``nnUNet_n_proc_DA=0``): the pure CPU cost per batch, the quantity that limits
-nnU-Net on a fast GPU; there the batches themselves are interleaved (vanilla, synth, ... batch by batch, each pair
-after the same seeds), which cancels the machine's drift far better than rounds do. Also times one analytic lesion
-(shape + placement + texture) in enlarged patches.
+with its spread. ``--workers 0`` is nnU-Net's single-process loader (``nnUNet_n_proc_DA=0``): the pure CPU cost
+per batch, the quantity that limits nnU-Net on a fast GPU; there the batches themselves are interleaved (vanilla,
+synth, ... batch by batch, each pair after the same seeds), which cancels the machine's drift far better than rounds
+do. Also times one analytic lesion (shape + placement + texture) in enlarged patches.
 
     python benchmarks/loader_throughput.py                 # Synth20 on a generated phantom (64x128x128)
-    python benchmarks/loader_throughput.py --workers 0 --trainer nnUNetTrainerSynth20 nnUNetTrainerSynth60 \
+    python benchmarks/loader_throughput.py --workers 0 --trainer nnUNetTrainerSynth20 nnUNetTrainerSynth60 \\
         nnUNetTrainerSynth20Large
     python benchmarks/loader_throughput.py -d 501 -c 3d_fullres --workers 4
 

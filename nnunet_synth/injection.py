@@ -50,6 +50,7 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.nnunet_masking import MaskImageTransform
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
 from nnunet_synth.generators import get_backend
 from nnunet_synth.generators.lesions import RegionDepth, insert_tumours, placement_region, region_depth
@@ -273,6 +274,7 @@ class SynthTumourTransform(SampleChooser):
         self.final_patch_size = None if final_patch_size is None else tuple(int(s) for s in final_patch_size)
         self.generator = get_backend(synth_plan.backend)(synth_plan)
         self.case_regions: CaseRegions | None = None
+        self.owns_crops = False  # set by the loader where each crop is a fresh array (painted in place)
 
     def use_case_regions(self, dataset) -> None:
         """Without an organ label, read each patch's placement region from its whole case's (computed once per case
@@ -299,12 +301,14 @@ class SynthTumourTransform(SampleChooser):
 
         ``region``, ``depth``: the patch's placement region and its depth when known (read from its case's); None:
         found on the patch.
-        Returns new tensors, or (None, None) when no lesion fits. The inputs are never written to: the
-        loader's crop may be a view of nnU-Net's preprocessed arrays.
+        Returns the tensors with the lesions, or (None, None) when no lesion fits. The inputs are written to only
+        where :attr:`owns_crops` says they are fresh arrays: otherwise the loader's crop may be a view of nnU-Net's
+        preprocessed arrays.
         """
         new_image, new_seg, lesions = insert_tumours(image.numpy(), segmentation.numpy(), None, self.plan, rng,
                                                      generator=self.generator, templates=self.templates,
-                                                     window=self.final_patch_size, region=region, depth=depth)
+                                                     window=self.final_patch_size, region=region, depth=depth,
+                                                     in_place=self.owns_crops)
         if not lesions:
             return None, None
         return torch.from_numpy(new_image), torch.from_numpy(new_seg)
@@ -523,6 +527,9 @@ class OutcomeDataLoader(nnUNetDataLoader):
         synth = self.synth_transform
         if isinstance(synth, SynthTumourTransform):
             synth.use_case_regions(self._data)
+            # nnU-Net's blosc2 dataset decompresses every crop into a new array; its numpy dataset's crops may be
+            # views of read-only memory maps, and other datasets may hand out arrays they keep
+            synth.owns_crops = type(self._data) is nnUNetDatasetBlosc2
         if synth is not None and synth.plan.healthy_cases:
             listed = set(synth.plan.healthy_cases)
             is_healthy = np.array([i in listed for i in self.indices], dtype=bool)

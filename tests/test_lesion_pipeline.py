@@ -103,6 +103,23 @@ def test_same_rng_state_same_tumours():
     assert np.array_equal(a[2], b[2]) and a[4] == b[4]
 
 
+@pytest.mark.parametrize("size_class", ["tiny", "small"])
+def test_in_place_insertion_paints_the_same_tumours_into_the_inputs(size_class):
+    """A loader that owns its crop has it painted in place: the same image, labels and lesions as the copy, each
+    lesion's site and edge still judged on the sample as it was before any lesion was painted."""
+    plan = make_plan(size_class=size_class).replace(shapes={"size_preset": "labelfree"})  # several per sample
+    most = 0
+    for seed in range(3):
+        image, seg, copied_image, copied_seg, lesions = _insert(plan, seed)
+        own_image, own_seg = image.copy(), seg.copy()
+        new_image, new_seg, same = insert_tumours(own_image, own_seg, None, plan, np.random.default_rng(seed),
+                                                  in_place=True)
+        assert new_image is own_image and new_seg is own_seg
+        assert np.array_equal(new_image, copied_image) and np.array_equal(new_seg, copied_seg) and same == lesions
+        most = max(most, len(lesions))
+    assert most > 1, "no sample with several lesions to paint in turn"
+
+
 def test_plan_round_trips_through_its_json_form_and_validates():
     plan = make_plan()
     assert SynthPlan.from_dict(plan.to_dict(), "copy") == plan

@@ -55,10 +55,17 @@ def _draw(dataset: str) -> dict:
     folder = base / configuration.data_identifier
     data = infer_dataset_class(str(folder))(str(folder))
     patch = tuple(configuration.patch_size)
+
+    def case_hashes() -> list[str]:
+        return [hashlib.sha1(np.asarray(data.load_case(k)[0]).tobytes() + np.asarray(data.load_case(k)[1]).tobytes()
+                             ).hexdigest() for k in sorted(data.identifiers)]
+
+    before = case_hashes()
     counters = new_counters()
     transform = SynthTumourTransform(load_synth_plan(dataset, "3d_fullres"), 1.0, patch, SEED, counters)
     loader = FewBatches(data, 2, patch, patch, plans.get_label_manager(load_json(base / "dataset.json")),
                         transforms=ComposeTransforms([transform]))
+    owns_crops = transform.owns_crops
     augmenter = NonDetMultiThreadedAugmenter(loader, None, WORKERS, 2, seeds=[SEED] * WORKERS, pin_memory=False)
     draws: dict[int, list] = {}
     outcomes = 0
@@ -70,7 +77,8 @@ def _draw(dataset: str) -> dict:
     augmenter._finish(timeout=1)  # noqa: SLF001 - the workers wait in their loader; stop them now
     rows = counters[:, 0].tolist()
     return {"draws": sorted(draws.values()), "seen_per_row": rows[:WORKERS + 2],
-            "seen": achieved_rates(counters)["seen"], "outcomes": outcomes}
+            "seen": achieved_rates(counters)["seen"], "outcomes": outcomes, "owns_crops": owns_crops,
+            "preprocessed_unchanged": case_hashes() == before}
 
 
 def _run(dataset: int) -> dict:
@@ -91,6 +99,8 @@ def test_workers_draw_their_own_tumours_reproducibly_and_count_into_shared_memor
     # the parent reads what each worker process added to the shared counters: one row per worker, none for itself
     assert first["seen_per_row"] == [0, *[BATCHES_PER_WORKER * 2] * WORKERS, 0], first["seen_per_row"]
     assert first["seen"] == first["outcomes"] == samples
+    # blosc2 crops are fresh arrays, painted in place; nnU-Net's preprocessed cases stay as they were
+    assert first["owns_crops"] and first["preprocessed_unchanged"]
 
 
 if __name__ == "__main__":

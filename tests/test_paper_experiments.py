@@ -249,6 +249,7 @@ def _chosen_shares(p: float, healthy: list[str], cases: list[str], batches: int 
     transform = SynthTumourTransform(make_plan(healthy_cases=tuple(healthy)), p, None, seed=1)
     loader = OutcomeDataLoader(_Cases(seg, cases), 40, (8, 16, 16), (8, 16, 16), LABELS,
                                transforms=ComposeTransforms([transform]))
+    assert not transform.owns_crops, "a dataset that hands out arrays it keeps had its crops painted in place"
     np.random.seed(1)
     is_healthy, chosen = [], []
     for _ in range(batches):

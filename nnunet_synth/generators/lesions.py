@@ -348,17 +348,24 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
     return placed
 
 
+def site_box(bbox: tuple[slice, ...], spacing: tuple[float, ...], halo_mm: float, shape: tuple[int, ...]
+             ) -> tuple[slice, ...]:
+    """The box around one placed lesion that its ring and halo reach, one voxel wider so the fill test sees whole
+    neighbourhoods (what :func:`site_tissue` reads)."""
+    return expand_box(bbox, max(RING_MM[1], halo_mm) + max(spacing), spacing, shape)[0]
+
+
 def site_tissue(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, bbox: tuple[slice, ...],
                 spacing: tuple[float, ...], halo_mm: float, out: np.ndarray) -> tuple[slice, ...]:
-    """:func:`~nnunet_synth.generators.appearance.ring_tissue` around one placed lesion (in the box its ring and
-    halo reach, one voxel wider so the fill test sees whole neighbourhoods), False elsewhere.
+    """:func:`~nnunet_synth.generators.appearance.ring_tissue` around one placed lesion (in its :func:`site_box`),
+    False elsewhere.
 
     The (*spatial) mask is written into ``out``, which must be False outside the box.
 
     Returns:
         The box, to clear ``out`` for the next lesion instead of allocating a volume per lesion.
     """
-    box, _ = expand_box(bbox, max(RING_MM[1], halo_mm) + max(spacing), spacing, seg0.shape)
+    box = site_box(bbox, spacing, halo_mm, seg0.shape)
     channel = plan.tissue_channel
     out[box] = ring_tissue(np.asarray(image[channel][box]), seg0[box], plan.organ_label, plan.clip_floor)
     return box
@@ -367,8 +374,8 @@ def site_tissue(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, bbox: tupl
 def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...] | None, plan: SynthPlan,
                    rng: np.random.Generator, *, generator: TumourGenerator | None = None,
                    templates: list[Template] | None = None, window: tuple[int, ...] | None = None,
-                   region: np.ndarray | None = None, depth: RegionDepth | None = None, draws: int = 1
-                   ) -> tuple[np.ndarray, np.ndarray, list[LesionInfo]]:
+                   region: np.ndarray | None = None, depth: RegionDepth | None = None, draws: int = 1,
+                   in_place: bool = False) -> tuple[np.ndarray, np.ndarray, list[LesionInfo]]:
     """Inserts the synthetic tumours of one sample into a whole case or a patch.
 
     Args:
@@ -384,10 +391,12 @@ def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
         region: the placement region when already known (see :func:`plan_lesions`).
         depth: its depth when already known (see :func:`plan_lesions`).
         draws: independent draws of the sample's lesions tried until one fits (see :func:`plan_lesions`).
+        in_place: paint into ``image`` (when float32) and ``seg`` themselves instead of copies: for a caller that
+            owns them (a loader's freshly decompressed crop), saving two copies of the patch.
 
     Returns:
-        (new image, new seg, lesions); the inputs are never written to. When no lesion fits, the inputs
-        themselves and an empty list.
+        (new image, new seg, lesions); the inputs are never written to unless ``in_place``. When no lesion fits,
+        the inputs themselves and an empty list.
     """
     from nnunet_synth.generators import get_backend
 
@@ -404,23 +413,36 @@ def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
     if not placed:
         return image, seg, []
     spacing = tuple(plan.spacing[-seg0.ndim:]) if spacing is None else tuple(float(s) for s in spacing)
-    new_image = np.array(image, dtype=np.float32, copy=True)
-    new_seg = np.array(seg, copy=True)
+    halo = generator.halo_mm
+    # every lesion's site and edge are judged on the input as it was before any lesion was painted: keep that part
+    sites = [site_box(p.lesion.bbox, spacing, halo, seg0.shape) for p in placed]
+    span = tuple(slice(min(b[d].start for b in sites), max(b[d].stop for b in sites)) for d in range(seg0.ndim))
+    before, seg0_before = image[(slice(None), *span)].copy(), seg0[span].copy()
+    new_image = image if in_place and image.dtype == np.float32 else np.array(image, dtype=np.float32, copy=True)
+    new_seg = seg if in_place else np.array(seg, copy=True)
     labels = new_seg[0] if with_channel else new_seg
     tissue = np.zeros(seg0.shape, dtype=bool)  # one buffer for every lesion's site (cleared after each)
-    halo = generator.halo_mm
     for p in placed:  # the site's ring is measured on the voxels real tumours' rings were measured on
-        site = site_tissue(image, seg0, plan, p.lesion.bbox, spacing, halo, tissue)
+        local = _shift(p.lesion.bbox, span)
+        site = site_tissue(before, seg0_before, plan, local, spacing, halo, tissue[span])
         generator.synthesize(new_image, dataclasses.replace(p.lesion, tissue=tissue), spacing, rng)
-        tissue[site] = False
-        labels[p.lesion.bbox][p.lesion.mask] = plan.tumour_label
+        tissue[span][site] = False
         if halo > 0:  # a feathered edge never reaches padding, ignored or real tumour voxels
-            box, _ = expand_box(p.lesion.bbox, halo, spacing, seg0.shape)
-            protected = (seg0[box] < 0) | (seg0[box] == plan.tumour_label)
+            box, _ = expand_box(local, halo, spacing, seg0_before.shape)
+            protected = (seg0_before[box] < 0) | (seg0_before[box] == plan.tumour_label)
             if plan.ignore_label is not None:
-                protected |= seg0[box] == plan.ignore_label
-            new_image[(slice(None), *box)][:, protected] = image[(slice(None), *box)][:, protected]
+                protected |= seg0_before[box] == plan.ignore_label
+            new_image[(slice(None), *_shift(box, span, back=True))][:, protected] = \
+                before[(slice(None), *box)][:, protected]
+    for p in placed:
+        labels[p.lesion.bbox][p.lesion.mask] = plan.tumour_label
     return new_image, new_seg, [p.info for p in placed]
+
+
+def _shift(box: tuple[slice, ...], origin: tuple[slice, ...], back: bool = False) -> tuple[slice, ...]:
+    """``box`` relative to the start of ``origin`` (``back``: from relative to absolute)."""
+    sign = 1 if back else -1
+    return tuple(slice(b.start + sign * o.start, b.stop + sign * o.start) for b, o in zip(box, origin))
 
 
 def insert_tumours_in_case(data: np.ndarray, seg: np.ndarray, plan: SynthPlan, rng: np.random.Generator,
