@@ -4,14 +4,14 @@ Each shortcut is compared with the definition it replaces: the deformed ellipsoi
 the equation evaluated at every voxel, the compiled distance transform with SciPy's, the inside distance found in
 the mask's box with the distance over the whole array, candidate centres drawn by rejection with a uniform draw
 from the listed voxels, the compiled threshold of the interpolated quadric with the interpolation, the compiled
-one-piece test with SciPy's labelling.
+one-piece test with SciPy's labelling, the simplex window read axis by axis with SciPy's trilinear interpolation.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.ndimage import binary_erosion, distance_transform_edt, gaussian_filter, zoom
+from scipy.ndimage import binary_erosion, distance_transform_edt, gaussian_filter, map_coordinates, zoom
 
 from nnunet_synth.generators.appearance import signed_distance
 from nnunet_synth.generators.placement import candidate_centres, central_window
@@ -19,9 +19,11 @@ from nnunet_synth.generators.shapes import (
     ELASTIC_SMOOTHING,
     LABELFREE_RADIUS_MM,
     SIMPLEX_FEATURE,
+    SIMPLEX_STEP,
     ellipsoid,
     resize_linear,
     sample_axis_radii,
+    simplex_field,
 )
 
 
@@ -201,6 +203,27 @@ def test_resize_linear_is_scipy_zoom_order_one(source, target):
     resized = resize_linear(array, target)
     assert resized.shape == target and resized.dtype == np.float32
     np.testing.assert_allclose(resized, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, spacing, feature_mm", [((31, 33, 29), (1.0, 1.0, 1.0), 8.0),
+                                                        ((12, 40, 36), (2.5, 0.8, 0.8), 5.0),
+                                                        ((50, 45), (0.7, 0.7), 6.0),
+                                                        ((60, 70, 64), (1.5, 1.0, 1.0), 2.0)])  # wider than the lattice
+@pytest.mark.parametrize("seed", range(3))
+def test_simplex_window_is_scipys_trilinear_read_of_the_lattice(shape, spacing, feature_mm, seed):
+    from nnunet_synth.generators.shapes import _SIMPLEX_LATTICE
+
+    field = simplex_field(shape, np.asarray(spacing), feature_mm, np.random.default_rng(seed))
+    lattice, rng = _SIMPLEX_LATTICE[0], np.random.default_rng(seed)  # the same draws, in the same order
+    steps = [np.arange(n) * s / feature_mm / SIMPLEX_STEP for n, s in zip(shape, spacing)]
+    room = np.maximum(lattice.shape[0] - 1 - np.array([st[-1] for st in steps]), 0)
+    grid = list(np.meshgrid(*[st + o for st, o in zip(steps, rng.uniform(0, room))], indexing="ij"))
+    if len(shape) == 2:
+        grid.append(np.full_like(grid[0], rng.uniform(0, lattice.shape[0] - 1)))
+    order = rng.permutation(3)
+    expected = map_coordinates(lattice, [grid[i] for i in order], order=1, mode="mirror")
+    assert field.shape == shape and field.dtype == np.float32
+    np.testing.assert_allclose(field, expected, atol=1e-5)
 
 
 def _paint_whole_box(image, bbox, mask, spacing, values, sigma, offset, halo, clips=None, additive=False,
