@@ -350,25 +350,9 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
 
 def site_box(bbox: tuple[slice, ...], spacing: tuple[float, ...], halo_mm: float, shape: tuple[int, ...]
              ) -> tuple[slice, ...]:
-    """The box around one placed lesion that its ring and halo reach, one voxel wider so the fill test sees whole
-    neighbourhoods (what :func:`site_tissue` reads)."""
+    """The box around one placed lesion that its ring and halo reach, one voxel wider so the fill test of
+    :func:`~nnunet_synth.generators.appearance.ring_tissue` sees whole neighbourhoods."""
     return expand_box(bbox, max(RING_MM[1], halo_mm) + max(spacing), spacing, shape)[0]
-
-
-def site_tissue(image: np.ndarray, seg0: np.ndarray, plan: SynthPlan, bbox: tuple[slice, ...],
-                spacing: tuple[float, ...], halo_mm: float, out: np.ndarray) -> tuple[slice, ...]:
-    """:func:`~nnunet_synth.generators.appearance.ring_tissue` around one placed lesion (in its :func:`site_box`),
-    False elsewhere.
-
-    The (*spatial) mask is written into ``out``, which must be False outside the box.
-
-    Returns:
-        The box, to clear ``out`` for the next lesion instead of allocating a volume per lesion.
-    """
-    box = site_box(bbox, spacing, halo_mm, seg0.shape)
-    channel = plan.tissue_channel
-    out[box] = ring_tissue(np.asarray(image[channel][box]), seg0[box], plan.organ_label, plan.clip_floor)
-    return box
 
 
 def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...] | None, plan: SynthPlan,
@@ -414,26 +398,25 @@ def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
         return image, seg, []
     spacing = tuple(plan.spacing[-seg0.ndim:]) if spacing is None else tuple(float(s) for s in spacing)
     halo = generator.halo_mm
-    # every lesion's site and edge are judged on the input as it was before any lesion was painted: keep that part
+    # every lesion's site and edge are judged on the input as it was before any lesion was painted: keep its sites
     sites = [site_box(p.lesion.bbox, spacing, halo, seg0.shape) for p in placed]
-    span = tuple(slice(min(b[d].start for b in sites), max(b[d].stop for b in sites)) for d in range(seg0.ndim))
-    before, seg0_before = image[(slice(None), *span)].copy(), seg0[span].copy()
+    before = [(image[(slice(None), *box)].copy(), seg0[box].copy()) for box in sites]
     new_image = image if in_place and image.dtype == np.float32 else np.array(image, dtype=np.float32, copy=True)
     new_seg = seg if in_place else np.array(seg, copy=True)
     labels = new_seg[0] if with_channel else new_seg
     tissue = np.zeros(seg0.shape, dtype=bool)  # one buffer for every lesion's site (cleared after each)
-    for p in placed:  # the site's ring is measured on the voxels real tumours' rings were measured on
-        local = _shift(p.lesion.bbox, span)
-        site = site_tissue(before, seg0_before, plan, local, spacing, halo, tissue[span])
+    for p, box, (site_image, site_seg0) in zip(placed, sites, before):
+        # the site's ring is measured on the voxels real tumours' rings were measured on
+        tissue[box] = ring_tissue(site_image[plan.tissue_channel], site_seg0, plan.organ_label, plan.clip_floor)
         generator.synthesize(new_image, dataclasses.replace(p.lesion, tissue=tissue), spacing, rng)
-        tissue[span][site] = False
+        tissue[box] = False
         if halo > 0:  # a feathered edge never reaches padding, ignored or real tumour voxels
-            box, _ = expand_box(local, halo, spacing, seg0_before.shape)
-            protected = (seg0_before[box] < 0) | (seg0_before[box] == plan.tumour_label)
+            edge, _ = expand_box(_shift(p.lesion.bbox, box), halo, spacing, site_seg0.shape)
+            protected = (site_seg0[edge] < 0) | (site_seg0[edge] == plan.tumour_label)
             if plan.ignore_label is not None:
-                protected |= seg0_before[box] == plan.ignore_label
-            new_image[(slice(None), *_shift(box, span, back=True))][:, protected] = \
-                before[(slice(None), *box)][:, protected]
+                protected |= site_seg0[edge] == plan.ignore_label
+            new_image[(slice(None), *_shift(edge, box, back=True))][:, protected] = \
+                site_image[(slice(None), *edge)][:, protected]
     for p in placed:
         labels[p.lesion.bbox][p.lesion.mask] = plan.tumour_label
     return new_image, new_seg, [p.info for p in placed]
