@@ -14,7 +14,7 @@ import pytest
 from scipy.ndimage import binary_erosion, distance_transform_edt, gaussian_filter, map_coordinates, zoom
 
 from nnunet_synth.generators.appearance import signed_distance
-from nnunet_synth.generators.placement import candidate_centres, central_window
+from nnunet_synth.generators.placement import GridMask, candidate_centres, central_window
 from nnunet_synth.generators.shapes import (
     ELASTIC_SMOOTHING,
     LABELFREE_RADIUS_MM,
@@ -180,6 +180,71 @@ def test_candidate_centres_are_uniform_over_the_region(sides, path):
         total += len(centres)
     expected = a.sum() / region.sum()
     assert hits_a / total == pytest.approx(expected, abs=4 * np.sqrt(expected * (1 - expected) / total))
+
+
+@pytest.mark.parametrize("origin, hole", [((0, 0, 0), False), ((3, 1, 2), True)])
+def test_candidate_centres_from_a_depth_grid_are_uniform_over_its_voxels(origin, hole):
+    """Drawn from the deep grid's blocks (cut by the window and an offset origin), then checked against the region
+    and the tumours: still each allowed voxel of the window as likely as any other."""
+    shape, step = (40, 40, 40), np.array([4, 4, 4])
+    coarse = np.zeros((12, 12, 12), bool)
+    coarse[1:3, 1:4, 1:3] = True  # cut by the window
+    coarse[6:8, 6:9, 6:9] = True
+    deep = GridMask(coarse, step, shape, origin)
+    region = np.ones(shape, bool)
+    tumour = np.zeros(shape, bool)
+    if hole:  # most of one block outside the region, a tumour in another
+        region[:10, :10, :10] = False
+        tumour[24:30, 24:30, 24:30] = True
+    window = central_window(shape, (30, 30, 30))
+    pool = np.zeros(shape, bool)
+    pool[window] = (deep[window] & region[window] & ~tumour[window])
+    low = np.zeros(shape, bool)
+    low[:20, :20, :20] = True
+    rng = np.random.default_rng(0)
+    hits = total = 0
+    for _ in range(300):
+        centres = candidate_centres(region, deep, window, rng, 5, excluded=tumour)
+        assert len(centres) == 5 and len({tuple(c) for c in centres}) == 5
+        assert pool[tuple(centres.T)].all()
+        hits += int(low[tuple(centres.T)].sum())
+        total += len(centres)
+    expected = (pool & low).sum() / pool.sum()
+    assert 0.05 < expected < 0.95
+    assert hits / total == pytest.approx(expected, abs=4 * np.sqrt(expected * (1 - expected) / total))
+    sparse = np.zeros_like(coarse)
+    sparse[7, 7, 7] = True  # one block: 64 voxels, fewer than rejection needs to find 80 -> listed
+    found = candidate_centres(region, GridMask(sparse, step, shape, origin), window, rng, 80, excluded=tumour)
+    assert len(found) == int((GridMask(sparse, step, shape, origin)[window] & region[window] & ~tumour[window]).sum())
+
+
+def test_whole_placement_probing_border_voxels_first_places_what_the_full_check_places(monkeypatch):
+    """The probe only refuses centres the whole-mask check refuses: the same lesions, from the same draws."""
+    from nnunet_synth.generators import placement
+    from nnunet_synth.generators.shapes import lesion_mask
+
+    outcomes = []
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        shape, spacing = (40, 64, 64), (2.0, 1.0, 1.0)
+        region = gaussian_filter(rng.normal(size=shape), 4) > 0  # irregular, with holes
+        tumour = np.zeros(shape, bool)
+        tumour[10:20, 20:34, 30:44] = True
+        mask = lesion_mask(9.0, spacing, rng)
+        border = placement.border_points(mask, 64)
+        assert len(border) == 64 and mask[tuple(border.T)].all()
+        assert not binary_erosion(mask)[tuple(border.T)].any(), "a probe point that is not on the border"
+        placed = []
+        for probe in (placement.PROBE_POINTS, 0):
+            monkeypatch.setattr(placement, "PROBE_POINTS", probe)
+            lesions = [placement.place_lesion(mask, region & ~tumour, region, tumour, spacing,
+                                              np.random.default_rng(k), placement.PlacementRules(),
+                                              central_window(shape, None), attempts=40, whole=True)
+                       for k in range(6)]
+            placed.append([None if le is None else (le.bbox, le.mask.tobytes()) for le in lesions])
+        assert placed[0] == placed[1], f"seed {seed}: the probe changed what was placed"
+        outcomes += [p is not None for p in placed[0]]
+    assert any(outcomes) and not all(outcomes), "every draw placed, or none: nothing compared"
 
 
 def test_candidate_centres_respect_window_and_centres():

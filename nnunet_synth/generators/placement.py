@@ -9,10 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.ndimage import generate_binary_structure
 from scipy.ndimage import label as connected_components
 
 from nnunet_synth.generators.base import Lesion
+from nnunet_synth.generators.morphology import binary_erosion
 from nnunet_synth.generators.shapes import bounding_box, repeat_to
+
+# a lesion placed whole is first checked at this many of its border voxels: most centres that leave no room for it
+# fail there, before the gap to tumours and the whole mask are checked
+PROBE_POINTS = 512
 
 # candidate centres are drawn by rejection in at most this many rounds of this many points per wanted centre:
 # enough for a region of 2% of the window to give them with near certainty
@@ -106,6 +112,19 @@ class GridMask:
                                                      zip(lo, hi, first, self.step))])
         return self._read([np.asarray(k) for k in key])
 
+    def cells(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The voxel boxes ``[lower, upper)`` (two (k, ndim) arrays) of the True grid points' blocks, clipped to
+        the voxels ``[lo, hi)``, empty ones dropped."""
+        first = np.maximum((lo + self.origin) // self.step, 0)
+        last = np.minimum(-(-(hi + self.origin) // self.step), self.coarse.shape)
+        if (last <= first).any():
+            return np.zeros((0, self.ndim), dtype=int), np.zeros((0, self.ndim), dtype=int)
+        points = np.argwhere(self.coarse[tuple(slice(a, b) for a, b in zip(first, last))]) + first
+        lower = np.maximum(points * self.step - self.origin, lo)
+        upper = np.minimum((points + 1) * self.step - self.origin, hi)
+        keep = (upper > lower).all(1)
+        return lower[keep], upper[keep]
+
     def _read(self, voxels: list[np.ndarray]) -> np.ndarray:
         grid = [(v + o) // s for v, o, s in zip(voxels, self.origin, self.step)]
         inside = np.ones(np.broadcast_shapes(*(g.shape for g in grid)), dtype=bool)
@@ -160,13 +179,14 @@ def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumou
         The placed lesion, or None when nothing fits.
     """
     sp = np.asarray(spacing, dtype=float)
+    probe = border_points(mask, PROBE_POINTS) if whole else None
     for rule in (rules, rules.relaxed()):
         candidates = candidate_centres(allowed, centres, window, rng, attempts, excluded=tumour)
         if len(candidates) == 0:
             return None
         halo = _LazyHalo(mask, sp, rule.gap_mm)
         for centre in candidates:
-            lesion = _try(mask, halo, centre, allowed, organ, tumour, sp, rule, whole, texture, one_piece)
+            lesion = _try(mask, halo, centre, allowed, organ, tumour, sp, rule, whole, texture, one_piece, probe)
             if lesion is not None:
                 return lesion
     return None
@@ -178,28 +198,41 @@ def candidate_centres(allowed: np.ndarray, centres: np.ndarray | None, window: t
     at random and in random order, as (k, ndim) indices.
 
     Drawn by rejection from the window, which reads only the drawn voxels: a lesion costs nothing that scales with
-    the volume. Where the region is too sparse for that (under about 2% of the window), the region's voxels are
-    listed instead.
+    the volume. Where ``centres`` is a :class:`GridMask` (deep enough inside the region for a whole lesion), the
+    points are drawn from its True blocks instead (uniformly over their voxels, then the same rejection): a deep
+    region is often a small part of the window. Where the region is too sparse for rejection (under about 2% of
+    what is drawn from), the region's voxels are listed instead.
     """
     lo = np.array([s.start for s in window])
     hi = np.array([s.stop for s in window])
     if (hi <= lo).any():
         return np.zeros((0, len(window)), dtype=int)
+    blocks = centres.cells(lo, hi) if isinstance(centres, GridMask) else None
+    if blocks is not None:
+        if len(blocks[0]) == 0:
+            return np.zeros((0, len(window)), dtype=int)
+        sizes = np.prod(blocks[1] - blocks[0], axis=1).astype(float)
+        lo, hi = blocks[0].min(0), blocks[1].max(0)  # the listing below needs no more than the blocks' box
     found = np.zeros((0, len(window)), dtype=int)
     for _ in range(REJECTION_ROUNDS):
-        points = rng.integers(lo, hi, size=(REJECTION_BATCH * n, len(window)))
+        if blocks is None:
+            points = rng.integers(lo, hi, size=(REJECTION_BATCH * n, len(window)))
+        else:  # a block by its voxel count, then a voxel in it: uniform over the blocks' voxels
+            picked = rng.choice(len(sizes), size=REJECTION_BATCH * n, p=sizes / sizes.sum())
+            points = rng.integers(blocks[0][picked], blocks[1][picked])
         where = tuple(points.T)
         hit = allowed[where]
-        if centres is not None:
+        if centres is not None and blocks is None:
             hit &= centres[where]
         if excluded is not None:
             hit &= ~excluded[where]
         found = _first_unique(np.concatenate([found, points[hit]]), hi)
         if len(found) >= n:
             return found[:n]
-    pool = allowed[window] if centres is None else allowed[window] & centres[window]
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    pool = allowed[box] if centres is None else allowed[box] & centres[box]
     if excluded is not None:
-        pool = pool & ~excluded[window]
+        pool = pool & ~excluded[box]
     flat = np.flatnonzero(pool)
     picked = rng.choice(flat, size=min(n, flat.size), replace=False)
     return np.stack(np.unravel_index(picked, pool.shape), axis=1) + lo if picked.size else found[:0]
@@ -291,9 +324,24 @@ def _crop(array: np.ndarray, start: np.ndarray, shape: tuple[int, ...]) -> tuple
     return array[tuple(src)], tuple(src), tuple(dst)
 
 
+def border_points(mask: np.ndarray, count: int) -> np.ndarray:
+    """Up to ``count`` of the mask's border voxels (with a face neighbour outside it), spread evenly over them, as
+    (k, ndim) indices."""
+    border = np.argwhere(mask & ~binary_erosion(mask, generate_binary_structure(mask.ndim, 1)))
+    return border[np.linspace(0, len(border) - 1, count).astype(int)] if len(border) > count else border
+
+
 def _try(mask: np.ndarray, halo: _LazyHalo, centre: np.ndarray, allowed: np.ndarray,
          organ: np.ndarray, tumour: np.ndarray, spacing: np.ndarray, rule: PlacementRules, whole: bool,
-         texture: np.ndarray | None = None, one_piece: bool = False) -> Lesion | None:
+         texture: np.ndarray | None = None, one_piece: bool = False, probe: np.ndarray | None = None
+         ) -> Lesion | None:
+    start = centre - np.array(mask.shape) // 2
+    if probe is not None:  # a whole lesion needs every voxel allowed: a few border voxels refuse most centres
+        points = probe + start
+        points = points[((points >= 0) & (points < allowed.shape)).all(1)]  # the array's edge may cut it
+        where = tuple(points.T)
+        if len(points) and (~allowed[where] | tumour[where]).any():
+            return None
     if rule.margin_mm > 0:
         r = np.ceil(rule.margin_mm / spacing).astype(int)
         local, _, _ = _crop(organ, centre - r, tuple(2 * r + 1))
@@ -310,7 +358,6 @@ def _try(mask: np.ndarray, halo: _LazyHalo, centre: np.ndarray, allowed: np.ndar
             near[dst] = local
             if too_close(mask, near, spacing, rule.gap_mm, halo):
                 return None
-    start = centre - np.array(mask.shape) // 2
     local_allowed, src, dst = _crop(allowed, start, mask.shape)
     local_allowed = local_allowed & ~tumour[src]
     total = int(mask.sum())
