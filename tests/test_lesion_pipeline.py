@@ -151,3 +151,34 @@ def test_the_api_docs_example_runs():
     text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text(encoding="utf-8")
     example = re.findall(r"```python\n(.*?)```", text, re.S)[0]
     exec(compile(example, "docs/api.md", "exec"), {})
+
+
+def test_a_whole_lesion_too_large_for_any_deep_centre_is_shrunk_before_its_mask_is_drawn(monkeypatch):
+    """Without an organ label a size that no centre in the window is deep enough for is shrunk at once: masks are
+    drawn only at sizes placement could accept, starting at the first such size."""
+    from nnunet_synth.generators import lesions
+    from nnunet_synth.generators.placement import LabelMask, central_window
+    from nnunet_synth.generators.sizes import LesionRequest
+
+    spacing = (2.0, 1.0, 1.0)
+    shape = (40, 64, 64)
+    region = np.zeros(shape, bool)
+    region[:, 20:44, :] = True  # a 24 mm slab: at most ~12 mm deep
+    depth = lesions.region_depth(region, spacing)
+    window = central_window(shape, None)
+    seg = np.zeros(shape, np.int16)
+    levels = [20.0 * lesions.WHOLE_SHRINK ** k for k in range(lesions.WHOLE_SHRINKS + 1)]
+    bounds = np.array([0, 0, 0]), np.array(shape)
+    deep = [len(depth.at_least(lesions.DEEP_ENOUGH * r).cells(*bounds)[0]) > 0 for r in levels]
+    assert deep[:2] == [False, False] and deep[2], deep  # the first two sizes have no centre deep enough
+    drawn: list[float] = []
+    mask_for = lesions._mask_for
+    monkeypatch.setattr(lesions, "_mask_for", lambda request, *a: (drawn.append(float(request.radii_mm.min())),
+                                                                    mask_for(request, *a))[1])
+    plan = make_plan()
+    for max_shape, first in ((None, levels[2]), ((999, 999, 999), levels[0])):  # a limit no mask reaches: no shortcut
+        for seed in range(3):
+            drawn.clear()
+            lesions._place([LesionRequest("medium", np.full(3, 20.0))], plan, spacing, np.random.default_rng(seed),
+                           region, depth, region, LabelMask(seg, TUMOUR), window, None, max_shape)
+            assert drawn and drawn[0] == pytest.approx(first), (max_shape, drawn)

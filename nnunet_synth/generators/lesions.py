@@ -313,10 +313,19 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
 
     ``depth`` (mm from the region's edge) is given where lesions are placed whole (no organ label)."""
     whole = depth is not None
+    # where nothing but placement can change a request's size, a size with no centre deep enough for it in the
+    # window is shrunk without drawing its mask (placement would refuse any)
+    foreseeable = whole and max_lesion_shape is None and plan.shapes.size_preset != "slice_area"
+    bounds = np.array([s.start for s in win]), np.array([s.stop for s in win])
     placed: list[PlacedLesion] = []
     for request in requests:
         lesion, radii, shrinks = None, np.asarray(request.radii_mm, dtype=float), 0
         for _ in range(MAX_MASK_DRAWS):
+            if foreseeable and not len(depth.at_least(DEEP_ENOUGH * float(radii.min())).cells(*bounds)[0]):
+                if shrinks < WHOLE_SHRINKS:
+                    radii, shrinks = radii * WHOLE_SHRINK, shrinks + 1
+                    continue
+                break
             mask, texture = _mask_for(LesionRequest(request.size_class, radii), spacing, plan, rng, templates)
             if max_lesion_shape is not None and any(m > lim for m, lim in zip(mask.shape, max_lesion_shape)):
                 radii = radii * 0.9 * min(lim / m for m, lim in zip(mask.shape, max_lesion_shape))

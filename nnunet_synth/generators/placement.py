@@ -179,11 +179,13 @@ def place_lesion(mask: np.ndarray, allowed: np.ndarray, organ: np.ndarray, tumou
         The placed lesion, or None when nothing fits.
     """
     sp = np.asarray(spacing, dtype=float)
-    probe = border_points(mask, PROBE_POINTS) if whole else None
+    probe = None
     for rule in (rules, rules.relaxed()):
         candidates = candidate_centres(allowed, centres, window, rng, attempts, excluded=tumour)
         if len(candidates) == 0:
             return None
+        if whole and probe is None:
+            probe = border_points(mask, PROBE_POINTS)
         halo = _LazyHalo(mask, sp, rule.gap_mm)
         for centre in candidates:
             lesion = _try(mask, halo, centre, allowed, organ, tumour, sp, rule, whole, texture, one_piece, probe)
