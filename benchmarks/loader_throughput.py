@@ -79,6 +79,18 @@ def finish(loader) -> None:
         loader._finish()
 
 
+def find_case_regions(loader) -> None:
+    """Without an organ label, finds every case's placement region up front (a training's loader process finds each
+    once and keeps it; ``lesion_milliseconds`` reports that one-off cost per case), so the timed batches measure
+    the steady state, not which cases the first batches happen to meet."""
+    data_loader = getattr(loader, "data_loader", loader)  # single-process: nnU-Net's loader in an augmenter
+    synth = getattr(data_loader, "synth_transform", None)
+    regions = getattr(synth, "case_regions", None)
+    if regions is not None:
+        for identifier in data_loader.indices:
+            regions.region(identifier)
+
+
 def paired_batches(trainers: dict, synth_names: list[str], rounds: int, batches: int, warmup: int
                    ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Single-process loaders, timed batch by batch in turn (vanilla and each synth trainer, the order rotated every
@@ -91,6 +103,7 @@ def paired_batches(trainers: dict, synth_names: list[str], rounds: int, batches:
         train_loader, val_loader = trainers[name].get_dataloaders()
         finish(val_loader)
         loaders[name] = train_loader
+        find_case_regions(train_loader)
     seconds = {name: [] for name in names}
     for index in range(-warmup, rounds * batches):
         order = names[index % len(names):] + names[:index % len(names)]
