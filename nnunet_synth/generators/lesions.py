@@ -321,7 +321,8 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
     for request in requests:
         lesion, radii, shrinks = None, np.asarray(request.radii_mm, dtype=float), 0
         for _ in range(MAX_MASK_DRAWS):
-            if foreseeable and not len(depth.at_least(DEEP_ENOUGH * float(radii.min())).cells(*bounds)[0]):
+            centres = None if depth is None else depth.at_least(DEEP_ENOUGH * float(radii.min()))
+            if foreseeable and not len(centres.cells(*bounds)[0]):
                 if shrinks < WHOLE_SHRINKS:
                     radii, shrinks = radii * WHOLE_SHRINK, shrinks + 1
                     continue
@@ -334,7 +335,6 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
                 same_class = plan.replace(shapes={"size_class": request.size_class})
                 radii = np.asarray(lesion_requests(same_class, spacing, rng)[0].radii_mm)
                 continue  # the paper's classes are pixel areas of the mask as drawn
-            centres = None if depth is None else depth.at_least(DEEP_ENOUGH * float(radii.min()))
             lesion = place_lesion(mask, allowed, region, tumour, spacing, rng, plan.placement, win,
                                   attempts=WHOLE_ATTEMPTS if whole else 20, whole=whole, centres=centres,
                                   texture=texture, one_piece=True)
@@ -358,10 +358,10 @@ def _place(requests: list[LesionRequest], plan: SynthPlan, spacing: tuple[float,
 
 
 def site_box(bbox: tuple[slice, ...], spacing: tuple[float, ...], halo_mm: float, shape: tuple[int, ...]
-             ) -> tuple[slice, ...]:
+             ) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
     """The box around one placed lesion that its ring and halo reach, one voxel wider so the fill test of
-    :func:`~nnunet_synth.generators.appearance.ring_tissue` sees whole neighbourhoods."""
-    return expand_box(bbox, max(RING_MM[1], halo_mm) + max(spacing), spacing, shape)[0]
+    :func:`~nnunet_synth.generators.appearance.ring_tissue` sees whole neighbourhoods, and the lesion's box in it."""
+    return expand_box(bbox, max(RING_MM[1], halo_mm) + max(spacing), spacing, shape)
 
 
 def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...] | None, plan: SynthPlan,
@@ -409,32 +409,26 @@ def insert_tumours(image: np.ndarray, seg: np.ndarray, spacing: tuple[float, ...
     halo = generator.halo_mm
     # every lesion's site and edge are judged on the input as it was before any lesion was painted: keep its sites
     sites = [site_box(p.lesion.bbox, spacing, halo, seg0.shape) for p in placed]
-    before = [(image[(slice(None), *box)].copy(), seg0[box].copy()) for box in sites]
+    before = [(image[(slice(None), *box)].copy(), seg0[box].copy()) for box, _ in sites]
     new_image = image if in_place and image.dtype == np.float32 else np.array(image, dtype=np.float32, copy=True)
     new_seg = seg if in_place else np.array(seg, copy=True)
     labels = new_seg[0] if with_channel else new_seg
     tissue = np.zeros(seg0.shape, dtype=bool)  # one buffer for every lesion's site (cleared after each)
-    for p, box, (site_image, site_seg0) in zip(placed, sites, before):
+    for p, (box, inner), (site_image, site_seg0) in zip(placed, sites, before):
         # the site's ring is measured on the voxels real tumours' rings were measured on
         tissue[box] = ring_tissue(site_image[plan.tissue_channel], site_seg0, plan.organ_label, plan.clip_floor)
         generator.synthesize(new_image, dataclasses.replace(p.lesion, tissue=tissue), spacing, rng)
         tissue[box] = False
         if halo > 0:  # a feathered edge never reaches padding, ignored or real tumour voxels
-            edge, _ = expand_box(_shift(p.lesion.bbox, box), halo, spacing, site_seg0.shape)
+            edge, _ = expand_box(inner, halo, spacing, site_seg0.shape)
             protected = (site_seg0[edge] < 0) | (site_seg0[edge] == plan.tumour_label)
             if plan.ignore_label is not None:
                 protected |= site_seg0[edge] == plan.ignore_label
-            new_image[(slice(None), *_shift(edge, box, back=True))][:, protected] = \
+            new_image[(slice(None), *box)][(slice(None), *edge)][:, protected] = \
                 site_image[(slice(None), *edge)][:, protected]
     for p in placed:
         labels[p.lesion.bbox][p.lesion.mask] = plan.tumour_label
     return new_image, new_seg, [p.info for p in placed]
-
-
-def _shift(box: tuple[slice, ...], origin: tuple[slice, ...], back: bool = False) -> tuple[slice, ...]:
-    """``box`` relative to the start of ``origin`` (``back``: from relative to absolute)."""
-    sign = 1 if back else -1
-    return tuple(slice(b.start + sign * o.start, b.stop + sign * o.start) for b, o in zip(box, origin))
 
 
 def insert_tumours_in_case(data: np.ndarray, seg: np.ndarray, plan: SynthPlan, rng: np.random.Generator,
