@@ -95,6 +95,7 @@ class GridMask:
         self.coarse, self.step, self.shape = coarse, np.asarray(step, dtype=int), tuple(shape)
         self.origin = np.zeros(len(shape), dtype=int) if origin is None else np.asarray(origin, dtype=int)
         self.ndim = len(shape)
+        self._cells: tuple[tuple, tuple[np.ndarray, np.ndarray]] | None = None  # the last window's blocks
 
     def __getitem__(self, key: tuple) -> np.ndarray:
         if all(isinstance(k, slice) for k in key):  # a crop: the grid's blocks that cover it, repeated
@@ -114,7 +115,14 @@ class GridMask:
 
     def cells(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The voxel boxes ``[lower, upper)`` (two (k, ndim) arrays) of the True grid points' blocks, clipped to
-        the voxels ``[lo, hi)``, empty ones dropped."""
+        the voxels ``[lo, hi)``, empty ones dropped (kept for the next query of the same window: one lesion size's
+        feasibility check and both rule sets' candidate draws ask for the same)."""
+        key = (tuple(int(v) for v in lo), tuple(int(v) for v in hi))
+        if self._cells is None or self._cells[0] != key:
+            self._cells = key, self._blocks(np.asarray(lo), np.asarray(hi))
+        return self._cells[1]
+
+    def _blocks(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         first = np.maximum((lo + self.origin) // self.step, 0)
         last = np.minimum(-(-(hi + self.origin) // self.step), self.coarse.shape)
         if (last <= first).any():
